@@ -1,0 +1,1 @@
+"""Calibrators: quantizers, schemes, model instrumentation, range calibration, reconstruction."""

@@ -1,0 +1,1 @@
+"""Exporters: fake-quant model → QDQ ONNX, TensorRT-rules linter, TensorRT engines, ORT sessions."""

@@ -1,0 +1,3 @@
+from sardfq_export.cli import entry
+
+entry()

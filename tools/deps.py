@@ -1,0 +1,11 @@
+"""Print the requirements of pyproject.toml (base + the named extras), one per line."""
+
+import sys
+import tomllib
+from pathlib import Path
+
+project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+reqs = list(project["dependencies"])
+for extra in sys.argv[1:]:
+    reqs += project["optional-dependencies"][extra]
+print("\n".join(reqs))

@@ -1,0 +1,1 @@
+"""Validation: real-data accuracy, label-free fidelity, latency, gates and reports."""
