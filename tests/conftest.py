@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random-init timm models for structure, the reference model for numbers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from sardfq_export.reference import WEIGHTS  # noqa: E402
+from validation.data import FASHION_MNIST_DIR  # noqa: E402
+
+needs_fmnist = pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+needs_reference = pytest.mark.skipif(not WEIGHTS.exists(), reason="reference weights not trained yet")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = has_cuda
+    except ImportError:
+        has_trt = False
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT and a GPU"))
+
+
+def tiny_vit(**kw):
+    """A tiny random-init DeiT-style ViT (img 32, patch 8, depth 2, width 64)."""
+    import timm
+
+    args = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10)
+    args.update(kw)
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, **args).eval()
+
+
+@pytest.fixture
+def reference():
+    """The embedded reference model (skips until its weights exist)."""
+    if not WEIGHTS.exists():
+        pytest.skip("reference weights not trained yet")
+    from sardfq_export.models import load_model
+
+    return load_model()
