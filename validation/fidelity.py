@@ -1,0 +1,55 @@
+"""Label-free fidelity: how closely a deployed model follows PyTorch, on held-out synthetic images.
+
+Element-wise tolerances are the wrong test for quantized engines (tactic noise alone moves logits
+by more than 1e-5); top-1 agreement and the cosine similarity of logits are what matter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def run_batches(runner: Runner, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """All logits of ``runner`` over ``images`` (float32, on the CPU)."""
+    outs = [runner(images[s : s + batch_size]).float().cpu() for s in range(0, len(images), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Top-1 agreement and logit cosine (mean and worst image) of two (N, classes) tensors."""
+    if a.shape != b.shape:
+        raise ValueError(f"logit shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    cos = F.cosine_similarity(a.double(), b.double(), dim=1)
+    return {
+        "n": int(a.shape[0]),
+        "agreement": float((a.argmax(1) == b.argmax(1)).double().mean()),
+        "cosine": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "max_abs_diff": float((a - b).abs().max()),
+    }
+
+
+def fidelity(
+    fp32: Runner, fakequant: Runner, deployed: Runner, images: torch.Tensor, batch_size: int = 64
+) -> dict:
+    """The report's ``fidelity`` section: deployed vs FP32 and vs fake-quant on ``images``."""
+    ref = run_batches(fp32, images, batch_size)
+    fq = run_batches(fakequant, images, batch_size)
+    dep = run_batches(deployed, images, batch_size)
+    vs_fp32, vs_fq, fq_vs_fp32 = compare_logits(dep, ref), compare_logits(dep, fq), compare_logits(fq, ref)
+    return {
+        "n": int(images.shape[0]),
+        "agreement_vs_fp32": vs_fp32["agreement"],
+        "agreement_vs_fakequant": vs_fq["agreement"],
+        "cosine_vs_fakequant": vs_fq["cosine"],
+        "cosine_vs_fakequant_min": vs_fq["cosine_min"],
+        "cosine_vs_fp32": vs_fp32["cosine"],
+        "fakequant_agreement_vs_fp32": fq_vs_fp32["agreement"],
+        "fakequant_cosine_vs_fp32": fq_vs_fp32["cosine"],
+    }
