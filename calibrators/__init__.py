@@ -1,1 +1,38 @@
-"""Calibrators: quantizers, schemes, model instrumentation, range calibration, reconstruction."""
+"""calibrators: deployable fake-quant ViTs (schemes, range calibration, reconstruction, fine-tuning).
+
+The fake-quant model is the numerical reference of every deployed engine: symmetric, zero-point 0,
+round-half-to-even, per-channel weights, per-tensor activations, INT4 blocks of 64/128.
+
+    qmodel = quantize_model(float_model, "w8a8")          # instrumented copy, float untouched
+    calibrate(qmodel, calib_images, method="mse")          # scales frozen as buffers
+    reconstruct_blocks(qmodel, float_model, calib_images)  # optional: SARDFQ stage 2
+    save_quantized(qmodel, out_dir, {"name": ...})         # later: load_quantized(out_dir, float_model)
+
+Imports nothing of sardfq-export but the shared error types (the layering test checks it).
+"""
+
+from calibrators.calibrate import ACT_METHODS, WEIGHT_METHODS, HistogramCollector, calibrate, calibrate_weight
+from calibrators.instrument import (
+    UnsupportedModelError,
+    block_names,
+    check_model,
+    iter_quantizers,
+    mark_modified,
+    quant_summary,
+    quantize_model,
+    set_explicit_attention,
+    set_quantizers_enabled,
+)
+from calibrators.modules import QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention
+from calibrators.persist import is_quantized_dir, load_quantized, model_fingerprint, read_meta, save_quantized
+from calibrators.quantizer import TensorQuantizer
+from calibrators.scheme import SCHEMES, PerBlock, PerChannel, PerTensor, Scheme, get_scheme
+
+__all__ = [
+    "ACT_METHODS", "WEIGHT_METHODS", "HistogramCollector", "calibrate", "calibrate_weight",
+    "UnsupportedModelError", "block_names", "check_model", "iter_quantizers", "mark_modified", "quant_summary",
+    "quantize_model", "set_explicit_attention", "set_quantizers_enabled",
+    "QuantAttention", "QuantConv2d", "QuantLinear", "QuantWindowAttention",
+    "is_quantized_dir", "load_quantized", "model_fingerprint", "read_meta", "save_quantized",
+    "TensorQuantizer", "SCHEMES", "PerBlock", "PerChannel", "PerTensor", "Scheme", "get_scheme",
+]  # fmt: skip

@@ -1,0 +1,169 @@
+"""The fake-quant primitive: ``TensorQuantizer``, numerically identical to the exported Q/DQ.
+
+Every quantizer is symmetric with zero-point 0 and round-half-to-even:
+
+* 8-bit: ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` (quant range
+  -128..127), which ``torch.onnx`` exports as QuantizeLinear/DequantizeLinear.
+* 4-bit (int): ``clamp(x, -8·s, 7·s)`` followed by the same 8-bit fake-quant with scale ``s``.
+  After the clamp ``round(x/s)`` lies in -8..7, so this equals 4-bit fake-quant exactly and
+  exports as Clip → Q → DQ in an INT8 container.
+* per-block (INT4 weight-only): the weight (out, in) is viewed as (out·in/blk, blk) and
+  fake-quantized per row with the (out, in/blk) scales flattened: same arithmetic per block.
+* log2 (research only): ``s · 2^-clamp(round(-log2(x/s)), 0, 2^b-1)`` for non-negative inputs
+  (post-softmax probabilities); no Q/DQ equivalent, so schemes using it are not exportable.
+
+Scales are buffers frozen after calibration; ``forward`` never recomputes them and has no
+data-dependent branch. A disabled or uncalibrated quantizer returns its input object itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from calibrators.scheme import Granularity, PerBlock, PerChannel, PerTensor
+
+SCALE_FLOOR = 1e-8  # scales must be strictly positive (TensorRT); an all-zero channel gets this
+
+
+class TensorQuantizer(nn.Module):
+    """Symmetric fake-quantizer for one tensor (an activation or a weight)."""
+
+    def __init__(
+        self,
+        bits: int,
+        granularity: Granularity = PerTensor(),
+        kind: str = "int",
+        enabled: bool = True,
+        shape: tuple[int, ...] = (),
+        role: str = "activation",
+    ):
+        super().__init__()
+        if kind not in ("int", "log2"):
+            raise ValueError(f"unknown quantizer kind {kind!r}")
+        self.bits = int(bits)
+        self.granularity = granularity
+        self.kind = kind
+        self.enabled = bool(enabled)
+        self.default_enabled = self.enabled  # what the scheme asked for (set_quantizers_enabled(True))
+        self.role = role  # "activation" or "weight": which calibration applies
+        self.register_buffer("scale", torch.zeros(shape, dtype=torch.float32))
+        self._calibrated = False  # Python flag, so forward has no tensor-dependent branch
+        self.collector = None  # set during calibration: statistics of what flows through
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    # -- properties of the contract --------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Scale set and strictly positive everywhere."""
+        return bool(self.scale.numel() > 0 and (self.scale > 0).all())
+
+    @property
+    def active(self) -> bool:
+        """Whether forward changes anything (enabled and calibrated)."""
+        return self.enabled and self._calibrated
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        """Freeze a new scale (shape must match the granularity); floors it at SCALE_FLOOR."""
+        scale = torch.as_tensor(scale, dtype=torch.float32).to(self.scale.device)
+        if tuple(scale.shape) != tuple(self.scale.shape):
+            raise ValueError(f"scale shape {tuple(scale.shape)} != expected {tuple(self.scale.shape)}")
+        with torch.no_grad():
+            self.scale.copy_(scale.clamp(min=SCALE_FLOOR))
+        self._calibrated = True
+
+    def set_amax(self, amax: torch.Tensor) -> None:
+        """Scale from the clipping range: ``amax / qmax`` (int) or ``amax`` (log2)."""
+        amax = torch.as_tensor(amax, dtype=torch.float32)
+        self.set_scale(amax if self.kind == "log2" else amax / self.qmax)
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.scale.zero_()
+        self._calibrated = False
+
+    # -- numerics --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.collector is not None:
+            self.collector.collect(x.detach())
+            return x
+        if not (self.enabled and self._calibrated):
+            return x
+        return self.fake_quant(x)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize ``x`` with the frozen scale (no enabled check)."""
+        if self.kind == "log2":
+            return _log2_fake_quant(x, self.scale, self.bits)
+        g = self.granularity
+        if isinstance(g, PerBlock):
+            out, nblk = self.scale.shape
+            xb = x.reshape(out * nblk, x.shape[-1] // nblk)
+            y = _fq_channel(xb, self.scale.reshape(-1), 0, self.bits)
+            return y.reshape(x.shape)
+        if isinstance(g, PerChannel):
+            return _fq_channel(x, self.scale, g.axis, self.bits)
+        return _fq_tensor(x, self.scale, self.bits)
+
+    def extra_repr(self) -> str:
+        g = self.granularity
+        gran = {PerTensor: "per-tensor", PerChannel: "per-channel", PerBlock: "per-block"}[type(g)]
+        if isinstance(g, PerBlock):
+            gran += f"({g.size})"
+        state = "enabled" if self.enabled else "disabled"
+        cal = "calibrated" if self._calibrated else "uncalibrated"
+        return f"{self.kind}{self.bits}, {gran}, {state}, {cal}"
+
+
+def _refresh_after_load(module: TensorQuantizer, incompatible) -> None:
+    module._calibrated = module.is_calibrated
+
+
+def _zero_point(scale: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+
+
+def _fq_tensor(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits < 8:  # 4-bit grid inside the INT8 container: clip first, then the same Q/DQ
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        x = torch.clamp(x, min=scale * lo, max=scale * hi)
+    return torch.fake_quantize_per_tensor_affine(x, scale, _zero_point(scale), -128, 127)
+
+
+def _fq_channel(x: torch.Tensor, scale: torch.Tensor, axis: int, bits: int) -> torch.Tensor:
+    if bits < 8:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        s = scale.view(shape)
+        x = torch.clamp(x, min=s * lo, max=s * hi)
+    return torch.fake_quantize_per_channel_affine(x, scale, _zero_point(scale), axis, -128, 127)
+
+
+class _Log2Round(torch.autograd.Function):
+    """round() with a straight-through gradient (log2 quantizer is not a torch fake-quant op)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _log2_fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    levels = 2**bits - 1
+    ratio = (x / scale).clamp(min=2.0 ** (-levels - 1))
+    e = _Log2Round.apply(-torch.log2(ratio)).clamp(0, levels)
+    y = scale * torch.pow(2.0, -e)
+    # values below the smallest level flush to zero (as in FQ-ViT / RepQ-ViT)
+    return torch.where(x / scale < 2.0 ** (-levels - 0.5), torch.zeros_like(y), y)

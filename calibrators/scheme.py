@@ -1,0 +1,229 @@
+"""Quantization schemes: small frozen, printable, serializable configs, and their registry.
+
+TensorRT's constraints are encoded here once: activations symmetric per-tensor (zero-point 0),
+weights symmetric per output channel, INT4 weight-only with blocks of 64/128 input channels.
+A scheme that breaks them (the research scheme: log2 softmax, quantized patch-embed/head at
+4 bits) carries ``exportable=False`` and the exporter calls :meth:`Scheme.assert_exportable`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from sardfq_export.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale for the whole tensor (every activation quantizer)."""
+
+    def to_dict(self) -> dict:
+        return {"type": "per_tensor"}
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale per slice along ``axis`` (axis 0 = output channel of a Linear/Conv weight)."""
+
+    axis: int = 0
+
+    def to_dict(self) -> dict:
+        return {"type": "per_channel", "axis": self.axis}
+
+
+@dataclass(frozen=True)
+class PerBlock:
+    """One scale per block of ``size`` consecutive input channels of each output row (INT4)."""
+
+    size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.size not in (64, 128):
+            raise UserInputError(f"INT4 block size must be 64 or 128 (TensorRT), got {self.size}")
+
+    def to_dict(self) -> dict:
+        return {"type": "per_block", "size": self.size}
+
+
+Granularity = PerTensor | PerChannel | PerBlock
+
+
+def granularity_from_dict(d: dict) -> Granularity:
+    kind = d.get("type")
+    if kind == "per_tensor":
+        return PerTensor()
+    if kind == "per_channel":
+        return PerChannel(int(d.get("axis", 0)))
+    if kind == "per_block":
+        return PerBlock(int(d.get("size", 128)))
+    raise UserInputError(f"unknown granularity {d!r}")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What gets quantized, to how many bits, at which granularity. ``None`` = not quantized."""
+
+    name: str
+    w_bits: int = 8  # weight bits of every quantized Linear/Conv (4 or 8)
+    w_granularity: Granularity = PerChannel(0)  # PerChannel(0) or PerBlock(64|128)
+    a_bits: int | None = 8  # activation bits (per-tensor); None = weight-only (W4A16)
+    quantize_attn_matmuls: bool = False  # Q·Kᵀ inputs and softmax·V inputs (TensorRT fused MHA)
+    quantize_residual: bool = False  # both inputs of every residual add (hurts ViT accuracy)
+    quantize_patch_embed: bool = False  # patch-embed conv input + weight
+    quantize_head: bool = False  # classifier head(s) input + weight
+    log2_softmax: bool = False  # post-softmax probabilities with a log2 quantizer (not deployable)
+    smoothquant_alpha: float | None = None  # SmoothQuant migration strength, folded into weights
+    exportable: bool = True  # False: research only, the exporter refuses it
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.w_bits not in (4, 8):
+            raise UserInputError(f"weight bits must be 4 or 8, got {self.w_bits}")
+        if self.a_bits not in (None, 4, 8):
+            raise UserInputError(f"activation bits must be 4, 8 or None, got {self.a_bits}")
+        if isinstance(self.w_granularity, PerBlock) and self.w_bits != 4:
+            raise UserInputError("block-wise weight scales are for INT4 weight-only (w_bits=4)")
+        if isinstance(self.w_granularity, PerTensor):
+            raise UserInputError("weights are quantized per output channel or per block, not per tensor")
+        if self.a_bits is None and (
+            self.quantize_attn_matmuls or self.quantize_residual or self.log2_softmax
+        ):
+            raise UserInputError("a weight-only scheme cannot quantize attention matmuls or residuals")
+        if self.log2_softmax and not self.quantize_attn_matmuls:
+            raise UserInputError("log2_softmax needs quantize_attn_matmuls")
+        if self.smoothquant_alpha is not None and not 0.0 < self.smoothquant_alpha < 1.0:
+            raise UserInputError(f"smoothquant_alpha must be in (0, 1), got {self.smoothquant_alpha}")
+
+    # -- export contract -------------------------------------------------------------------
+    def export_problems(self) -> list[str]:
+        """Why this scheme cannot become a TensorRT/ONNX Q/DQ graph (empty list: it can)."""
+        problems = []
+        if not self.exportable:
+            problems.append(f"scheme {self.name!r} is research-only (exportable=False)")
+        if self.log2_softmax:
+            problems.append("log2 softmax quantizer has no Q/DQ equivalent")
+        if isinstance(self.w_granularity, PerBlock) and self.a_bits is not None:
+            problems.append("block-wise INT4 weights are weight-only in TensorRT (a_bits must be None)")
+        return problems
+
+    def assert_exportable(self) -> None:
+        """Raise UserInputError when this scheme cannot be exported (the exporter calls it)."""
+        problems = self.export_problems()
+        if problems:
+            raise UserInputError(
+                "cannot export: "
+                + "; ".join(problems)
+                + ". Use a deployable scheme: "
+                + ", ".join(n for n, s in SCHEMES.items() if s.exportable)
+            )
+
+    # -- serialization ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["w_granularity"] = self.w_granularity.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Scheme:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserInputError(f"unknown scheme fields {sorted(unknown)} (saved by a newer version?)")
+        d = dict(d)
+        if isinstance(d.get("w_granularity"), dict):
+            d["w_granularity"] = granularity_from_dict(d["w_granularity"])
+        return cls(**d)
+
+    def with_options(self, **changes: Any) -> Scheme:
+        """A copy with some fields changed (``None`` values are ignored: 'keep the default')."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return replace(self, **changes) if changes else self
+
+    def __str__(self) -> str:
+        g = self.w_granularity
+        gran = f"block{g.size}" if isinstance(g, PerBlock) else "per-channel"
+        flags = [
+            f
+            for f in (
+                "quantize_attn_matmuls",
+                "quantize_residual",
+                "quantize_patch_embed",
+                "quantize_head",
+                "log2_softmax",
+            )
+            if getattr(self, f)
+        ]
+        if self.smoothquant_alpha is not None:
+            flags.append(f"smoothquant={self.smoothquant_alpha}")
+        acts = f"A{self.a_bits} per-tensor" if self.a_bits else "A16 (float activations)"
+        tail = "" if self.exportable else " [research only, not exportable]"
+        return (
+            f"{self.name}: W{self.w_bits} {gran}, {acts}" + (f", {', '.join(flags)}" if flags else "") + tail
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# name → scheme. Adding a scheme adds an entry here (and a test, and a README line).
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme(
+            "w8a8",
+            8,
+            PerChannel(0),
+            8,
+            description="INT8 weights per channel + INT8 activations per tensor on every block Linear",
+        ),
+        Scheme(
+            "w4a16",
+            4,
+            PerBlock(128),
+            None,
+            description="INT4 weight-only, blocks of 128 input channels (TensorRT INT4 GEMM)",
+        ),
+        Scheme(
+            "w4a16_b64", 4, PerBlock(64), None, description="INT4 weight-only, blocks of 64 input channels"
+        ),
+        Scheme(
+            "w4a8",
+            4,
+            PerChannel(0),
+            8,
+            description="4-bit weight grid per channel in INT8 containers + INT8 activations",
+        ),
+        Scheme(
+            "w4a4",
+            4,
+            PerChannel(0),
+            4,
+            description="4-bit weight and activation grids emulated in INT8 containers (Clip + Q/DQ)",
+        ),
+        Scheme(
+            "research_w4a4_log2",
+            4,
+            PerChannel(0),
+            4,
+            quantize_attn_matmuls=True,
+            quantize_patch_embed=True,
+            quantize_head=True,
+            log2_softmax=True,
+            exportable=False,
+            description="papers' W4A4 setting: + patch-embed, head, attention matmuls, log2 softmax",
+        ),
+    )
+}
+DEFAULT_SCHEME = "w8a8"
+
+
+def get_scheme(name: str | Scheme | None = None) -> Scheme:
+    """A registered scheme by name (None → w8a8); a Scheme passes through."""
+    if isinstance(name, Scheme):
+        return name
+    name = name or DEFAULT_SCHEME
+    if name not in SCHEMES:
+        raise UserInputError(f"unknown scheme {name!r}: choose one of {', '.join(SCHEMES)}")
+    return SCHEMES[name]
