@@ -1,0 +1,177 @@
+"""``sardfq-export synthesize``: make a synthetic calibration set (noise, PSAQ-ViT or SARDFQ)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from sardfq_export.errors import UserInputError
+from sardfq_export.options import load_from_options, model_options, output_options
+
+METHOD_NAMES = ("sardfq", "psaq", "noise")  # mirrors synthesis.METHODS (kept import-light for --help)
+
+
+@click.command("synthesize")
+@model_options
+@click.option("--method", type=click.Choice(METHOD_NAMES), default="sardfq", show_default=True)
+@click.option("--num-images", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--iters", type=click.IntRange(min=0), default=None, help="Adam iterations (default: the method's, 1000)."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default="sardfq-out/calib.safetensors",
+    show_default=True,
+    help="Calibration set file (.safetensors, plus a .json mirror beside it).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Images optimized together.",
+)
+@click.option(
+    "--lr", type=float, default=None, help="Adam learning rate (default: 0.20 ViT/DeiT, 0.25 Swin)."
+)
+@click.option(
+    "--apa-weight", type=float, default=None, help="SARDFQ attention-prior weight alpha (default per family)."
+)
+@click.option("--apa/--no-apa", default=True, show_default=True, help="SARDFQ: attention priors alignment.")
+@click.option("--msr/--no-msr", default=True, show_default=True, help="SARDFQ: multi-semantic regions.")
+@click.option(
+    "--soft-labels/--no-soft-labels", default=True, show_default=True, help="SARDFQ: soft-label targets."
+)
+@click.option(
+    "--bf16",
+    is_flag=True,
+    help="bf16 autocast for the teacher forward (faster on CPUs with AVX-512 BF16 and GPUs).",
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True, metavar="N")
+@click.option(
+    "--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same settings)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out or checkpoint.")
+@click.option(
+    "--samples",
+    "samples",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to draw samples.png (default: beside --out).",
+)
+@click.option("--no-samples", is_flag=True, help="Do not draw samples.png.")
+@output_options
+def synthesize(
+    model,
+    checkpoint,
+    random_init,
+    method,
+    num_images,
+    iters,
+    seed,
+    out,
+    batch_size,
+    lr,
+    apa_weight,
+    apa,
+    msr,
+    soft_labels,
+    bf16,
+    device,
+    checkpoint_every,
+    resume,
+    overwrite,
+    samples,
+    no_samples,
+    quiet,
+    as_json,
+):
+    """Synthesize a calibration set from the model alone and save it to --out."""
+    import torch
+
+    from sardfq_export.calibset import CalibSet
+    from sardfq_export.synthesis import SynthConfig, checkpoint_path
+    from sardfq_export.synthesis import synthesize as run
+    from sardfq_export.synthesis.samples import save_samples
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    loaded = load_from_options(model, checkpoint, random_init)
+    cfg = SynthConfig(
+        method=method,
+        num_images=num_images,
+        batch_size=batch_size,
+        seed=seed,
+        iters=iters,
+        lr=lr,
+        apa_weight=apa_weight,
+        apa=apa,
+        msr=msr,
+        soft_labels=soft_labels,
+        bf16=bf16,
+    )
+    resolved = cfg.resolve(loaded.family)
+    out = Path(out)
+    ckpt = checkpoint_path(out)
+    calib = None
+    if out.exists() and not overwrite:
+        existing = CalibSet.load(out)
+        same = (
+            existing.meta.get("config") == json.loads(json.dumps(resolved.to_dict()))
+            and existing.meta.get("model") == loaded.name
+        )
+        if not (resume and same):
+            raise UserInputError(
+                f"{out} already exists{'' if same else ' with other settings'}: pass --overwrite to replace it"
+                + (" or --resume to reuse it" if same else "")
+            )
+        calib = existing
+    elif ckpt.exists() and not (resume or overwrite):
+        raise UserInputError(
+            f"an unfinished run's checkpoint {ckpt} exists: pass --resume to continue it "
+            "or --overwrite to start over"
+        )
+    if calib is None:
+        calib = run(
+            loaded,
+            cfg,
+            out,
+            resume=resume,
+            checkpoint_every=checkpoint_every,
+            progress=not (quiet or as_json),
+            device=None if device == "auto" else device,
+        )
+    sample_path = None
+    if not no_samples:
+        sample_path = save_samples(Path(samples) if samples else out.parent / "samples.png", calib, loaded)
+    last = (
+        {k: v[-1] for k, v in calib.meta["loss_curve"][-1].items() if k not in ("batch", "iteration")}
+        if calib.meta.get("loss_curve")
+        else {}
+    )
+    summary = {
+        "out": str(out),
+        "method": method,
+        "model": loaded.name,
+        "num_images": len(calib),
+        "iters": calib.meta.get("iters"),
+        "seed": seed,
+        "wall_time_s": calib.meta.get("wall_time_s"),
+        "final_loss": last,
+        "samples": str(sample_path) if sample_path else None,
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        terms = "  ".join(f"{k} {v:.4g}" for k, v in last.items() if v)
+        click.echo(
+            f"{method}: {len(calib)} images for {loaded.name} in {summary['wall_time_s']} s -> {out}"
+            + (f"  (final loss: {terms})" if terms else "")
+        )
+        if sample_path:
+            click.echo(f"samples: {sample_path}")

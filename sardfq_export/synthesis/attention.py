@@ -1,0 +1,210 @@
+"""Our own explicit attention forward, recording what the synthesis losses read.
+
+timm's attention modules may run fused SDPA and never expose the attention matrix. Instead of
+patching timm internals, :func:`recording` swaps each block's ``attn`` module for a small wrapper
+that computes ``softmax(q·kᵀ·scale + bias) · v`` itself from the module's public parameters
+(``qkv``, ``proj``, norms, relative-position table) and records:
+
+* ``attn[i]``: the post-softmax attention of block ``i`` (B·windows, heads, N, N);
+* ``out[i]``: the softmax·V output of block ``i`` (B·windows, heads, N, head_dim).
+
+The wrapper's output equals timm's (tested), so the model's logits are unchanged. The original
+modules are put back when the context exits, even on error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from sardfq_export.errors import UserInputError
+
+
+@dataclass
+class BlockInfo:
+    """Where a block's attention lives and how to read it back onto the patch grid."""
+
+    index: int  # 0-based block index over the whole network
+    heads: int
+    window: tuple[int, int] | None = None  # Swin window size; None for global (ViT) attention
+    shift: tuple[int, int] = (0, 0)  # Swin cyclic shift of this block
+    grid: tuple[int, int] | None = None  # patch grid of the block input (set on every forward)
+
+
+@dataclass
+class Recorder:
+    """What one forward recorded, per block index. Which blocks record what is chosen up front."""
+
+    blocks: list[BlockInfo]
+    want_attn: set[int] = field(default_factory=set)
+    want_out: set[int] = field(default_factory=set)
+    attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    out: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.attn.clear()
+        self.out.clear()
+
+
+class _ExplicitViTAttention(nn.Module):
+    """Explicit forward of timm's ``Attention`` (ViT/DeiT), recording attn and softmax·V."""
+
+    def __init__(self, inner: nn.Module, info: BlockInfo, rec: Recorder):
+        super().__init__()
+        self.inner, self.info, self.rec = inner, info, rec
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        m = self.inner
+        b, n, _c = x.shape
+        gate = m.gate(x).sigmoid() if getattr(m, "gate", None) is not None else None
+        qkv = m.qkv(x).reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = m.q_norm(q), m.k_norm(k)
+        logits = (q * m.scale) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            logits = (
+                logits + attn_mask
+                if attn_mask.dtype != torch.bool
+                else logits.masked_fill(~attn_mask, float("-inf"))
+            )
+        attn = logits.softmax(dim=-1)
+        out = attn @ v
+        i = self.info.index
+        if i in self.rec.want_attn:
+            self.rec.attn[i] = attn
+        if i in self.rec.want_out:
+            self.rec.out[i] = out
+        y = out.transpose(1, 2).reshape(b, n, m.num_heads * m.head_dim)
+        y = m.norm(y) if hasattr(m, "norm") else y
+        if gate is not None:
+            y = y * gate
+        return m.proj(y)
+
+
+class _ExplicitWindowAttention(nn.Module):
+    """Explicit forward of timm's Swin ``WindowAttention`` (relative-position bias + shift mask)."""
+
+    def __init__(self, inner: nn.Module, info: BlockInfo, rec: Recorder):
+        super().__init__()
+        self.inner, self.info, self.rec = inner, info, rec
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        m = self.inner
+        b_, n, _c = x.shape
+        qkv = m.qkv(x).reshape(b_, n, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        logits = (q * m.scale) @ k.transpose(-2, -1)
+        area = n
+        bias = m.relative_position_bias_table[m.relative_position_index.view(-1)].view(area, area, -1)
+        logits = logits + bias.permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            logits = logits.view(-1, nw, m.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            logits = logits.view(-1, m.num_heads, n, n)
+        attn = logits.softmax(dim=-1)
+        out = attn @ v
+        i = self.info.index
+        if i in self.rec.want_attn:
+            self.rec.attn[i] = attn
+        if i in self.rec.want_out:
+            self.rec.out[i] = out
+        return m.proj(out.transpose(1, 2).reshape(b_, n, -1))
+
+
+def _blocks(model: nn.Module, family: str) -> list[nn.Module]:
+    if family == "vit":
+        return list(model.blocks)
+    if family == "swin":
+        return [blk for stage in model.layers for blk in stage.blocks]
+    raise UserInputError(f"attention recording supports ViT/DeiT and Swin, not {family!r}")
+
+
+def block_infos(model: nn.Module, family: str) -> list[BlockInfo]:
+    """One :class:`BlockInfo` per transformer block, in network order (no forward needed)."""
+    from timm.layers import Attention
+    from timm.models.swin_transformer import WindowAttention
+
+    infos = []
+    for i, blk in enumerate(_blocks(model, family)):
+        attn = getattr(blk, "attn", None)
+        if family == "vit" and type(attn) is Attention:
+            infos.append(BlockInfo(i, attn.num_heads))
+        elif family == "swin" and type(attn) is WindowAttention:
+            infos.append(BlockInfo(i, attn.num_heads, tuple(blk.window_size), tuple(blk.shift_size)))
+        else:
+            raise UserInputError(
+                f"block {i} has attention of type {type(attn).__name__}: synthesis reads attention of "
+                "timm's Attention (ViT/DeiT) and WindowAttention (Swin) only"
+            )
+    return infos
+
+
+@contextmanager
+def recording(model: nn.Module, family: str, want_attn=(), want_out=()) -> Iterator[Recorder]:
+    """Swap in the explicit attention for the duration of the context; yields the :class:`Recorder`."""
+    blocks = _blocks(model, family)
+    rec = Recorder(block_infos(model, family), set(want_attn), set(want_out))
+    originals = [blk.attn for blk in blocks]
+    hooks = []
+    try:
+        for blk, info, orig in zip(blocks, rec.blocks, originals, strict=True):
+            if family == "vit":
+                blk.attn = _ExplicitViTAttention(orig, info, rec)
+            else:
+                blk.attn = _ExplicitWindowAttention(orig, info, rec)
+
+                def grab(_mod, args, info=info):  # Swin blocks take x as (B, H, W, C)
+                    info.grid = (int(args[0].shape[1]), int(args[0].shape[2]))
+
+                hooks.append(blk.register_forward_pre_hook(grab))
+        yield rec
+    finally:
+        for h in hooks:
+            h.remove()
+        for blk, orig in zip(blocks, originals, strict=True):
+            blk.attn = orig
+
+
+def cls_attention(rec: Recorder, index: int, batch: int, num_prefix: int) -> torch.Tensor:
+    """ViT: the CLS row over the patch tokens (CLS→prefix entries dropped): (batch, heads, N')."""
+    return rec.attn[index][:batch, :, 0, num_prefix:]
+
+
+def swin_key_attention(rec: Recorder, index: int, batch: int) -> torch.Tensor:
+    """Swin: query-averaged attention each key receives per window, stitched back to the stage grid.
+
+    Returns (batch, heads, H·W) in the block's (unshifted) patch order; every window contributes
+    mass 1 per head, so the map sums to the number of windows.
+    """
+    info = rec.blocks[index]
+    if info.grid is None:
+        raise RuntimeError("swin_key_attention needs a forward inside recording() first")
+    h, w = info.grid
+    wh, ww = info.window
+    hp, wp = -(-h // wh) * wh, -(-w // ww) * ww  # padded to whole windows, as timm does
+    nwh, nww = hp // wh, wp // ww
+    a = rec.attn[index][: batch * nwh * nww].mean(dim=-2)  # (batch·nW, heads, wh·ww)
+    heads = a.shape[1]
+    a = a.view(batch, nwh, nww, heads, wh, ww).permute(0, 3, 1, 4, 2, 5).reshape(batch, heads, hp, wp)
+    a = a[:, :, :h, :w]
+    if any(info.shift):
+        a = torch.roll(a, shifts=info.shift, dims=(2, 3))
+    return a.reshape(batch, heads, h * w)
+
+
+def tokens_for_similarity(
+    rec: Recorder, index: int, family: str, batch: int, num_prefix: int
+) -> torch.Tensor:
+    """Head-averaged softmax·V tokens for PSE: (batch, groups, tokens, dim).
+
+    ViT: one group of the patch tokens (prefix tokens dropped). Swin: one group per window
+    (similarities are taken inside windows, where tokens interact) [default].
+    """
+    out = rec.out[index].mean(dim=1)  # (B·nW, N, d)
+    if family == "vit":
+        return out[:batch, num_prefix:].unsqueeze(1)
+    return out.reshape(batch, -1, out.shape[-2], out.shape[-1])

@@ -1,0 +1,398 @@
+"""The optimization loop: batches of images, Adam on the pixels, checkpoint / resume, progress.
+
+Long runs are safe: a checkpoint (images, Adam state, loss history) is written atomically every
+``checkpoint_every`` iterations; ``resume=True`` continues from it bit-exactly (every random draw
+is made up front from the seed, see :mod:`plan`); Ctrl-C finishes the current iteration, saves and
+re-raises; a non-finite loss stops with :class:`SynthesisDivergedError`, keeping the last good
+checkpoint (checkpoints are only written after the losses up to them were checked finite).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from sardfq_export.calibset import CalibSet
+from sardfq_export.errors import SardfqError, UserInputError
+from sardfq_export.synthesis.attention import block_infos, recording
+from sardfq_export.synthesis.config import SynthConfig
+from sardfq_export.synthesis.methods import METHODS, TERM_NAMES, Objective, apa_blocks, augment
+from sardfq_export.synthesis.plan import (
+    augmentation_table,
+    draw_labels,
+    draw_priors,
+    initial_images,
+    learning_rate,
+    tv_target,
+)
+
+CKPT_FORMAT = "sardfq-synth-ckpt-1"
+CURVE_POINTS = 200  # loss-curve rows kept per batch in the metadata (subsampled)
+
+
+class SynthesisDivergedError(SardfqError):
+    """The loss became NaN/inf; the message names the iteration and the checkpoint kept."""
+
+    exit_code = 1
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def pixel_range(data_config: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (lo, hi) in normalized space that map to pixel values 0 and 1."""
+    mean = torch.tensor(data_config["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data_config["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return (0 - mean) / std, (1 - mean) / std
+
+
+def model_input_size(loaded) -> tuple[int, int, int]:
+    """(C, H, W) the model takes: its patch embedding's, when it states one (timm's data config
+    keeps the pretrained 224 when a model is built with another ``img_size``), else the data config's."""
+    pe = getattr(loaded.model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    proj = getattr(pe, "proj", None)
+    if size is not None and isinstance(proj, torch.nn.Conv2d):
+        return (proj.in_channels, int(size[0]), int(size[1]))
+    return tuple(loaded.input_size)
+
+
+def _grids(
+    model: torch.nn.Module, family: str, input_size: tuple[int, int, int], device
+) -> list[tuple[int, int]]:
+    """Patch grid each block sees (one tiny forward)."""
+    with recording(model, family) as rec, torch.no_grad():
+        model(torch.zeros(1, *input_size, device=device))
+        if family == "vit":
+            g = tuple(int(v) for v in model.patch_embed.grid_size)
+            return [g for _ in rec.blocks]
+        return [info.grid for info in rec.blocks]
+
+
+class _Interrupt:
+    """Ctrl-C sets a flag; the loop saves at the end of the iteration. A second Ctrl-C raises at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                if self.requested:
+                    raise KeyboardInterrupt
+                self.requested = True
+
+            signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"format": CKPT_FORMAT, "state": json.dumps(state, sort_keys=True)},
+    )
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise UserInputError(
+            f"cannot read synthesis checkpoint {path} ({exc}); delete it to start over"
+        ) from None
+    if meta.get("format") != CKPT_FORMAT:
+        raise UserInputError(f"{path} is not a synthesis checkpoint; delete it to start over")
+    return tensors, json.loads(meta["state"])
+
+
+def _subsample(hist: torch.Tensor) -> dict[str, list]:
+    n = hist.shape[0]
+    step = max(1, -(-n // CURVE_POINTS))
+    idx = list(range(0, n, step))
+    if n and idx[-1] != n - 1:
+        idx.append(n - 1)
+    rows = hist[idx].tolist() if n else []
+    curve = {"iteration": [i + 1 for i in idx]}
+    for j, name in enumerate(TERM_NAMES):
+        curve[name] = [r[j] for r in rows]
+    return curve
+
+
+def synthesize(
+    loaded,
+    config: SynthConfig,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    checkpoint_every: int = 100,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> CalibSet:
+    """Synthesize a calibration set for ``loaded`` (a :class:`~sardfq_export.models.LoadedModel`).
+
+    ``out``: where the set is saved (``.safetensors`` + ``.json``); its checkpoint lives beside it
+    as ``<out>.ckpt`` while the run is unfinished. ``resume``: continue from that checkpoint
+    (refused if it was made with other settings). ``callback(batch, iterations_done)`` runs after
+    every iteration (tests use it to interrupt). Returns the :class:`CalibSet` (also saved).
+    """
+    family = loaded.family
+    cfg = config.resolve(family)
+    method = METHODS[cfg.method]
+    comps = method.components(cfg)
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    model = loaded.model.to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    c, h, w = model_input_size(loaded)
+    classes = loaded.num_classes
+    if classes < 2:
+        raise UserInputError(
+            f"{loaded.name} has no classifier head ({classes} classes): synthesis needs class logits"
+        )
+    n = cfg.num_images
+    iters = cfg.iters if method.optimizes else 0
+    infos = block_infos(model, family)
+    apa_idx = apa_blocks(len(infos), cfg.apa_start) if comps.apa else []
+    labels = draw_labels(cfg, classes, (h, w), comps.msr, comps.soft)
+    lo, hi = pixel_range(loaded.data_config, dev)
+    identity = {
+        "config": cfg.to_dict(),
+        "model": loaded.name,
+        "source": loaded.source,
+        "input_size": [c, h, w],
+        "classes": classes,
+    }
+
+    ckpt = checkpoint_path(out) if out is not None else None
+    done: list[torch.Tensor] = []
+    curves: list[dict] = []
+    start_batch, start_iter, wall_before = 0, 0, 0.0
+    restored: dict[str, torch.Tensor] = {}
+    if resume and ckpt is not None and ckpt.exists():
+        restored, state = _load_checkpoint(ckpt)
+        if state["identity"] != json.loads(json.dumps(identity)):
+            raise UserInputError(
+                f"checkpoint {ckpt} was made with other settings or another model; rerun without --resume "
+                "(it will be replaced) or with the same settings"
+            )
+        start_batch, start_iter, wall_before = state["batch"], state["iteration"], state["wall_time_s"]
+        curves = state["curves"]
+        if "done" in restored:
+            done = list(restored["done"].split(cfg.batch_size))
+
+    t0 = time.monotonic()
+    batches = [range(s, min(s + cfg.batch_size, n)) for s in range(0, n, cfg.batch_size)]
+    grids = _grids(model, family, (c, h, w), dev) if apa_idx else []
+    check_every = 1 if dev.type == "cpu" else 10
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(batches) * iters,
+        initial=start_batch * iters + start_iter,
+        disable=not progress or iters == 0,
+        desc=f"synthesize {cfg.method}",
+        unit="it",
+        dynamic_ncols=True,
+    )
+    want_out = range(len(infos)) if comps.pse else ()
+    try:
+        with _Interrupt() as stop, recording(model, family, want_attn=apa_idx, want_out=want_out) as rec:
+            for bi in range(start_batch, len(batches)):
+                idx = batches[bi]
+                x = initial_images(cfg, idx, (c, h, w)).to(dev)
+                if cfg.clip:
+                    x = torch.maximum(torch.minimum(x, hi), lo) if method.optimizes else x
+                if iters == 0:
+                    done.append(x.detach().cpu())
+                    continue
+                offsets, flips = augmentation_table(cfg, idx, (h, w))
+                priors = draw_priors(cfg, idx, {i: (infos[i].heads, grids[i]) for i in apa_idx})
+                tau = tv_target(cfg, idx.start, len(idx) * c * h * w)
+                objective = Objective(model, family, rec, cfg, comps, labels, idx, priors, tau, dev)
+                x = x.detach().clone().requires_grad_(True)
+                opt = torch.optim.Adam([x], lr=cfg.lr, betas=cfg.betas)
+                hist = torch.zeros(iters, len(TERM_NAMES), device=dev)
+                t_begin = 0
+                if bi == start_batch and start_iter > 0:
+                    with torch.no_grad():
+                        x.copy_(restored["x"].to(dev))
+                    opt.state[x] = {
+                        "step": restored["step"].clone(),
+                        "exp_avg": restored["exp_avg"].to(dev),
+                        "exp_avg_sq": restored["exp_avg_sq"].to(dev),
+                    }
+                    hist[:start_iter] = restored["hist"].to(dev)
+                    t_begin = start_iter
+                checked = t_begin
+
+                def save(it_done: int, bi=bi, x=x, opt=opt, hist=hist) -> None:
+                    if ckpt is None:
+                        return
+                    st = opt.state.get(x, {})
+                    tensors = {"x": x, "hist": hist[:it_done]}
+                    if st:
+                        tensors.update(step=st["step"], exp_avg=st["exp_avg"], exp_avg_sq=st["exp_avg_sq"])
+                    if done:
+                        tensors["done"] = torch.cat(done)
+                    _save_checkpoint(
+                        ckpt,
+                        tensors,
+                        {
+                            "identity": identity,
+                            "batch": bi,
+                            "iteration": it_done,
+                            "curves": curves,
+                            "wall_time_s": wall_before + time.monotonic() - t0,
+                        },
+                    )
+
+                for t in range(t_begin, iters):
+                    for g in opt.param_groups:
+                        g["lr"] = learning_rate(cfg, t)
+                    terms = objective(x, augment(x, offsets[:, t], flips[:, t]))
+                    hist[t] = torch.stack([terms[k].detach().float() for k in TERM_NAMES])
+                    if (t + 1 - checked) >= check_every or (t + 1) % checkpoint_every == 0 or t + 1 == iters:
+                        _check_finite(hist, checked, t + 1, bi, len(batches), ckpt)
+                        checked = t + 1
+                    opt.zero_grad(set_to_none=True)
+                    terms["total"].backward()
+                    opt.step()
+                    if cfg.clip:
+                        with torch.no_grad():
+                            torch.maximum(torch.minimum(x, hi), lo, out=x)
+                    it_done = t + 1
+                    bar.update(1)
+                    if it_done % 10 == 0 or it_done == iters:
+                        bar.set_postfix(
+                            {
+                                k: f"{v:.4g}"
+                                for k, v in zip(TERM_NAMES, hist[t].tolist(), strict=True)
+                                if k == "total" or v != 0
+                            },
+                            refresh=False,
+                        )
+                    if it_done % checkpoint_every == 0 and it_done < iters:
+                        save(it_done)
+                    if callback is not None:
+                        try:
+                            callback(bi, it_done)
+                        except KeyboardInterrupt:
+                            stop.requested = True
+                    if stop.requested:
+                        _check_finite(hist, checked, it_done, bi, len(batches), ckpt)
+                        save(it_done)
+                        raise KeyboardInterrupt
+                curves.append({"batch": bi, **_subsample(hist.cpu())})
+                done.append(x.detach().cpu())
+                start_iter = 0
+                if bi + 1 < len(batches):
+                    save_next = {
+                        "identity": identity,
+                        "batch": bi + 1,
+                        "iteration": 0,
+                        "curves": curves,
+                        "wall_time_s": wall_before + time.monotonic() - t0,
+                    }
+                    if ckpt is not None:
+                        _save_checkpoint(ckpt, {"done": torch.cat(done)}, save_next)
+    finally:
+        bar.close()
+
+    images = torch.cat(done)
+    calib = _assemble(loaded, cfg, comps, method.optimizes, images, labels, model, dev)
+    calib.meta.update(identity)
+    calib.meta.update(
+        {
+            "method": cfg.method,
+            "seed": cfg.seed,
+            "num_images": n,
+            "iters": iters,
+            "components": {k: getattr(comps, k) for k in ("pse", "apa", "msr", "soft", "tv")},
+            "apa_blocks": [i + 1 for i in apa_idx],
+            "loss_terms": list(TERM_NAMES),
+            "loss_curve": curves,
+            "wall_time_s": round(wall_before + time.monotonic() - t0, 3),
+            "device": str(dev),
+            "mean": list(loaded.data_config["mean"]),
+            "std": list(loaded.data_config["std"]),
+            "versions": _versions(),
+        }
+    )
+    if out is not None:
+        calib.save(out)
+        if ckpt is not None and ckpt.exists():
+            ckpt.unlink()
+    return calib
+
+
+def _check_finite(hist: torch.Tensor, a: int, b: int, bi: int, nb: int, ckpt: Path | None) -> None:
+    rows = hist[a:b]
+    if bool(torch.isfinite(rows).all()):
+        return
+    bad = (~torch.isfinite(rows)).any(1).nonzero()[0, 0].item() + a
+    terms = [
+        name
+        for name, v in zip(TERM_NAMES, hist[bad].tolist(), strict=True)
+        if not torch.isfinite(torch.tensor(v))
+    ]
+    kept = (
+        f"the last good checkpoint {ckpt} is kept"
+        if ckpt is not None and ckpt.exists()
+        else "no checkpoint was written yet"
+    )
+    raise SynthesisDivergedError(
+        f"synthesis diverged: loss term(s) {', '.join(terms)} became NaN/inf at iteration {bad + 1} of batch "
+        f"{bi + 1}/{nb}; {kept}. Rerun with a lower --lr or --apa-weight, or without --bf16"
+    )
+
+
+def _assemble(loaded, cfg, comps, optimized, images, labels, model, dev) -> CalibSet:
+    """The CalibSet: images, targets, labels and (for MSR) regions."""
+    if optimized:
+        calib = CalibSet(images=images, targets=labels.targets, labels=labels.labels)
+        if comps.msr:
+            calib.regions, calib.region_labels = labels.regions, labels.region_labels
+        return calib
+    # noise: nothing was optimized toward a label; the teacher's own predictions are the targets.
+    with torch.no_grad():
+        probs = torch.cat([model(b.to(dev)).float().softmax(-1).cpu() for b in images.split(cfg.batch_size)])
+    return CalibSet(images=images, targets=probs, labels=probs.argmax(-1))
+
+
+def _versions() -> dict:
+    import timm
+
+    return {"torch": torch.__version__, "timm": timm.__version__}

@@ -1,0 +1,315 @@
+"""Synthesis core: explicit attention vs timm, losses, priors, methods, resume, NaN, CLI, samples."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import tiny_vit
+
+from sardfq_export.calibset import CalibSet
+from sardfq_export.cli import main
+from sardfq_export.models import LoadedModel
+from sardfq_export.synthesis import (
+    METHODS,
+    SynthConfig,
+    SynthesisDivergedError,
+    checkpoint_path,
+    losses,
+    synthesize,
+)
+from sardfq_export.synthesis.attention import recording, swin_key_attention
+from sardfq_export.synthesis.plan import (
+    augmentation_table,
+    draw_labels,
+    draw_priors,
+    initial_images,
+    learning_rate,
+)
+from sardfq_export.synthesis.priors import generator, gmm_prior
+
+
+def _loaded(model, family="vit", size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    cfg = {"input_size": (model.patch_embed.proj.in_channels, size, size), "mean": mean, "std": std}
+    return LoadedModel(model, "tiny", cfg, family, "random-init")
+
+
+def tiny_swin():
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        num_classes=10,
+        img_size=56,
+        embed_dim=32,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=7,
+    ).eval()
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_explicit_attention_matches_timm_and_is_removed(family):
+    model = tiny_vit() if family == "vit" else tiny_swin()
+    size = 32 if family == "vit" else 56
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        ref = model(x)
+        with recording(model, family, want_attn=[0, 1], want_out=[0, 1]) as rec:
+            got = model(x)
+            probs = rec.attn[1]
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+        assert rec.out[0].shape[:2] == probs.shape[:2]
+        attn_type = type(model.blocks[0].attn if family == "vit" else model.layers[0].blocks[0].attn)
+        assert attn_type.__module__.startswith("timm"), "original attention modules are put back"
+        assert torch.equal(model(x), ref)
+
+
+def test_swin_stitching_matches_brute_force():
+    """Stitched query-averaged attention equals scattering each window token back to its grid cell."""
+    from timm.models.swin_transformer import window_partition
+
+    model = tiny_swin()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad(), recording(model, "swin", want_attn=[1]) as rec:
+        model(x)
+        got = swin_key_attention(rec, 1, 2)  # block 1 is the shifted one
+        info = rec.blocks[1]
+        assert any(info.shift)
+        h, w = info.grid
+        coords = torch.arange(h * w, dtype=torch.float32).view(1, h, w, 1)
+        shifted = torch.roll(coords, shifts=(-info.shift[0], -info.shift[1]), dims=(1, 2))
+        where = window_partition(shifted, info.window).reshape(-1, info.window[0] * info.window[1]).long()
+        a = rec.attn[1].mean(-2)  # (B*nW, heads, N)
+        nw = where.shape[0]
+        want = torch.zeros(2, a.shape[1], h * w)
+        for b in range(2):
+            for wi in range(nw):
+                want[b][:, where[wi]] = a[b * nw + wi]
+    assert torch.allclose(got, want)
+
+
+def test_gmm_priors_are_normalized_deterministic_and_scaled():
+    p1 = gmm_prior(generator(0, 3, 3), 4, (7, 7))
+    p2 = gmm_prior(generator(0, 3, 3), 4, (7, 7))
+    assert torch.equal(p1, p2) and p1.shape == (4, 49)
+    assert torch.allclose(p1.sum(-1), torch.ones(4))
+    assert not torch.equal(p1, gmm_prior(generator(1, 3, 3), 4, (7, 7)))
+    one = gmm_prior(generator(0, 0, 3), 1, (14, 14), k_max=1, std_range=(1.0, 1.0)).view(14, 14)
+    peak = one.argmax()
+    r, c = divmod(int(peak), 14)
+    assert one[r, c] / one.sum() > 0.1  # std 1 patch: a sharp blob
+
+
+def test_patch_similarity_entropy_matches_naive_kde():
+    tok = torch.randn(2, 1, 5, 4)
+    got = losses.patch_similarity_entropy(tok, bandwidth=0.3, points=10, eps=1e-4)
+    t = torch.nn.functional.normalize(tok, dim=-1)
+    sims = (t @ t.transpose(-1, -2)).reshape(2, -1).numpy().astype(np.float64)
+    grid = np.linspace(sims.min(), sims.max(), 10)
+    ents = []
+    for s in sims:
+        p = np.array(
+            [np.mean(np.exp(-0.5 * ((g - s) / 0.3) ** 2)) / (0.3 * math.sqrt(2 * math.pi)) for g in grid]
+        )
+        ents.append(np.trapezoid(-p * np.log(p + 1e-4), grid))
+    assert got.item() == pytest.approx(float(np.mean(ents)), rel=1e-4)
+
+
+def test_tv_and_soft_cross_entropy():
+    x = torch.zeros(1, 1, 4, 4)
+    x[..., :, 2:] = 1.0  # one vertical edge: right diff 4 ones, diagonals 3 each
+    assert losses.total_variation(x).item() == pytest.approx(2 + 0 + math.sqrt(3) * 2)
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    onehot = torch.tensor([[1.0, 0.0, 0.0]])
+    assert losses.soft_cross_entropy(logits, onehot).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, torch.tensor([0])).item()
+    )
+
+
+def test_draws_do_not_depend_on_batching():
+    cfg = SynthConfig(num_images=6, iters=20).resolve("vit")
+    a = initial_images(cfg, range(0, 6), (3, 8, 8))
+    b = initial_images(cfg, range(4, 6), (3, 8, 8))
+    assert torch.equal(a[4:], b)
+    oa, fa = augmentation_table(cfg, range(0, 6), (28, 28))
+    ob, fb = augmentation_table(cfg, range(4, 6), (28, 28))
+    assert torch.equal(oa[4:], ob) and torch.equal(fa[4:], fb)
+    assert oa[:, :10].abs().max() <= 2 and oa.abs().max() <= 4  # 15 / 30 px at 224 -> 2 / 4 at 28
+    pa = draw_priors(cfg, range(0, 6), {3: (2, (7, 7))})[3]
+    pb = draw_priors(cfg, range(4, 6), {3: (2, (7, 7))})[3]
+    assert torch.equal(pa[4:], pb)
+
+
+def test_soft_labels_and_regions():
+    cfg = SynthConfig(num_images=16).resolve("vit")
+    lab = draw_labels(cfg, 10, (28, 28), msr=True, soft=True)
+    assert torch.allclose(lab.targets.sum(-1), torch.ones(16))
+    used = lab.region_labels >= 0
+    assert used.any(1).all() and used.sum(1).max() <= 4
+    for i in range(16):
+        relevant = set([int(lab.labels[i])] + lab.region_labels[i][used[i]].tolist())
+        top = set(lab.targets[i].topk(len(relevant)).indices.tolist())
+        assert top == relevant  # logits U(5, 10) on relevant classes, 0 elsewhere
+        boxes = lab.regions[i][used[i]]
+        assert len({tuple(b.tolist()) for b in boxes}) == len(boxes)  # non-overlapping cells
+    hard = draw_labels(cfg, 10, (28, 28), msr=False, soft=False)
+    assert torch.equal(hard.targets.argmax(-1), hard.labels) and hard.targets.max() == 1
+
+
+def test_schedule_restarts_every_round():
+    cfg = SynthConfig(method="psaq", iters=1000).resolve("vit")
+    assert learning_rate(cfg, 0) == pytest.approx(0.2 / 100)
+    assert learning_rate(cfg, 99) == pytest.approx(0.2)
+    assert learning_rate(cfg, 499) < 1e-4 and learning_rate(cfg, 500) == pytest.approx(0.2 / 100)
+    assert SynthConfig(method="psaq").resolve("swin").lr == 0.25
+    assert SynthConfig(apa_weight=7.0).resolve("vit").apa_weight == 7.0
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_methods_produce_a_calibset(method, tmp_path):
+    loaded = _loaded(tiny_vit())
+    out = tmp_path / "calib.safetensors"
+    calib = synthesize(loaded, SynthConfig(method=method, num_images=4, iters=4), out, progress=False)
+    again = CalibSet.load(out)
+    assert torch.equal(again.images, calib.images) and calib.images.shape == (4, 3, 32, 32)
+    assert torch.allclose(calib.targets.sum(-1), torch.ones(4), atol=1e-5) and calib.labels.shape == (4,)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert (
+        meta["method"] == method
+        and meta["seed"] == 0
+        and "wall_time_s" in meta
+        and meta["config"]["lr"] == 0.2
+    )
+    if method == "noise":
+        return
+    lo = (0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert (calib.images.amin((0, 2, 3)) >= lo - 1e-6).all()
+    curve = meta["loss_curve"][0]
+    assert curve["iteration"] == [1, 2, 3, 4] and all(math.isfinite(v) for v in curve["total"])
+    if method == "sardfq":
+        assert calib.regions.shape == (4, 4, 4) and (calib.region_labels >= 0).any()
+        assert meta["apa_blocks"] == [1, 2] and curve["apa"][0] > 0
+    else:
+        assert calib.regions is None and curve["pse"][0] != 0
+
+
+def test_resume_after_interrupt_is_bit_exact(tmp_path):
+    loaded = _loaded(tiny_vit())
+    cfg = SynthConfig(method="sardfq", num_images=4, batch_size=2, iters=6)
+    full = synthesize(loaded, cfg, tmp_path / "a.safetensors", progress=False, checkpoint_every=2)
+
+    def interrupt(batch, it):
+        if batch == 1 and it == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "b.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(loaded, cfg, out, progress=False, checkpoint_every=2, callback=interrupt)
+    assert checkpoint_path(out).exists() and not out.exists()
+    resumed = synthesize(loaded, cfg, out, progress=False, checkpoint_every=2, resume=True)
+    assert torch.equal(resumed.images, full.images)
+    assert resumed.meta["loss_curve"] == full.meta["loss_curve"]
+    assert not checkpoint_path(out).exists()
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(loaded, cfg, out, progress=False, callback=interrupt)
+    with pytest.raises(Exception, match="other settings"):
+        synthesize(
+            loaded,
+            SynthConfig(method="sardfq", num_images=4, batch_size=2, iters=7),
+            out,
+            resume=True,
+            progress=False,
+        )
+
+
+def test_nan_loss_is_caught_and_last_good_checkpoint_kept(tmp_path):
+    model = tiny_vit()
+    calls = {"n": 0}
+
+    def poison(_mod, _inp, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] > 5 else output
+
+    model.head.register_forward_hook(poison)
+    out = tmp_path / "c.safetensors"
+    with pytest.raises(SynthesisDivergedError, match="iteration 6 of batch 1/1") as err:
+        synthesize(
+            _loaded(model),
+            SynthConfig(method="psaq", num_images=2, iters=10),
+            out,
+            progress=False,
+            checkpoint_every=2,
+        )
+    assert "checkpoint" in str(err.value) and err.value.exit_code == 1
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint_path(out)), "pt") as fh:
+        state = json.loads(fh.metadata()["state"])
+        assert state["iteration"] == 4 and torch.isfinite(fh.get_tensor("x")).all()
+
+
+def test_samples_png_shows_attention_next_to_prior(tmp_path):
+    from PIL import Image
+
+    from sardfq_export.synthesis.samples import save_samples
+
+    loaded = _loaded(tiny_vit())
+    calib = synthesize(loaded, SynthConfig(num_images=3, iters=2), None, progress=False)
+    with_attn = Image.open(save_samples(tmp_path / "s.png", calib, loaded))
+    plain = Image.open(save_samples(tmp_path / "p.png", calib))
+    assert with_attn.size[0] > plain.size[0]
+
+
+def test_cli_synthesize_deit_tiny_224_and_refuses_overwrite(tmp_path):
+    out = tmp_path / "calib.safetensors"
+    args = [
+        "synthesize",
+        "--model",
+        "deit_t",
+        "--random-init",
+        "--num-images",
+        "2",
+        "--iters",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(args) == 0
+    calib = CalibSet.load(out)
+    assert calib.images.shape == (2, 3, 224, 224) and (tmp_path / "samples.png").exists()
+    assert main(args) == 2  # exists: refused
+    assert main(args + ["--resume"]) == 0  # same settings: reused
+    assert main(args + ["--overwrite", "--no-samples", "--method", "psaq"]) == 0
+
+
+def test_cli_synthesize_swin_tiny(tmp_path):
+    out = tmp_path / "swin.safetensors"
+    assert (
+        main(
+            [
+                "synthesize",
+                "--model",
+                "swin_t",
+                "--random-init",
+                "--num-images",
+                "1",
+                "--iters",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    meta = CalibSet.load(out).meta
+    assert (
+        meta["config"]["lr"] == 0.25 and meta["apa_blocks"][0] == 6 and meta["config"]["apa_weight"] == 100.0
+    )
