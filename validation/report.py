@@ -149,3 +149,84 @@ def write_report(out_dir: str | Path, report: dict) -> tuple[Path, Path]:
     return atomic_write_json(out_dir / "report.json", report), atomic_write_text(
         out_dir / "report.md", render_markdown(report)
     )
+
+
+def render_readme(report: dict, preprocessing: dict, input_size: tuple[int, ...]) -> str:
+    """README.md for the team that receives the folder: what goes in, how to run it, what it measured."""
+    c, h, w = input_size
+    mean, std = preprocessing.get("mean"), preprocessing.get("std")
+    target = report["target"]
+    lines = [
+        f"# {report['model']} — {report['scheme']} for {target}",
+        "",
+        "Made by sardfq-export (data-free quantization). `report.json` is the full verdict, `manifest.json` the "
+        "sha256 of every file.",
+        "",
+        "## Input and output",
+        "",
+        f"- input `input`: float32, shape `[batch, {c}, {h}, {w}]` (batch is dynamic), NCHW",
+        f"- output `logits`: float32, shape `[batch, {report.get('num_classes', 'classes')}]`",
+        f"- preprocessing: resize to {h}×{w} ({preprocessing.get('interpolation')}, crop_pct "
+        f"{preprocessing.get('crop_pct')}), scale pixels to [0, 1], then `(x - mean) / std` per channel with "
+        f"mean {mean} and std {std}",
+        "",
+        "## Run it",
+        "",
+        "ONNX Runtime (CPU): keep `MatMulAddFusion` disabled, or the int8 kernels do not fire:",
+        "",
+        "```python",
+        "import onnxruntime as ort",
+        "so = ort.SessionOptions()",
+        'so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # INT4 models: exact W4A16',
+        'sess = ort.InferenceSession("model.onnx", so, providers=["CPUExecutionProvider"],',
+        '                            disabled_optimizers=["MatMulAddFusion"])',
+        'logits = sess.run(["logits"], {"input": images})[0]',
+        "```",
+        "",
+    ]
+    engine = report.get("engine") or {}
+    cmd = engine.get("command")
+    lines += [
+        "TensorRT: build the engine on the GPU it will run on (an engine is tied to the GPU and TensorRT "
+        "version):",
+        "",
+        "```sh",
+        cmd
+        or (
+            "trtexec --onnx=model.onnx --saveEngine=model.engine "
+            f"--minShapes=input:1x{c}x{h}x{w} --optShapes=input:8x{c}x{h}x{w} --maxShapes=input:32x{c}x{h}x{w}"
+        ),
+        "```",
+        "",
+        "TensorRT 10.x: add `--stronglyTyped` for an FP16 ONNX, or `--int8 --fp16` for an FP32 one; "
+        "11.x is always strongly typed.",
+        "",
+    ]
+    if engine.get("versions"):
+        lines += [f"Built engine: `model.engine` for {engine['versions']}.", ""]
+    lines += ["## Measured", ""]
+    acc = report.get("accuracy")
+    if acc:
+        lines.append(
+            f"- top-1 on {acc['dataset']} (n={acc['n']}): FP32 {_pct(acc['fp32_top1'])}, deployed "
+            f"{_pct(acc['deployed_top1'])} (drop {_num(acc['top1_drop'])} points)"
+        )
+    fid = report.get("fidelity")
+    if fid:
+        lines.append(
+            f"- agreement with the PyTorch fake-quant model: {_pct(fid['agreement_vs_fakequant'])} "
+            f"(cosine {_num(fid['cosine_vs_fakequant'], '.6f')}), with FP32: {_pct(fid['agreement_vs_fp32'])}"
+        )
+    lat = report.get("latency")
+    if lat:
+        for b, row in lat.get("by_batch", {}).items():
+            lines.append(
+                f"- batch {b}: deployed p50 {row['deployed']['p50_ms']:.2f} ms vs PyTorch FP32 "
+                f"{row['reference']['p50_ms']:.2f} ms ({row['speedup']:.2f}×) on {lat['device']}"
+            )
+    lint = report.get("lint")
+    if lint:
+        lines.append(f"- TensorRT-rules lint: {'passed' if lint['passed'] else 'FAILED'}")
+    if not (acc or fid or lat):
+        lines.append("- not validated on this machine (no deployment runtime for this target here)")
+    return "\n".join(lines) + "\n"

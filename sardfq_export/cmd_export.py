@@ -1,0 +1,122 @@
+"""``sardfq-export export`` (quantized model → QDQ ONNX [→ TensorRT engine]) and ``sardfq-export lint``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from sardfq_export.errors import UserInputError
+from sardfq_export.options import load_from_options, model_options, output_options
+
+
+def load_quantized_model(quantized: str, model: str | None, checkpoint: str | None, random_init: bool):
+    """(loaded float model, fake-quant model) from a ``quantized/`` folder (or the --out holding it).
+
+    Without --model/--checkpoint the folder's recorded base model is used.
+    """
+    import calibrators
+
+    meta = calibrators.read_meta(quantized)
+    base = meta.get("base_model") or {}
+    if model is None and checkpoint is None:
+        model = None if base.get("name") in (None, "reference") else base.get("name")
+        checkpoint = base.get("checkpoint")
+        random_init = random_init or bool(base.get("random_init"))
+    if random_init:
+        import torch
+
+        torch.manual_seed(int((meta.get("settings") or {}).get("seed", 0)))
+    loaded = load_from_options(model, checkpoint, random_init)
+    return loaded, calibrators.load_quantized(quantized, loaded.model).eval()
+
+
+@click.command("export")
+@model_options
+@click.option(
+    "--quantized",
+    required=True,
+    metavar="DIR",
+    help="A quantized/ folder (from 'quantize' or a job's --out).",
+)
+@click.option("--out", "out", type=click.Path(dir_okay=False), default="model.onnx", show_default=True)
+@click.option(
+    "--target", type=click.Choice(["onnx", "onnxruntime", "tensorrt"]), default="onnx", show_default=True
+)
+@click.option(
+    "--fp16/--no-fp16", default=None, help="Unquantized ops in FP16, FP32 I/O (default: on for tensorrt)."
+)
+@click.option(
+    "--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 17; 19 fp16; 21 INT4)."
+)
+@click.option(
+    "--batch-range", default="1,8,32", show_default=True, help="TensorRT profile min,opt,max batch."
+)
+@output_options
+def export(model, checkpoint, random_init, quantized, out, target, fp16, opset, batch_range, quiet, as_json):
+    """Export a quantized model to TensorRT-ready QDQ ONNX (and build the engine for --target tensorrt)."""
+    from exporters.lint import format_report
+    from exporters.onnx_export import ExportConfig, export_onnx
+
+    loaded, qmodel = load_quantized_model(quantized, model, checkpoint, random_init)
+    fp16 = (target == "tensorrt") if fp16 is None else fp16
+    res = export_onnx(
+        qmodel,
+        out,
+        tuple(loaded.input_size),
+        ExportConfig(opset=opset, fp16=fp16),
+        metadata={"model": loaded.name},
+    )
+    result = res.to_dict()
+    if target == "onnxruntime":
+        from exporters.ort import op_census
+
+        result["op_census"] = op_census(out)
+    if not quiet and not as_json:
+        click.echo(f"wrote {out} (opset {res.opset}, scheme {res.scheme}, weights {res.weights})")
+        if res.lint is not None:
+            click.echo(format_report(res.lint, str(out)))
+    if target == "tensorrt":
+        from exporters.tensorrt import EngineConfig, build_engine
+
+        try:
+            lo, opt, hi = (int(v) for v in batch_range.split(","))
+        except ValueError:
+            raise UserInputError(
+                f"--batch-range takes min,opt,max (e.g. 1,8,32), got {batch_range!r}"
+            ) from None
+        engine = build_engine(
+            out,
+            Path(out).with_suffix(".engine"),
+            "input",
+            tuple(loaded.input_size),
+            EngineConfig(lo, opt, hi),
+        )
+        result["engine"] = {"path": str(engine.engine), "log": str(engine.log), "versions": engine.versions}
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+
+
+@click.command("lint")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON object.")
+def lint(file, as_json):
+    """Check an ONNX file against TensorRT's Q/DQ rules. Exit 0: passed; exit 2: violations (listed)."""
+    import onnx
+
+    from exporters.lint import format_report, lint_model
+
+    if not Path(file).is_file():
+        raise UserInputError(f"{file} does not exist")
+    try:
+        model = onnx.load(file)
+    except Exception as exc:  # protobuf parse errors: the file's fault
+        raise UserInputError(f"{file} is not a readable ONNX model ({type(exc).__name__})") from None
+    report = lint_model(model)
+    if as_json:
+        click.echo(json.dumps({"file": file, **report.to_dict()}))
+    else:
+        click.echo(format_report(report, file))
+    if not report.passed:
+        raise UserInputError(f"{file}: {len(report.violations)} TensorRT rule violation(s)")
