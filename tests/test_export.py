@@ -1,0 +1,278 @@
+"""Exporters: QDQ ONNX export, the torch-vs-ONNX-Runtime parity every numerics change must keep
+green, the op census, the TensorRT-rules linter, and the TensorRT fallback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_vit
+from onnx import TensorProto, helper, numpy_helper
+
+import calibrators
+from exporters.lint import lint_model
+from exporters.onnx_export import ExportConfig, export_onnx
+from exporters.ort import create_session, op_census
+from sardfq_export.cli import main
+from sardfq_export.errors import MissingComponentError, UserInputError
+
+# Linear layers of tiny_vit (depth 2): qkv, proj, fc1, fc2 per block.
+N_LINEARS = 8
+
+
+def _quantized(scheme: str, embed_dim: int = 64, seed: int = 0):
+    torch.manual_seed(seed)
+    model = tiny_vit(embed_dim=embed_dim)
+    qmodel = calibrators.quantize_model(model, scheme)
+    gen = torch.Generator().manual_seed(seed)
+    calib = torch.randn(32, 3, 32, 32, generator=gen)
+    calibrators.calibrate(qmodel, calib, progress=False)
+    held = torch.randn(64, 3, 32, 32, generator=gen)
+    return model, qmodel, held
+
+
+@pytest.fixture(scope="module")
+def w8a8(tmp_path_factory):
+    model, qmodel, held = _quantized("w8a8")
+    path = tmp_path_factory.mktemp("w8a8") / "model.onnx"
+    res = export_onnx(qmodel, path, (3, 32, 32), metadata={"calibration": {"method": "noise"}})
+    return model, qmodel, held, path, res
+
+
+def _parity(qmodel, path, images, worst: float = 0.999):
+    sess = create_session(path)
+    got = torch.from_numpy(sess.run(None, {"input": images.numpy()})[0])
+    with torch.no_grad():
+        want = qmodel(images)
+    cos = F.cosine_similarity(got.double(), want.double(), dim=1)
+    # Q/DQ math is exact; a code may still flip where float accumulation order moves x/scale
+    # across a rounding boundary, so the worst image is allowed a little less than the mean.
+    assert float(cos.min()) >= worst
+    return float((got.argmax(1) == want.argmax(1)).double().mean()), float(cos.mean())
+
+
+def test_w8a8_parity_with_onnxruntime(w8a8):
+    _, qmodel, held, path, _ = w8a8
+    agreement, cos_mean = _parity(qmodel, path, held)
+    assert agreement == 1.0 and cos_mean >= 0.9999
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a8", "w4a4"])
+def test_4bit_parity_with_onnxruntime(scheme, tmp_path):
+    _, qmodel, held = _quantized(scheme, embed_dim=128)
+    res = export_onnx(qmodel, tmp_path / "m.onnx", (3, 32, 32))
+    assert res.lint.passed, res.lint.violations
+    agreement, cos_mean = _parity(qmodel, tmp_path / "m.onnx", held)
+    assert agreement == 1.0 and cos_mean >= 0.9999
+
+
+def test_w8a8_graph_is_int8_qdq_and_int8_kernels_fire(w8a8):
+    _, _, _, path, res = w8a8
+    model = onnx.load(str(path))
+    assert res.weights == {"int8-per-channel": N_LINEARS}
+    weights = [t for t in model.graph.initializer if t.name.endswith("weight_int8")]
+    assert len(weights) == N_LINEARS and all(t.data_type == TensorProto.INT8 for t in weights)
+    linears = [n for n, _ in calibrators.iter_quantizers(w8a8[1]) if n.endswith(".weight_quantizer")]
+    float_names = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+    assert len(linears) == N_LINEARS
+    assert not float_names & {n.replace("weight_quantizer", "weight") for n in linears}
+    ops = [n.op_type for n in model.graph.node]
+    assert "LayerNormalization" in ops and ops.count("QuantizeLinear") == N_LINEARS
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    census = op_census(path)
+    assert census["int8_gemm"] == N_LINEARS and census["ops"].get("MatMulIntegerToFloat") == N_LINEARS
+
+
+def test_w4a16_exports_int4_blocked_weights_that_ort_runs(tmp_path):
+    _, qmodel, held = _quantized("w4a16", embed_dim=128)
+    res = export_onnx(qmodel, tmp_path / "m.onnx", (3, 32, 32))
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert res.opset >= 21 and res.weights == {"int4-blocked": N_LINEARS}
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert all(
+        helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")) in (64, 128)
+        for n in dqs
+    )
+    int4 = [t for t in model.graph.initializer if t.data_type == TensorProto.INT4]
+    assert len(int4) == 2 * N_LINEARS  # codes + zero-points
+    assert op_census(tmp_path / "m.onnx")["int4_gemm"] == N_LINEARS
+
+
+def test_metadata_and_checker(w8a8):
+    _, _, _, path, _ = w8a8
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["sardfq.scheme"] == "w8a8"
+    assert json.loads(meta["sardfq.calibration"]) == {"method": "noise"}
+    assert "torch" in json.loads(meta["sardfq.versions"])
+
+
+def test_fp16_export_keeps_fp32_io(tmp_path):
+    _, qmodel, held = _quantized("w8a8")
+    res = export_onnx(qmodel, tmp_path / "m.onnx", (3, 32, 32), ExportConfig(fp16=True))
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert res.opset >= 19 and res.lint.passed
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    scales = [t for t in model.graph.initializer if t.name.endswith("weight_scale")]
+    assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
+    agreement, cos_mean = _parity(qmodel, tmp_path / "m.onnx", held, worst=0.99)
+    assert agreement >= 0.95 and cos_mean >= 0.99  # FP16 rounding only
+
+
+def test_research_scheme_is_refused(tmp_path):
+    qmodel = calibrators.quantize_model(tiny_vit(), "research_w4a4_log2")
+    with pytest.raises(UserInputError, match="research"):
+        export_onnx(qmodel, tmp_path / "m.onnx", (3, 32, 32))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_polygraphy_runs_the_export(w8a8):
+    import subprocess
+    import sys
+
+    _, _, _, path, _ = w8a8
+    cli = "import sys; from polygraphy.tools import main; sys.exit(main())"
+    proc = subprocess.run(
+        [sys.executable, "-c", cli, "run", str(path), "--onnxrt", "--input-shapes", "input:[2,3,32,32]"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "PASSED" in proc.stdout + proc.stderr
+
+
+# --- the linter on hand-made graphs ----------------------------------------------------------------
+
+
+def _qdq_model(
+    zero_point=0,
+    act_scale=(0.1,),
+    weight_type=TensorProto.INT8,
+    block_size=None,
+    opset=17,
+    q_type=TensorProto.INT8,
+):
+    """x → Q → DQ → MatMul(·, DQ(W)) with knobs to break each rule."""
+    w = np.ones((8, 4), np.int8)
+    scale = np.full((1, 4) if block_size else (4,), 0.05, np.float32)
+    if block_size:
+        w = np.ones((128, 4), np.int8)
+        scale = np.full((128 // block_size, 4), 0.05, np.float32)
+    if weight_type == TensorProto.INT4:
+        wt = helper.make_tensor("W", TensorProto.INT4, list(w.shape), w.ravel().tolist())
+    else:
+        wt = numpy_helper.from_array(w, "W")
+    act_s = numpy_helper.from_array(
+        np.array(act_scale, np.float32).reshape(() if len(act_scale) == 1 else (-1,)), "s"
+    )
+    zp_arr = np.array(zero_point, np.int8 if q_type == TensorProto.INT8 else np.uint8)
+    zp = numpy_helper.from_array(
+        zp_arr.reshape(() if len(act_scale) == 1 else (1,))
+        .repeat(len(act_scale))
+        .reshape(() if len(act_scale) == 1 else (-1,)),
+        "zp",
+    )
+    inits = [wt, numpy_helper.from_array(scale, "ws"), act_s, zp]
+    kw = {"axis": 0, "block_size": block_size} if block_size else {"axis": 1}
+    k = w.shape[0]
+    nodes = [
+        helper.make_node(
+            "QuantizeLinear",
+            ["x", "s", "zp"],
+            ["xq"],
+            name="act_q",
+            **({"axis": 2} if len(act_scale) > 1 else {}),
+        ),
+        helper.make_node(
+            "DequantizeLinear",
+            ["xq", "s", "zp"],
+            ["xd"],
+            name="act_dq",
+            **({"axis": 2} if len(act_scale) > 1 else {}),
+        ),
+        helper.make_node("DequantizeLinear", ["W", "ws"], ["wd"], name="w_dq", **kw),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _rules(model) -> set[str]:
+    return {v.rule for v in lint_model(model).violations}
+
+
+def test_lint_accepts_a_clean_graph():
+    assert lint_model(_qdq_model()).passed
+
+
+def test_lint_names_each_broken_rule():
+    assert "zero-point" in _rules(_qdq_model(zero_point=3))
+    assert "scale-positive" in _rules(_qdq_model(act_scale=(-0.1,)))
+    assert "per-channel-activation" in _rules(_qdq_model(act_scale=(0.1,) * 8))
+    assert "opset" in _rules(_qdq_model(opset=13))
+    assert "signed-int" in _rules(_qdq_model(q_type=TensorProto.UINT8))
+    assert "block-type" in _rules(_qdq_model(block_size=64, opset=21))  # INT8 blocks
+    assert "block-size" in _rules(_qdq_model(block_size=32, weight_type=TensorProto.INT4, opset=21))
+    assert "opset-int4" in _rules(_qdq_model(block_size=64, weight_type=TensorProto.INT4, opset=17))
+    assert lint_model(_qdq_model(block_size=64, weight_type=TensorProto.INT4, opset=21)).passed
+    report = lint_model(_qdq_model(zero_point=3))
+    assert any(v.node == "act_q" and "shiftIsAllZeros" in v.message for v in report.violations)
+
+
+def test_lint_command_exit_codes(w8a8, tmp_path, capsys):
+    _, _, _, path, _ = w8a8
+    assert main(["lint", str(path)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    bad = tmp_path / "bad.onnx"
+    onnx.save(_qdq_model(zero_point=3), str(bad))
+    assert main(["lint", str(bad), "--json"]) == 2
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert out["passed"] is False and any("zero-point" in v for v in out["violations"])
+    assert main(["lint", str(tmp_path / "missing.onnx")]) == 2
+
+
+# --- TensorRT without TensorRT ------------------------------------------------------------------------
+
+
+def test_tensorrt_fallback_writes_the_trtexec_command(w8a8, tmp_path, monkeypatch):
+    import exporters.tensorrt as trt_mod
+
+    monkeypatch.setattr(trt_mod, "tensorrt_status", lambda: (False, "TensorRT is not installed"))
+    _, _, _, path, _ = w8a8
+    with pytest.raises(MissingComponentError) as err:
+        trt_mod.build_engine(path, tmp_path / "model.engine", "input", (3, 32, 32))
+    assert err.value.exit_code == 4 and "trtexec --onnx=" in str(err.value) and "\n" not in str(err.value)
+    script = (tmp_path / "build_engine.sh").read_text()
+    assert (
+        "--saveEngine=" in script
+        and "--minShapes=input:1x3x32x32" in script
+        and "--timingCacheFile=" in script
+    )
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_engine_matches_fakequant(w8a8, tmp_path):
+    from exporters.tensorrt import build_engine
+    from validation.fidelity import compare_logits
+    from validation.runners import TensorRTRunner
+
+    _, qmodel, held, path, _ = w8a8
+    res = build_engine(path, tmp_path / "model.engine", "input", (3, 32, 32))
+    runner = TensorRTRunner(str(res.engine))
+    with torch.no_grad():
+        want = qmodel(held)
+    cmp = compare_logits(runner(held), want)
+    assert cmp["agreement"] >= 0.99 and cmp["cosine"] >= 0.999
