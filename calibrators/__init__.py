@@ -26,7 +26,9 @@ from calibrators.instrument import (
 from calibrators.modules import QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention
 from calibrators.persist import is_quantized_dir, load_quantized, model_fingerprint, read_meta, save_quantized
 from calibrators.quantizer import TensorQuantizer
+from calibrators.reconstruct import distill, reconstruct_blocks
 from calibrators.scheme import SCHEMES, PerBlock, PerChannel, PerTensor, Scheme, get_scheme
+from calibrators.smooth import smooth_quant
 
 __all__ = [
     "ACT_METHODS", "WEIGHT_METHODS", "HistogramCollector", "calibrate", "calibrate_weight",
@@ -34,5 +36,8 @@ __all__ = [
     "quantize_model", "set_explicit_attention", "set_quantizers_enabled",
     "QuantAttention", "QuantConv2d", "QuantLinear", "QuantWindowAttention",
     "is_quantized_dir", "load_quantized", "model_fingerprint", "read_meta", "save_quantized",
-    "TensorQuantizer", "SCHEMES", "PerBlock", "PerChannel", "PerTensor", "Scheme", "get_scheme",
+    "TensorQuantizer",
+    "distill",
+    "reconstruct_blocks",
+    "smooth_quant", "SCHEMES", "PerBlock", "PerChannel", "PerTensor", "Scheme", "get_scheme",
 ]  # fmt: skip

@@ -140,6 +140,8 @@ def load_model(
     import timm
     from timm.data import resolve_data_config
 
+    if name not in (None, REFERENCE_NAME) and _is_quantized_dir(name):
+        return _load_quantized(name)
     if name in (None, REFERENCE_NAME):
         model = build_reference()
         if checkpoint is None:
@@ -175,3 +177,26 @@ def load_model(
         p.requires_grad_(False)
     data_config = resolve_data_config(model=model)
     return LoadedModel(model, resolved, data_config, model_family(model), source)
+
+
+def _is_quantized_dir(name: str | Path) -> bool:
+    path = Path(name).expanduser()
+    return path.is_dir() and (
+        (path / "quantized" / "quantized.json").is_file() or (path / "quantized.json").is_file()
+    )
+
+
+def _load_quantized(path: str | Path) -> LoadedModel:
+    """``--model DIR`` (written by ``quantize --out DIR``): the base model named in it + its fake-quant copy."""
+    import calibrators
+
+    meta = calibrators.read_meta(path)
+    ref = meta.get("base_model") or {}
+    base = load_model(ref.get("name"), ref.get("checkpoint"), pretrained=not ref.get("random_init", False))
+    qmodel = calibrators.load_quantized(path, base.model)
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    scheme = qmodel.scheme
+    extra = {"runner_name": "torch-fakequant", "scheme": scheme.name, "quantized_dir": str(Path(path).expanduser()),
+             "float_model": base.model}  # fmt: skip
+    return LoadedModel(qmodel, base.name, base.data_config, base.family, f"{base.source} + {path}", extra)

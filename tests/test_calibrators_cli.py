@@ -1,0 +1,157 @@
+"""calibrators save/load, the quantize command, eval --model DIR, and fine-tuning."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_vit
+
+import calibrators as C
+from sardfq_export.calibset import CalibSet
+from sardfq_export.cli import main
+from sardfq_export.errors import UserInputError
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def random_reference(tmp_path):
+    """A random-init checkpoint of the reference architecture (28x28, 1 channel): fast and offline."""
+    from safetensors.torch import save_file
+
+    from sardfq_export.reference import build_reference
+
+    torch.manual_seed(0)
+    model = build_reference()
+    path = tmp_path / "ref.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture
+def idx_data(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    for prefix, n in (("train", 40), ("t10k", 24)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return folder
+
+
+def test_save_load_roundtrip_and_refusal(tmp_path):
+    model = tiny_vit()
+    x = torch.randn(8, 3, 32, 32)
+    qmodel = C.quantize_model(model, "w4a8")
+    C.calibrate(qmodel, x, method="mse", progress=False)
+    C.reconstruct_blocks(qmodel, model, x, iters=3, progress=False)
+    y = qmodel(x)
+    folder = C.save_quantized(qmodel, tmp_path / "out", {"name": "tiny"})
+    assert (folder / "scheme.json").is_file() and C.read_meta(tmp_path / "out")["base_model"][
+        "name"
+    ] == "tiny"
+    again = C.load_quantized(tmp_path / "out", tiny_vit_same(model))
+    assert again.scheme == qmodel.scheme and torch.equal(again(x), y)
+    other = tiny_vit()  # same architecture, other weights
+    with pytest.raises(UserInputError, match="fingerprint"):
+        C.load_quantized(tmp_path / "out", other)
+    with pytest.raises(UserInputError, match="architecture"):
+        C.load_quantized(tmp_path / "out", tiny_vit(depth=3))
+    with pytest.raises(UserInputError, match="no quantized model"):
+        C.load_quantized(tmp_path, model)
+
+
+def tiny_vit_same(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_reconstruction_lowers_block_error_and_is_deterministic():
+    model = tiny_vit()
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for _ in range(2):
+        qmodel = C.quantize_model(model, "w4a4")
+        C.calibrate(qmodel, x, method="minmax", progress=False)
+        rep = C.reconstruct_blocks(qmodel, model, x, iters=20, lr=1e-3, batch_size=8, progress=False)
+        outs.append(qmodel(x))
+    assert rep["blocks"][-1]["mse_after"] < rep["blocks"][-1]["mse_before"]
+    assert torch.equal(outs[0], outs[1])
+    flags = [p.requires_grad for p in model.parameters()]
+    assert [p.requires_grad for p in qmodel.parameters()] == flags  # restored after training
+    assert all(type(m).__name__ != "QuantLinear" for m in model.modules())  # float model untouched
+
+
+def test_distill_uses_soft_targets_and_marks_weights():
+    model = tiny_vit()
+    x = torch.randn(8, 3, 32, 32)
+    cal = CalibSet(images=x, targets=torch.softmax(torch.randn(8, 10), -1))
+    qmodel = C.quantize_model(model, "w4a4")
+    C.calibrate(qmodel, x, progress=False)
+    rep = C.distill(qmodel, model, cal, iters=5, progress=False)
+    assert rep["soft_targets"] and qmodel.sardfq_quant["modified"]
+
+
+def test_smoothquant_keeps_the_float_function():
+    model = tiny_vit()
+    x = torch.randn(8, 3, 32, 32)
+    qmodel = C.quantize_model(model, C.get_scheme("w8a8").with_options(smoothquant_alpha=0.5))
+    C.calibrate(qmodel, x, progress=False)
+    C.set_quantizers_enabled(qmodel, False)
+    assert torch.allclose(qmodel(x), model(x), atol=1e-4)
+
+
+def test_quantize_command_then_eval_quantized_dir(tmp_path, random_reference, idx_data, capsys):
+    out = tmp_path / "q"
+    rc = main(["quantize", "--model", "reference", "--checkpoint", str(random_reference), "--calib",
+               f"real:{idx_data}", "--num-images", "16", "--scheme", "w4a8", "--range", "percentile",
+               "--finetune", "recon", "--iters", "2", "--out", str(out), "--json"])  # fmt: skip
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["scheme"] == "w4a8" and res["num_images"] == 16 and res["quant"]["quant_linear"] == 24
+    meta = C.read_meta(out)
+    assert meta["calibration"]["method"] == "percentile" and meta["calib"]["split"] == "train"
+    rc = main(["eval", "--model", str(out), "--data", str(idx_data), "--json"])
+    assert rc == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["n"] == 24
+    from sardfq_export.models import load_model
+
+    loaded = load_model(str(out))
+    assert loaded.extra["runner_name"] == "torch-fakequant" and loaded.extra["scheme"] == "w4a8"
+    assert isinstance(loaded.model.blocks[0].attn.qkv, C.QuantLinear)
+
+
+def test_quantize_command_with_calib_file_and_errors(tmp_path, random_reference, capsys):
+    cal = CalibSet(
+        images=torch.randn(8, 1, 28, 28),
+        targets=torch.softmax(torch.randn(8, 10), -1),
+        meta={"method": "noise"},
+    )
+    cal.save(tmp_path / "calib.safetensors")
+    base = ["quantize", "--model", "reference", "--checkpoint", str(random_reference), "--quiet"]
+    rc = main(base + ["--calib", str(tmp_path / "calib.safetensors"), "--scheme", "w4a16", "--finetune", "kd",
+                      "--iters", "2", "--out", str(tmp_path / "q")])  # fmt: skip
+    assert rc == 0 and C.read_meta(tmp_path / "q")["scheme"]["name"] == "w4a16"
+    assert main(base + ["--calib", "sardfq", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            base
+            + ["--calib", str(tmp_path / "calib.safetensors"), "--scheme", "w9", "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
+    bad = CalibSet(images=torch.randn(2, 3, 32, 32), meta={"method": "noise"})
+    bad.save(tmp_path / "bad.safetensors")
+    assert main(base + ["--calib", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "x")]) == 2
+    assert "shape" in capsys.readouterr().err
