@@ -257,11 +257,14 @@ def _toposort(graph: onnx.GraphProto) -> None:
 
 
 def _versions() -> dict[str, str]:
-    import onnx as _onnx
+    from importlib import metadata
 
-    from sardfq_export import __version__
-
-    return {"sardfq_export": __version__, "torch": torch.__version__, "onnx": _onnx.__version__}
+    out = {"torch": torch.__version__, "onnx": onnx.__version__}
+    try:
+        out["sardfq_export"] = metadata.version("sardfq-export")
+    except metadata.PackageNotFoundError:  # running from a source checkout
+        out["sardfq_export"] = "source"
+    return out
 
 
 def export_onnx(
