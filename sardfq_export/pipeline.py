@@ -348,6 +348,7 @@ def run_pipeline(ctx: click.Context | None = None, **opts) -> dict:
             export_cfg,
             metadata={
                 "model": loaded.name,
+                "sardfq_export_version": __version__,
                 "calibration": calib_meta,
                 "preprocessing": _preprocessing(loaded),
             },
