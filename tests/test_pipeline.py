@@ -1,0 +1,170 @@
+"""The end-to-end job: artifacts, report, resume, --overwrite, gates (exit 3), TensorRT fallback (exit 4).
+
+Runs on the reference architecture with random weights (a checkpoint written here), Gaussian-noise
+calibration and a tiny IDX data set, so it needs neither the trained weights nor Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from conftest import needs_fmnist, needs_reference
+
+from sardfq_export.cli import main
+from validation.manifest import sha256_file
+from validation.report import REPORT_KEYS
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from sardfq_export.reference import build_reference
+
+    root = tmp_path_factory.mktemp("job")
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in build_reference().state_dict().items()}, root / "w.safetensors")
+    data = root / "idx"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    _write_idx(data / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (64, 28, 28)))
+    _write_idx(data / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 64))
+    args = [
+        "--checkpoint",
+        str(root / "w.safetensors"),
+        "--calib",
+        "noise",
+        "--num-images",
+        "8",
+        "--data",
+        str(data),
+    ]
+    out = root / "T"
+    code = main([*args, "--out", str(out), "--quiet"])
+    return root, args, out, code
+
+
+def test_job_writes_every_artifact_and_the_report(job):
+    _, _, out, code = job
+    assert code == 0
+    for name in (
+        "model.onnx",
+        "calib.safetensors",
+        "holdout.safetensors",
+        "quantized",
+        "report.json",
+        "report.md",
+        "manifest.json",
+        "README.md",
+    ):
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    assert tuple(report)[: len(REPORT_KEYS)] == REPORT_KEYS
+    assert report["scheme"] == "w8a8" and report["target"] == "onnxruntime"
+    assert set(report["accuracy"]) >= {
+        "dataset",
+        "n",
+        "fp32_top1",
+        "fakequant_top1",
+        "deployed_top1",
+        "top1_drop",
+    }
+    assert report["accuracy"]["n"] == 64
+    assert report["fidelity"]["n"] == 8 and report["fidelity"]["agreement_vs_fakequant"] >= 0.85
+    assert set(report["latency"]["by_batch"]) == {"1", "32"} and report["latency"]["speedup"] > 0
+    assert report["lint"]["passed"] and report["gates"]["passed"]
+    assert report["op_census"]["int8_gemm"] == 24  # 6 blocks x (qkv, proj, fc1, fc2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifacts"]["model.onnx"]["sha256"] == sha256_file(out / "model.onnx")
+    assert "report.json" in manifest["artifacts"] and manifest["versions"]["onnx"]
+    readme = (out / "README.md").read_text()
+    assert "[batch, 1, 28, 28]" in readme and "trtexec" in readme
+
+
+def test_rerun_reuses_finished_stages(job, capsys):
+    _, args, out, _ = job
+    before = (out / "model.onnx").stat().st_mtime_ns
+    assert main([*args, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    for stage in ("synthesize", "quantize", "export", "validate"):
+        assert f"{stage}: up to date" in err
+    assert (out / "model.onnx").stat().st_mtime_ns == before
+
+
+def test_different_settings_are_refused_unless_overwrite(job, capsys):
+    _, args, out, _ = job
+    assert main([*args, "--out", str(out), "--seed", "1", "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_failed_gate_exits_3_after_writing_the_report(job, capsys):
+    _, args, out, _ = job
+    assert main([*args, "--out", str(out), "--min-speedup", "1e6", "--quiet"]) == 3
+    assert "min_speedup" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert not report["gates"]["passed"]
+
+
+def test_tensorrt_target_without_tensorrt_exits_4_with_the_command(job, capsys, monkeypatch):
+    import exporters.tensorrt as trt_mod
+
+    monkeypatch.setattr(trt_mod, "tensorrt_status", lambda: (False, "TensorRT is not installed"))
+    root, args, _, _ = job
+    out = root / "TRT"
+    assert main([*args, "--out", str(out), "--target", "tensorrt", "--quiet"]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trtexec --onnx=" in err[0]
+    assert (out / "model.onnx").exists() and (out / "build_engine.sh").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["lint"]["passed"] and report["target"] == "tensorrt"
+
+
+def test_overwrite_redoes_only_what_changed(job, capsys):
+    _, args, out, _ = job
+    assert main([*args, "--out", str(out), "--bits", "4", "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "synthesize: up to date" in err and "quantize: running" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["scheme"] == "w4a16" and report["op_census"]["int4_gemm"] == 24
+
+
+@pytest.mark.slow
+@needs_reference
+@needs_fmnist
+@pytest.mark.parametrize("bits", ["8", "4"])
+def test_acceptance_on_the_reference_model(bits, tmp_path):
+    """The issue's acceptance: deployed top-1 drop ≤ 0.5 points, agreement ≥ 99.5%, lint and gates pass."""
+    out = tmp_path / "T"
+    code = main(
+        [
+            "--bits",
+            bits,
+            "--target",
+            "onnxruntime",
+            "--data",
+            "fashion-mnist",
+            "--out",
+            str(out),
+            "--quiet",
+            "--max-top1-drop",
+            "0.5",
+            "--min-agreement",
+            "0.995",
+        ]
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert code == 0, report["gates"]
+    assert report["accuracy"]["top1_drop"] <= 0.5 and report["fidelity"]["agreement_vs_fakequant"] >= 0.995
+    key = "int8_gemm" if bits == "8" else "int4_gemm"
+    assert report["lint"]["passed"] and report["op_census"][key] > 0
