@@ -53,8 +53,20 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--range", default="mse", help="activation range method of calibrators.calibrate")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ablation-seeds", type=int, nargs="*", default=None, help="default: --seeds")
+    ap.add_argument(
+        "--ablation-iters",
+        type=int,
+        default=None,
+        help="synthesis iterations of the ablation (default: --iters)",
+    )
     ap.add_argument("--ablation-schemes", nargs="+", default=["w4a4", "w4a4+recon"])
     ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument(
+        "--samples",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draw docs/synthesis-samples-{noise,psaq,sardfq}.png from the first seed's sets",
+    )
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "synthesis")
@@ -70,6 +82,8 @@ class Bench:
         self.loaded = load_model(args.model, args.checkpoint)
         self.fp = self.loaded.model
         args.work.mkdir(parents=True, exist_ok=True)
+        if not (args.work / ".gitignore").exists():  # a cache, never committed
+            (args.work / ".gitignore").write_text("*\n")
         self.results_path = args.work / "results.json"
         self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
         test = load_dataset(args.data, self.loaded.data_config, split="test", limit=args.eval_limit)
@@ -90,7 +104,9 @@ class Bench:
             correct += int((model(x).argmax(-1) == y).sum())
         return 100.0 * correct / len(self.test_y)
 
-    def calib(self, method: str, seed: int, flags: tuple[int, int, int] = (1, 1, 1)) -> CalibSet:
+    def calib(
+        self, method: str, seed: int, flags: tuple[int, int, int] = (1, 1, 1), iters: int | None = None
+    ) -> CalibSet:
         a = self.args
         if method == "real":
             g = torch.Generator().manual_seed(seed)
@@ -101,7 +117,7 @@ class Bench:
             method=method,
             num_images=a.num_images,
             seed=seed,
-            iters=a.iters,
+            iters=iters,
             bf16=a.bf16,
             apa=bool(flags[0]),
             msr=bool(flags[1]),
@@ -112,7 +128,7 @@ class Bench:
             if flags == (1, 1, 1)
             else "-" + "".join(f"{n}{v}" for n, v in zip(("apa", "msr", "sl"), flags, strict=True))
         )
-        out = a.work / f"{method}{tag}-s{seed}-i{a.iters or 'default'}{'-bf16' if a.bf16 else ''}.safetensors"
+        out = a.work / f"{method}{tag}-s{seed}-i{iters or 'default'}{'-bf16' if a.bf16 else ''}.safetensors"
         resolved = json.loads(json.dumps(cfg.resolve(self.loaded.family).to_dict()))
         if out.exists():
             calib = CalibSet.load(out)
@@ -170,12 +186,20 @@ def main() -> None:
 
             def get(m=m, seed=seed, cache=cache):
                 if "c" not in cache:
-                    cache["c"] = b.calib(m, seed)
+                    cache["c"] = b.calib(m, seed, iters=args.iters)
                 return cache["c"]
 
             for s in schemes:
                 main_rows[m][s].append(b.run(f"{m}-s{seed}-i{args.iters}-bf{int(args.bf16)}", get, s))
+    if args.samples:
+        from sardfq_export.synthesis.samples import save_samples
+
+        for m in ("noise", "psaq", "sardfq"):
+            path = args.out.parent / f"synthesis-samples-{m}.png"
+            save_samples(path, b.calib(m, args.seeds[0], iters=args.iters), b.loaded, max_images=16)
+            print(f"wrote {path}")
     abl_rows: dict[tuple[int, int, int], dict[str, list[float]]] = {}
+    abl_iters = args.ablation_iters if args.ablation_iters is not None else args.iters
     if args.ablation:
         for flags in ABLATION:
             abl_rows[flags] = {s: [] for s in args.ablation_schemes}
@@ -184,18 +208,17 @@ def main() -> None:
 
                 def get(flags=flags, seed=seed, cache=cache):
                     if "c" not in cache:
-                        cache["c"] = b.calib("sardfq", seed, flags)
+                        cache["c"] = b.calib("sardfq", seed, flags, iters=abl_iters)
                     return cache["c"]
 
                 tag = "sardfq" + ("" if flags == (1, 1, 1) else "-" + "".join(map(str, flags)))
                 for s in args.ablation_schemes:
-                    abl_rows[flags][s].append(
-                        b.run(f"{tag}-s{seed}-i{args.iters}-bf{int(args.bf16)}", get, s)
-                    )
+                    abl_rows[flags][s].append(b.run(f"{tag}-s{seed}-i{abl_iters}-bf{int(args.bf16)}", get, s))
     write_doc(args, b, fp_top1, schemes, main_rows, abl_rows, time.monotonic() - t_start)
 
 
 def write_doc(args, b: Bench, fp_top1, schemes, main_rows, abl_rows, elapsed) -> None:
+    abl_iters = args.ablation_iters if args.ablation_iters is not None else args.iters
     cmd = "bash tools/dev.sh python bench/synthesis_table.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:]
     )
@@ -225,9 +248,10 @@ def write_doc(args, b: Bench, fp_top1, schemes, main_rows, abl_rows, elapsed) ->
         lines.append(f"| {m} | " + " | ".join(fmt(main_rows[m][s]) for s in schemes) + " |")
     if abl_rows:
         cols = args.ablation_schemes
+        ai = abl_iters if abl_iters is not None else "the default (1000)"
         lines += [
             "",
-            "## SARDFQ ablation (top-1 %, mean ± std)",
+            f"## SARDFQ ablation (top-1 %, mean ± std; {ai} synthesis iterations)",
             "",
             "| APA | MSR | SL | " + " | ".join(cols) + " |",
             "|---|---|---|" + "---|" * len(cols),
