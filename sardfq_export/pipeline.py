@@ -294,12 +294,8 @@ def run_pipeline(ctx: click.Context | None = None, **opts) -> dict:
             "method": cal.meta.get("method", calib),
             "num_images": len(cal),
             "holdout": len(held),
-            "iters": cal.meta.get(
-                "iters",
-                cal.meta.get("config", {}).get("iters")
-                if isinstance(cal.meta.get("config"), dict)
-                else opts.get("iters"),
-            ),
+            "iters": cal.meta.get("iters", opts.get("iters")),
+            "wall_time_s": cal.meta.get("wall_time_s"),
         }
 
     synth_res, _ = run.stage("synthesize", synth_key, calib_files, do_synth)

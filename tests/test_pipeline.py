@@ -130,6 +130,20 @@ def test_tensorrt_target_without_tensorrt_exits_4_with_the_command(job, capsys, 
     assert report["lint"]["passed"] and report["target"] == "tensorrt"
 
 
+def test_export_and_validate_subcommands(job, tmp_path, capsys):
+    _, _, out, _ = job
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", "--quantized", str(out / "quantized"), "--out", str(onnx_path), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert exported["scheme"] == "w8a8" and exported["lint"]["passed"] and onnx_path.exists()
+    args = ["validate", "--quantized", str(out / "quantized"), "--onnx", str(onnx_path), "--images",
+            str(out / "holdout.safetensors"), "--batches", "1", "--json"]
+    assert main([*args, "--min-agreement", "0.5", "--out", str(tmp_path / "v")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["fidelity"]["n"] == 8 and (tmp_path / "v" / "report.json").exists()
+    assert main([*args, "--min-speedup", "1e6"]) == 3
+
+
 def test_overwrite_redoes_only_what_changed(job, capsys):
     _, args, out, _ = job
     assert main([*args, "--out", str(out), "--bits", "4", "--overwrite"]) == 0
