@@ -260,10 +260,8 @@ class _Linter:
                     f"scale/zero-point differ from its QuantizeLinear {_name(node)}: "
                     "a requantization TensorRT cannot fuse",
                 )
-            if (
-                attr(node, "axis", 1) != attr(dq, "axis", 1)
-                and np.size(to_array(self.consts[node.input[1]])) > 1
-            ):
+            per_channel = node.input[1] in self.consts and np.size(to_array(self.consts[node.input[1]])) > 1
+            if per_channel and attr(node, "axis", 1) != attr(dq, "axis", 1):
                 self.error("requantize", dq, f"axis differs from its QuantizeLinear {_name(node)}")
 
     def _same_const(self, a: str, b: str) -> bool:

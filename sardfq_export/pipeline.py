@@ -27,6 +27,8 @@ from sardfq_export.calibset import CalibSet
 from sardfq_export.errors import MissingComponentError, UserInputError
 
 STATE_FILE = ".sardfq-state.json"
+QUANT_RANGE = "mse"  # activation and weight range method (the 'quantize' command's default)
+QUANT_FINETUNE = "none"  # 'recon' / 'kd' cost minutes; the main job stays fast by default
 LATENCY_BATCHES = (1, 32)
 # Settings whose change means "a different run" (gates, verbosity and --resume do not).
 RUN_SETTINGS = (
@@ -199,16 +201,27 @@ def _real_calib(spec: str, loaded, n: int, holdout: int, seed: int) -> tuple[Cal
     return full.split(n)
 
 
-def _quantize(run: _Run, loaded, scheme_name: str, cal: CalibSet, base_ref: dict, random_init: bool):
+def _quantize(
+    run: _Run, loaded, scheme_name: str, cal: CalibSet, base_ref: dict, random_init: bool, seed: int
+):
+    """The ``quantize`` command's recipe (MSE ranges for activations and weights), saved to quantized/."""
     import calibrators
+    from sardfq_export.cmd_quantize import run_quantize
 
-    qmodel = calibrators.quantize_model(loaded.model, scheme_name)
-    summary = calibrators.calibrate(qmodel, cal.images, progress=not run.quiet)
-    finetune = getattr(calibrators, "reconstruct_blocks", None)  # SARDFQ stage 2, when calibrators has it
-    if finetune is not None and cal.meta.get("method") == "sardfq":
-        finetune(qmodel, loaded.model, cal.images)
+    qmodel, summary = run_quantize(
+        loaded,
+        cal,
+        scheme_name,
+        QUANT_RANGE,
+        QUANT_RANGE,
+        QUANT_FINETUNE,
+        None,
+        None,
+        seed,
+        progress=not run.quiet,
+    )
     calibrators.save_quantized(qmodel, run.out, base_ref, include_weights=random_init)
-    return qmodel, {"calibration": summary, "quant": calibrators.quant_summary(qmodel)}
+    return qmodel, {"range": QUANT_RANGE, "finetune": QUANT_FINETUNE, **summary}
 
 
 # --- the job ----------------------------------------------------------------------------------
@@ -265,6 +278,7 @@ def run_pipeline(ctx: click.Context | None = None, **opts) -> dict:
         "checkpoint": settings["checkpoint"],
         "random_init": settings["random_init"],
         "source": loaded.source,
+        "seed": seed,
     }
 
     # 1. calibration images (+ held-out images for label-free fidelity)
@@ -308,6 +322,7 @@ def run_pipeline(ctx: click.Context | None = None, **opts) -> dict:
             "synth": synth_key,
             "calib_sha": _file_sha(out / "calib.safetensors"),
             "scheme": scheme.to_dict(),
+            "recipe": [QUANT_RANGE, QUANT_FINETUNE],
             "v": __version__,
         }
     )
@@ -315,7 +330,7 @@ def run_pipeline(ctx: click.Context | None = None, **opts) -> dict:
     qholder: dict = {}
 
     def do_quant() -> dict:
-        qmodel, res = _quantize(run, loaded, scheme_name, cal, base_ref, settings["random_init"])
+        qmodel, res = _quantize(run, loaded, scheme_name, cal, base_ref, settings["random_init"], seed)
         qholder["q"] = qmodel
         return res
 
@@ -385,6 +400,8 @@ def run_pipeline(ctx: click.Context | None = None, **opts) -> dict:
             export_res,
             extra={"engine": engine_note},
         )
+        if opts.get("as_json"):
+            click.echo(json.dumps(report, default=str))
         raise MissingComponentError(engine_note["message"])
     val_key = _hash(
         {
