@@ -1,6 +1,6 @@
 """Train the embedded reference ViT on Fashion-MNIST (train split only) and write its model card.
 
-    python tools/train_reference.py [--epochs 14] [--seed 0] [--out sardfq_export/assets]
+    python tools/train_reference.py [--epochs 15] [--seed 0] [--out sardfq_export/assets]
 
 Recipe: AdamW (lr 2e-3, wd 0.05) with a one-cycle schedule, label smoothing 0.1, bf16 autocast
 on CPU, random horizontal flip and +-2 px shift. Test images are used once, at the end, for the
@@ -40,7 +40,7 @@ def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Tens
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=14)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
