@@ -25,7 +25,7 @@ RANGES = ("minmax", "percentile", "mse")
 FINETUNES = ("none", "recon", "kd")
 
 
-def grid(schemes, ranges, finetunes, full: bool):
+def grid(schemes, ranges, finetunes, full: bool, finetune_schemes=None):
     """Every scheme x range without fine-tuning; fine-tuning on the mse range (every range with --full).
 
     A fine-tuning entry may carry a learning rate: ``recon@1e-3`` (default: recon 4e-5, kd 1e-5).
@@ -33,7 +33,7 @@ def grid(schemes, ranges, finetunes, full: bool):
     for s in schemes:
         for r in ranges:
             for f in finetunes:
-                if f == "none" or full or r == "mse":
+                if f == "none" or ((full or r == "mse") and (not finetune_schemes or s in finetune_schemes)):
                     yield s, r, f
 
 
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--full", action="store_true", help="fine-tune every scheme x range (default: mse + 4-bit)"
     )
+    ap.add_argument("--finetune-schemes", default="", help="fine-tune only these schemes (default: all)")
     ap.add_argument("--weight-range", default="mse")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)

@@ -155,3 +155,40 @@ def test_quantize_command_with_calib_file_and_errors(tmp_path, random_reference,
     bad.save(tmp_path / "bad.safetensors")
     assert main(base + ["--calib", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "x")]) == 2
     assert "shape" in capsys.readouterr().err
+
+
+# -- acceptance on the reference model (real data): slow, needs the trained weights + Fashion-MNIST ------
+@pytest.mark.slow
+def test_reference_model_acceptance(reference):
+    from conftest import FASHION_MNIST_DIR
+
+    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST not installed")
+    from sardfq_export.cmd_quantize import load_calibration, run_quantize
+    from validation.data import load_dataset
+
+    cal = load_calibration("real:fashion-mnist", reference.data_config, 32)
+    images, labels = load_dataset("fashion-mnist", reference.data_config, "test").take(range(10000))
+
+    @torch.inference_mode()
+    def top1(model):
+        return (
+            sum(
+                (model(c).argmax(1) == lab).sum().item()
+                for c, lab in zip(images.split(1000), labels.split(1000), strict=True)
+            )
+            / 100
+        )
+
+    fp = top1(reference.model)
+    qmodel = C.quantize_model(reference.model, "w8a8")
+    C.set_quantizers_enabled(qmodel, False)
+    assert top1(qmodel) == fp
+    drops = {}
+    for scheme, limit in (("w8a8", 0.3), ("w4a8", 1.5), ("w4a16", 1.0)):
+        qmodel, _ = run_quantize(reference, cal, scheme, "mse", "mse", "none", None, None, 0, False)
+        drops[scheme] = fp - top1(qmodel)
+        assert drops[scheme] <= limit, (scheme, drops)
+    plain, _ = run_quantize(reference, cal, "w4a4", "mse", "mse", "none", None, None, 0, False)
+    recon, _ = run_quantize(reference, cal, "w4a4", "mse", "mse", "recon", None, None, 0, False)
+    assert top1(recon) > top1(plain)
