@@ -13,6 +13,7 @@ engine on their machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -115,11 +116,20 @@ def write_build_script(
     """Write ``build_engine.sh`` beside the engine path; returns (path, the command line)."""
     cmd = " ".join(shlex.quote(c) for c in trtexec_command(onnx_path, engine_path, input_name, chw, config))
     script = Path(engine_path).with_name("build_engine.sh")
+    here = script.parent
+    # The script uses paths relative to its folder, so the folder can be copied to the GPU host.
+    rel_config = config
+    if config.timing_cache:
+        rel_config = dataclasses.replace(config, timing_cache=os.path.relpath(config.timing_cache, here))
+    rel = trtexec_command(
+        os.path.relpath(onnx_path, here), os.path.relpath(engine_path, here), input_name, chw, rel_config
+    )
     text = (
         "#!/usr/bin/env sh\n"
         "# Build the TensorRT engine on the GPU it will run on (engines are tied to GPU + TensorRT version).\n"
         "# TensorRT 10.x: add --stronglyTyped (FP16 ONNX) or --int8 --fp16 (FP32 ONNX). 11.x: as is.\n"
-        f"{cmd}\n"
+        'cd "$(dirname "$0")"\n'
+        f"{' '.join(shlex.quote(c) for c in rel)}\n"
     )
     _atomic_write(script, text.encode())
     script.chmod(0o755)

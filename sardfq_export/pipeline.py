@@ -459,7 +459,7 @@ def _build_engine(run: _Run, onnx_path: Path, loaded) -> dict:
             onnx_path, run.out / "model.engine", "input", tuple(loaded.input_size), EngineConfig()
         )
     except MissingComponentError as exc:
-        cmd = (run.out / "build_engine.sh").read_text().strip().splitlines()[-1]
+        cmd = (run.out / "build_engine.sh").read_text().strip().splitlines()[-1]  # relative to --out
         return {"missing": True, "message": str(exc), "command": cmd, "script": "build_engine.sh"}
     return {
         "missing": False,

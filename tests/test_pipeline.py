@@ -110,10 +110,12 @@ def test_different_settings_are_refused_unless_overwrite(job, capsys):
 
 def test_failed_gate_exits_3_after_writing_the_report(job, capsys):
     _, args, out, _ = job
-    assert main([*args, "--out", str(out), "--min-speedup", "1e6", "--quiet"]) == 3
-    assert "min_speedup" in capsys.readouterr().err
+    assert main([*args, "--out", str(out), "--min-speedup", "1e6", "--json"]) == 3
+    captured = capsys.readouterr()
+    assert "min_speedup" in captured.err
+    printed = json.loads(captured.out)  # --json: exactly one JSON object on stdout
     report = json.loads((out / "report.json").read_text())
-    assert not report["gates"]["passed"]
+    assert not report["gates"]["passed"] and printed["gates"] == report["gates"]
 
 
 def test_tensorrt_target_without_tensorrt_exits_4_with_the_command(job, capsys, monkeypatch):
@@ -170,7 +172,8 @@ def test_acceptance_on_the_reference_model(tmp_path):
     """The issue's acceptance, W8A8 then W4A16 in the same --out (synthesis is reused): deployed top-1
     drop ≤ 0.5 points, ORT vs fake-quant agreement ≥ 99.5%, lint and gates pass, int8/INT4 kernels ran."""
     out = tmp_path / "T"
-    gates = ["--max-top1-drop", "0.5", "--min-agreement", "0.995"]
+    # --iters 60 keeps synthesis to ~1-3 minutes on 2 cores (measured: drop 0.04 / 0.10 points).
+    gates = ["--max-top1-drop", "0.5", "--min-agreement", "0.995", "--iters", "60"]
     for bits, kernel in (("8", "int8_gemm"), ("4", "int4_gemm")):
         code = main(
             [
