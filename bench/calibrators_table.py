@@ -79,8 +79,13 @@ def main(argv=None) -> int:
     print(f"float top-1 {fp * 100:.2f}% on {len(test)} test images", flush=True)
     rows = []
     t_all = time.perf_counter()
+    finetune_schemes = [x for x in args.finetune_schemes.split(",") if x]
     for s, r, f in grid(
-        args.schemes.split(","), args.ranges.split(","), args.finetunes.split(","), args.full
+        args.schemes.split(","),
+        args.ranges.split(","),
+        args.finetunes.split(","),
+        args.full,
+        finetune_schemes,
     ):
         mode, _, lr = f.partition("@")  # "recon@1e-3": a learning rate other than the default
         qmodel, summary = run_quantize(
