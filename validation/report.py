@@ -172,7 +172,8 @@ def render_readme(report: dict, preprocessing: dict, input_size: tuple[int, ...]
         "",
         "## Run it",
         "",
-        "ONNX Runtime (CPU): keep `MatMulAddFusion` disabled, or the int8 kernels do not fire:",
+        "ONNX Runtime (CPU): disable `MatMulAddFusion` (some ORT versions turn DQ→MatMul→Add into a float Gemm "
+        "before the int8 fusion) and, for INT4 models, use accuracy level 1 (FP32 compute, exact W4A16):",
         "",
         "```python",
         "import onnxruntime as ort",
@@ -188,7 +189,7 @@ def render_readme(report: dict, preprocessing: dict, input_size: tuple[int, ...]
     cmd = engine.get("command")
     lines += [
         "TensorRT: build the engine on the GPU it will run on (an engine is tied to the GPU and TensorRT "
-        "version):",
+        "version), e.g. `sh build_engine.sh` when this folder has it:",
         "",
         "```sh",
         cmd
