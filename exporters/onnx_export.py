@@ -110,7 +110,7 @@ def _rewrite_weights(model: onnx.ModelProto, plans: list[WeightPlan]) -> dict[st
     inits = {t.name: t for t in graph.initializer}
     by_value: dict[tuple, list[str]] = {}
     for t in graph.initializer:
-        if t.data_type == TensorProto.FLOAT and len(t.dims) == 2:
+        if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:
             by_value.setdefault(_match_key(numpy_helper.to_array(t)), []).append(t.name)
     users = consumers(graph)
     counts: dict[str, int] = {}
@@ -119,7 +119,8 @@ def _rewrite_weights(model: onnx.ModelProto, plans: list[WeightPlan]) -> dict[st
     for plan in plans:
         tag = plan.module.replace(".", "/")
         found = [(n, False) for n in by_value.get(_match_key(plan.fq_weight), [])]
-        found += [(n, True) for n in by_value.get(_match_key(plan.fq_weight.T), [])]
+        if plan.fq_weight.ndim == 2:
+            found += [(n, True) for n in by_value.get(_match_key(plan.fq_weight.T), [])]
         if not found:
             raise RuntimeError(f"export: the weight of {plan.module} was not found in the traced graph")
         if len(found) > 1:

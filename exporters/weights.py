@@ -22,8 +22,8 @@ class WeightPlan:
     """How one quantized Linear's weight goes into the ONNX."""
 
     module: str  # qualified module name, e.g. "blocks.0.attn.qkv"
-    fq_weight: np.ndarray  # (out, in) float32: the fake-quant weight PyTorch uses
-    codes: np.ndarray  # (out, in) int8 integer codes
+    fq_weight: np.ndarray  # (out, in[, kh, kw]) float32: the fake-quant weight PyTorch uses
+    codes: np.ndarray  # same shape, int8 integer codes
     scale: np.ndarray  # float32: () per-tensor, (out,) per-channel, (out, in // block) per-block
     bits: int  # 8, or 4 (stored INT4 when blocked weight-only, else in INT8 containers)
     block: int | None  # block size over the input dim, or None
@@ -37,7 +37,7 @@ class WeightPlan:
         if self.block:
             return np.repeat(self.scale, self.block, axis=1)
         if self.scale.ndim == 1:
-            return self.scale[:, None]
+            return self.scale.reshape(-1, *([1] * (self.codes.ndim - 1)))
         return self.scale
 
 
@@ -60,8 +60,12 @@ def plan_weight(name: str, mod: nn.Module) -> WeightPlan:
     scale = wq.scale.detach().float().cpu()
     if scale.numel() == 1:
         scale = scale.reshape(())
-    out_f, in_f = weight.shape
+    out_f, in_f = weight.shape[0], weight.shape[1]
     block = None
+    if weight.dim() != 2 and scale.ndim == 2:
+        raise RuntimeError(
+            f"{name}: block scales on a {weight.dim()}-D weight (only Linear weights are blocked)"
+        )
     if scale.ndim == 2:
         if in_f % scale.shape[1] or scale.shape[0] != out_f:
             raise RuntimeError(
@@ -74,7 +78,7 @@ def plan_weight(name: str, mod: nn.Module) -> WeightPlan:
             raise RuntimeError(
                 f"{name}: per-channel scale {tuple(scale.shape)} is not over the {out_f} outputs"
             )
-        full = scale[:, None]
+        full = scale.reshape(-1, *([1] * (weight.dim() - 1)))
     else:
         full = scale
     codes = torch.round(fq.cpu() / full)

@@ -276,3 +276,17 @@ def test_tensorrt_engine_matches_fakequant(w8a8, tmp_path):
         want = qmodel(held)
     cmp = compare_logits(runner(held), want)
     assert cmp["agreement"] >= 0.99 and cmp["cosine"] >= 0.999
+
+
+def test_quantized_patch_embed_and_head_export(tmp_path):
+    """Conv (4-D) and 2-D Gemm weights get INT8 codes + DequantizeLinear too (schemes that opt in)."""
+    scheme = calibrators.get_scheme("w8a8").with_options(
+        name="w8a8_all", quantize_head=True, quantize_patch_embed=True
+    )
+    torch.manual_seed(0)
+    qmodel = calibrators.quantize_model(tiny_vit(), scheme)
+    calibrators.calibrate(qmodel, torch.randn(16, 3, 32, 32), progress=False)
+    res = export_onnx(qmodel, tmp_path / "m.onnx", (3, 32, 32))
+    assert res.weights == {"int8-per-channel": N_LINEARS + 2} and res.lint.passed
+    agreement, cos_mean = _parity(qmodel, tmp_path / "m.onnx", torch.randn(32, 3, 32, 32), worst=0.99)
+    assert agreement >= 0.95 and cos_mean >= 0.999
