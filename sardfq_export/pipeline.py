@@ -414,14 +414,30 @@ def run_pipeline(ctx: click.Context | None = None, **opts) -> dict:
         }
     )
     engine_path = run.out / engine_note["path"] if engine_note else None
+    fp32_key = _hash({"model": model_key, "data": data, "dataset": getattr(dataset, "name", None)})
     val_res, _ = run.stage(
         "validate",
         val_key,
         [],
         lambda: validate_deployment(
-            run.say, loaded, qmodel, onnx_path, held.images, dataset, engine_path, progress=not run.quiet
+            run.say,
+            loaded,
+            qmodel,
+            onnx_path,
+            held.images,
+            dataset,
+            engine_path,
+            progress=not run.quiet,
+            fp32_accuracy=run.state.get("fp32_accuracy", {}).get(fp32_key),
         ),
     )
+    if val_res.get("accuracy"):  # the float model's accuracy depends only on the model and the data
+        acc = val_res["accuracy"]
+        run.state.setdefault("fp32_accuracy", {})[fp32_key] = {
+            "top1": acc["fp32_top1"],
+            "top5": acc.get("fp32_top5"),
+        }
+        run.save()
     report = _finish(
         run,
         loaded,
@@ -481,8 +497,12 @@ def validate_deployment(
     engine_path: Path | None = None,
     progress: bool = True,
     batches: tuple[int, ...] = LATENCY_BATCHES,
+    fp32_accuracy: dict | None = None,
 ) -> dict:
-    """Fidelity, accuracy (when ``dataset``), latency and (ORT) op census of the deployed model."""
+    """Fidelity, accuracy (when ``dataset``), latency and (ORT) op census of the deployed model.
+
+    ``fp32_accuracy`` ({"top1", "top5"} of the float model on ``dataset``) skips re-evaluating it.
+    """
     from exporters.ort import OrtConfig, create_session, describe, op_census
     from validation import fidelity as fid
     from validation import latency
@@ -509,13 +529,19 @@ def validate_deployment(
     result["fidelity"] = fid.fidelity(fp32, fq, deployed, held_images)
     if dataset is not None:
         accs = {}
+        if fp32_accuracy is not None:
+            accs["fp32"] = dict(fp32_accuracy)
+            say(f"accuracy: {fp32.name} reused from an earlier run on the same model and data")
         for key, runner in (("fp32", fp32), ("fakequant", fq), ("deployed", deployed)):
+            if key in accs:
+                continue
             say(f"accuracy: {runner.name} on {len(dataset)} images")
             accs[key] = evaluate(runner, dataset, 256, progress=progress, desc=runner.name)
         result["accuracy"] = {
             "dataset": dataset.name,
             "n": len(dataset),
             "fp32_top1": accs["fp32"]["top1"],
+            "fp32_top5": accs["fp32"]["top5"],
             "fakequant_top1": accs["fakequant"]["top1"],
             "deployed_top1": accs["deployed"]["top1"],
             "top1_drop": (accs["fp32"]["top1"] - accs["deployed"]["top1"]) * 100.0,

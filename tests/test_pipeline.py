@@ -161,6 +161,7 @@ def test_overwrite_redoes_only_what_changed(job, capsys):
     assert main([*args, "--out", str(out), "--bits", "4", "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert "synthesize: up to date" in err and "quantize: running" in err
+    assert "torch-fp32 reused from an earlier run" in err  # float accuracy is not recomputed
     report = json.loads((out / "report.json").read_text())
     assert report["scheme"] == "w4a16" and report["op_census"]["int4_gemm"] == 24
 
