@@ -176,6 +176,12 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     data_config = resolve_data_config(model=model)
+    # timm's pretrained cfg keeps the registered size (224) when img_size/in_chans are overridden:
+    # the patch embedding knows what the model really takes.
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None and getattr(embed, "img_size", None) is not None:
+        in_chans = getattr(getattr(embed, "proj", None), "in_channels", data_config["input_size"][0])
+        data_config["input_size"] = (int(in_chans), *(int(v) for v in embed.img_size))
     return LoadedModel(model, resolved, data_config, model_family(model), source)
 
 

@@ -40,7 +40,9 @@ def test_random_init_models_carry_their_preprocessing():
     assert loaded.family == "vit" and loaded.input_size == (3, 224, 224)
     assert loaded.data_config["mean"] == pytest.approx((0.485, 0.456, 0.406))
     swin = load_model("swin_t", pretrained=False)
-    assert swin.family == "swin"
+    assert swin.family == "swin" and swin.input_size == (3, 224, 224)
+    small = load_model("deit_t", pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2)
+    assert small.input_size == (3, 32, 32)
 
 
 def test_non_vit_model_is_refused():
