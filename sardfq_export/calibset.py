@@ -58,7 +58,11 @@ class CalibSet:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in TENSOR_KEYS if getattr(self, k) is not None}
+        tensors = {
+            k: getattr(self, k).detach().cpu().contiguous()
+            for k in TENSOR_KEYS
+            if getattr(self, k) is not None
+        }
         text = json.dumps(self.meta, sort_keys=True, default=str)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"calib_json": text, "format": "sardfq-calibset-1"})
@@ -75,7 +79,9 @@ class CalibSet:
 
         path = Path(path)
         if not path.is_file():
-            raise UserInputError(f"calibration set {path} does not exist: run 'sardfq-export synthesize' first")
+            raise UserInputError(
+                f"calibration set {path} does not exist: run 'sardfq-export synthesize' first"
+            )
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}

@@ -47,7 +47,9 @@ class LazyGroup(click.Group):
 
 
 def _unbuilt(name: str, help_text: str) -> click.Command:
-    @click.command(name, help=f"{help_text} (not built yet)", context_settings={"ignore_unknown_options": True})
+    @click.command(
+        name, help=f"{help_text} (not built yet)", context_settings={"ignore_unknown_options": True}
+    )
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def stage(args: tuple[str, ...]) -> None:
         raise MissingComponentError(f"the '{name}' stage is not built yet in this version of sardfq-export")
@@ -60,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sardfq_export.main_job import cli
 
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="sardfq-export", standalone_mode=False)
+        cli.main(
+            args=list(argv) if argv is not None else None, prog_name="sardfq-export", standalone_mode=False
+        )
     except SardfqError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code

@@ -11,7 +11,12 @@ from sardfq_export.options import load_from_options, model_options, output_optio
 
 @click.command("eval")
 @model_options
-@click.option("--data", required=True, metavar="D", help="'fashion-mnist', an ImageNet-style folder, or a folder of IDX files.")
+@click.option(
+    "--data",
+    required=True,
+    metavar="D",
+    help="'fashion-mnist', an ImageNet-style folder, or a folder of IDX files.",
+)
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
@@ -26,10 +31,18 @@ def eval_cmd(model, checkpoint, random_init, data, split, limit, batch_size, qui
     dataset = load_dataset(data, loaded.data_config, split=split, limit=limit)
     runner = TorchRunner(loaded.model, name=loaded.extra.get("runner_name", "torch-fp32"))
     result = evaluate(runner, dataset, batch_size, progress=not (quiet or as_json))
-    out = {"model": loaded.name, "source": loaded.source, "dataset": result["dataset"],
-           "n": result["n"], "top1": result["top1"], "top5": result["top5"]}
+    out = {
+        "model": loaded.name,
+        "source": loaded.source,
+        "dataset": result["dataset"],
+        "n": result["n"],
+        "top1": result["top1"],
+        "top5": result["top5"],
+    }
     if as_json:
         click.echo(json.dumps(out))
     else:
-        click.echo(f"{loaded.name} on {result['dataset']} (n={result['n']}): "
-                   f"top-1 {result['top1'] * 100:.2f}%  top-5 {result['top5'] * 100:.2f}%")
+        click.echo(
+            f"{loaded.name} on {result['dataset']} (n={result['n']}): "
+            f"top-1 {result['top1'] * 100:.2f}%  top-5 {result['top5'] * 100:.2f}%"
+        )

@@ -17,12 +17,25 @@ def _stack(*decorators: Callable) -> Callable:
 
 
 model_options = _stack(
-    click.option("--model", "model", default=None, metavar="M",
-                 help="timm name or alias (deit_t/s/b, vit_s/b, swin_t/s/b); omitted: the embedded reference model."),
-    click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, metavar="F",
-                 help="Weights for --model: .safetensors, or a torch state_dict (loaded with weights_only=True)."),
-    click.option("--random-init", is_flag=True,
-                 help="Random weights instead of timm's pretrained download (structural runs, benchmarks)."),
+    click.option(
+        "--model",
+        "model",
+        default=None,
+        metavar="M",
+        help="timm name or alias (deit_t/s/b, vit_s/b, swin_t/s/b); omitted: the embedded reference model.",
+    ),
+    click.option(
+        "--checkpoint",
+        type=click.Path(dir_okay=False),
+        default=None,
+        metavar="F",
+        help="Weights for --model: .safetensors, or a torch state_dict (loaded with weights_only=True).",
+    ),
+    click.option(
+        "--random-init",
+        is_flag=True,
+        help="Random weights instead of timm's pretrained download (structural runs, benchmarks).",
+    ),
 )
 
 output_options = _stack(

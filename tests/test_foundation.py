@@ -41,7 +41,9 @@ def test_random_init_models_carry_their_preprocessing():
     assert loaded.data_config["mean"] == pytest.approx((0.485, 0.456, 0.406))
     swin = load_model("swin_t", pretrained=False)
     assert swin.family == "swin" and swin.input_size == (3, 224, 224)
-    small = load_model("deit_t", pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2)
+    small = load_model(
+        "deit_t", pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2
+    )
     assert small.input_size == (3, 32, 32)
 
 
@@ -53,16 +55,28 @@ def test_non_vit_model_is_refused():
 def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     from safetensors.torch import save_file
 
-    loaded = load_model("deit_t", pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2)
+    loaded = load_model(
+        "deit_t", pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2
+    )
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
     save_file(state, tmp_path / "w.safetensors")
     torch.save(state, tmp_path / "w.pth")
     for f in ("w.safetensors", "w.pth"):
-        again = load_model("deit_t", tmp_path / f, img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2)
+        again = load_model(
+            "deit_t", tmp_path / f, img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2
+        )
         x = torch.randn(2, 3, 32, 32)
         assert torch.equal(again.model(x), loaded.model(x))
     with pytest.raises(UserInputError, match="does not fit"):
-        load_model("deit_t", tmp_path / "w.safetensors", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+        load_model(
+            "deit_t",
+            tmp_path / "w.safetensors",
+            img_size=32,
+            patch_size=8,
+            depth=2,
+            embed_dim=64,
+            num_heads=2,
+        )
 
 
 def test_idx_reader_and_folder_loader(tmp_path):
@@ -79,7 +93,9 @@ def test_idx_reader_and_folder_loader(tmp_path):
         Image.fromarray(np.full((40, 30, 3), 100, np.uint8)).save(tmp_path / "folder" / c / "a.png")
     raw = load_raw(tmp_path / "folder")
     assert raw.classes == ("cat", "dog") and len(raw) == 2
-    x = preprocess(raw.images, {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0})
+    x = preprocess(
+        raw.images, {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0}
+    )
     assert x.shape == (2, 3, 16, 16)
     assert torch.allclose(x, torch.full_like(x, (100 / 255 - 0.5) / 0.5), atol=1e-5)
 

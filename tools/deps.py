@@ -1,8 +1,9 @@
 """Print the requirements of pyproject.toml (base + the named extras), one per line."""
 
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
 reqs = list(project["dependencies"])

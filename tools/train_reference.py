@@ -87,11 +87,17 @@ def main() -> None:
             loss_sum += loss.item()
             correct += (logits.argmax(1) == y_train[idx]).sum().item()
             if step % 100 == 0:
-                print(f"epoch {epoch + 1} step {step}/{steps_per_epoch} loss {loss.item():.4f} "
-                      f"{time.time() - t0:.0f}s", flush=True)
+                print(
+                    f"epoch {epoch + 1} step {step}/{steps_per_epoch} loss {loss.item():.4f} "
+                    f"{time.time() - t0:.0f}s",
+                    flush=True,
+                )
         n = steps_per_epoch * args.batch_size
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss_sum / steps_per_epoch:.4f} "
-              f"train top-1 {correct / n:.4f} ({(time.time() - t0) / 60:.1f} min)", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: loss {loss_sum / steps_per_epoch:.4f} "
+            f"train top-1 {correct / n:.4f} ({(time.time() - t0) / 60:.1f} min)",
+            flush=True,
+        )
 
     minutes = (time.time() - t0) / 60
     model.eval()
@@ -99,13 +105,21 @@ def main() -> None:
     with torch.no_grad():
         x_test = (to_input(test.images) - mean) / std
         for s in range(0, len(x_test), 500):
-            correct += (model(x_test[s : s + 500]).argmax(1) == torch.from_numpy(test.labels[s : s + 500])).sum().item()
+            correct += (
+                (model(x_test[s : s + 500]).argmax(1) == torch.from_numpy(test.labels[s : s + 500]))
+                .sum()
+                .item()
+            )
     top1 = correct / len(test)
     print(f"test top-1 {top1:.4f} after {minutes:.1f} min")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"arch": json.dumps(ARCH), "test_top1": f"{top1:.4f}", "seed": str(args.seed),
-            "epochs": str(args.epochs)}
+    meta = {
+        "arch": json.dumps(ARCH),
+        "test_top1": f"{top1:.4f}",
+        "seed": str(args.seed),
+        "epochs": str(args.epochs),
+    }
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     tmp = args.out / "reference_vit.safetensors.tmp"
     save_file(state, str(tmp), metadata=meta)

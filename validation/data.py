@@ -209,9 +209,7 @@ class LabelledDataset:
     def take(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Images and labels at ``indices``, preprocessed."""
         idx = np.asarray(indices, dtype=np.int64)
-        return preprocess(self.raw.images[idx], self.data_config), torch.from_numpy(
-            self.raw.labels[idx]
-        )
+        return preprocess(self.raw.images[idx], self.data_config), torch.from_numpy(self.raw.labels[idx])
 
     def batches(self, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) batches in order."""

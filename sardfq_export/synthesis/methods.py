@@ -101,7 +101,11 @@ class Objective:
         if comps.msr:
             regions, rl, rt = labels.regions[sl], labels.region_labels[sl], labels.region_targets[sl]
             boxes = sorted(
-                {tuple(r.tolist()) for r, lab in zip(regions.view(-1, 4), rl.view(-1), strict=True) if lab >= 0}
+                {
+                    tuple(r.tolist())
+                    for r, lab in zip(regions.view(-1, 4), rl.view(-1), strict=True)
+                    if lab >= 0
+                }
             )
             for box in boxes:
                 hit = ((regions == torch.tensor(box)).all(-1)) & (rl >= 0)  # (B, K)
