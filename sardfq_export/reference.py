@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from validation.data import FASHION_MNIST_CLASSES
+
 REFERENCE_NAME = "reference"
 ASSETS = Path(__file__).parent / "assets"
 WEIGHTS = ASSETS / "reference_vit.safetensors"
@@ -40,18 +42,7 @@ PRETRAINED_CFG = dict(
     interpolation="bilinear",
     crop_pct=1.0,
     num_classes=10,
-    label_names=(
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ),  # fmt: skip
+    label_names=FASHION_MNIST_CLASSES,
 )
 
 
