@@ -27,7 +27,8 @@ def load_quantized_model(quantized: str, model: str | None, checkpoint: str | No
     if random_init:
         import torch
 
-        torch.manual_seed(int(base.get("seed", 0)))  # the pipeline seeds random-init models so
+        # the pipeline seeds random-init models, so the same seed rebuilds the same weights
+        torch.manual_seed(int(base.get("seed", 0)))
     loaded = load_from_options(model, checkpoint, random_init)
     return loaded, calibrators.load_quantized(quantized, loaded.model).eval()
 
