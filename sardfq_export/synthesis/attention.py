@@ -50,6 +50,13 @@ class Recorder:
         self.attn.clear()
         self.out.clear()
 
+    def keep(self, index: int, attn: torch.Tensor, out: torch.Tensor) -> None:
+        """Keep block ``index``'s post-softmax attention and softmax·V output if asked for."""
+        if index in self.want_attn:
+            self.attn[index] = attn
+        if index in self.want_out:
+            self.out[index] = out
+
 
 def _split_qkv(qkv: nn.Linear, x: torch.Tensor, heads: int, head_dim: int):
     """q, k, v as (B, heads, N, head_dim) from three row-slices of the fused qkv Linear.
@@ -90,11 +97,7 @@ class _ExplicitViTAttention(nn.Module):
             )
         attn = logits.softmax(dim=-1)
         out = attn @ v
-        i = self.info.index
-        if i in self.rec.want_attn:
-            self.rec.attn[i] = attn
-        if i in self.rec.want_out:
-            self.rec.out[i] = out
+        self.rec.keep(self.info.index, attn, out)
         y = out.transpose(1, 2).reshape(b, n, m.num_heads * m.head_dim)
         y = m.norm(y) if hasattr(m, "norm") else y
         if gate is not None:
@@ -123,11 +126,7 @@ class _ExplicitWindowAttention(nn.Module):
             logits = logits.view(-1, m.num_heads, n, n)
         attn = logits.softmax(dim=-1)
         out = attn @ v
-        i = self.info.index
-        if i in self.rec.want_attn:
-            self.rec.attn[i] = attn
-        if i in self.rec.want_out:
-            self.rec.out[i] = out
+        self.rec.keep(self.info.index, attn, out)
         return m.proj(out.transpose(1, 2).reshape(b_, n, -1))
 
 
