@@ -11,7 +11,8 @@
   cross-entropy. Same trainable set, Adam with cosine decay.
 
 Both are deterministic for a seed (mini-batches from a seeded ``torch.Generator``), run on the
-model's device (CPU or CUDA) and show tqdm progress.
+model's device (CPU or CUDA) and show tqdm progress. Under torchrun they run data-parallel
+(:mod:`calibrators.parallel`): same steps as one process, each mini-batch split over processes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from calibrators.calibrate import iter_batches
 from calibrators.instrument import block_names, mark_modified
 from calibrators.modules import QUANT_WEIGHTED
+from calibrators.parallel import all_reduce_grads, my_slice, rank_world
 from sardfq_export.errors import UserInputError
 
 # [paper] SARDFQ stage 2 defaults
@@ -133,7 +135,13 @@ def reconstruct_blocks(
     xq = torch.cat(xq_parts)
     gen = torch.Generator().manual_seed(seed)
     report = []
-    bar = tqdm(total=len(names) * iters, desc="reconstruct", unit="it", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(names) * iters,
+        desc="reconstruct",
+        unit="it",
+        disable=not progress or rank_world()[0] != 0,
+        leave=False,
+    )
     for n in names:
         unit = qmodel.get_submodule(n)
         params = _trainable(unit)
@@ -149,11 +157,13 @@ def reconstruct_blocks(
             # MSE relative to the target's power: the same minimizer, but gradients of order 1 instead of
             # ~1e-8 — which would sit near Adam's eps (damping the step) and in denormal floats (slow on CPU).
             norm = y.pow(2).mean().clamp(min=1e-12)
+            trained = [p for _, p in params]
             for _ in range(iters):
-                idx = _batch_indices(len(xq), batch_size, gen).to(device)
-                loss = F.mse_loss(unit(xq[idx]), y[idx]) / norm
+                idx, share = my_slice(_batch_indices(len(xq), batch_size, gen).to(device))
+                loss = F.mse_loss(unit(xq[idx]), y[idx]) / norm * share
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                all_reduce_grads(trained)
                 opt.step()
                 sched.step()
                 bar.update(1)
@@ -170,7 +180,8 @@ def reconstruct_blocks(
         bar.set_postfix(block=n, mse=f"{after:.3g}")
     bar.close()
     summary = {"finetune": "recon", "iters_per_block": iters, "lr": lr, "batch_size": batch_size,
-               "seed": seed, "num_images": int(images.shape[0]), "blocks": report}  # fmt: skip
+               "seed": seed, "num_images": int(images.shape[0]), "processes": rank_world()[1],
+               "blocks": report}  # fmt: skip
     info = getattr(qmodel, "sardfq_quant", None)
     if info is not None:
         info["calibration"].setdefault("finetune", []).append(
@@ -216,10 +227,11 @@ def distill(
     gen = torch.Generator().manual_seed(seed)
     t = temperature
     losses = []
-    bar = tqdm(range(iters), desc="distill", unit="it", disable=not progress, leave=False)
+    trained = [p for _, p in params]
+    bar = tqdm(range(iters), desc="distill", unit="it", disable=not progress or rank_world()[0] != 0, leave=False)
     try:
         for _ in bar:
-            idx = _batch_indices(len(images), batch_size, gen).to(device)
+            idx, share = my_slice(_batch_indices(len(images), batch_size, gen).to(device))
             logits = qmodel(images[idx])
             loss = F.kl_div(
                 F.log_softmax(logits / t, -1),
@@ -229,8 +241,10 @@ def distill(
             ) * (t * t)
             if soft is not None and soft_target_weight > 0:
                 loss = loss + soft_target_weight * -(soft[idx] * F.log_softmax(logits, -1)).sum(-1).mean()
+            loss = loss * share  # this process's share of the full mini-batch mean
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            all_reduce_grads(trained)
             opt.step()
             sched.step()
             losses.append(loss.detach())

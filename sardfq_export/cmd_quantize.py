@@ -153,7 +153,10 @@ def quantize(
     """Build and calibrate a fake-quant model; write it to OUT/quantized/."""
     import calibrators
 
+    from sardfq_export.distributed import barrier, init_from_env
+
     s = calibrators.get_scheme(scheme)
+    rank, world = init_from_env()  # under torchrun: fine-tuning runs data-parallel (calibrators.parallel)
     loaded = load_from_options(model, checkpoint, random_init)
     if loaded.extra.get("scheme") is not None:
         raise UserInputError("--model names an already quantized folder: pass the float model it came from")
@@ -165,8 +168,12 @@ def quantize(
     base_ref = {"name": loaded.name, "checkpoint": str(checkpoint) if checkpoint else None,
                 "random_init": bool(random_init), "source": loaded.source}  # fmt: skip
     extra = {"calib": {"spec": calib, "num_images": len(cal), **{k: v for k, v in cal.meta.items() if k != "loss"}},
-             "finetune": finetune, "seed": seed}  # fmt: skip
+             "finetune": finetune, "seed": seed, "processes": world}  # fmt: skip
+    if rank != 0:  # every process holds the same model; one writes it
+        barrier()
+        return
     folder = calibrators.save_quantized(qmodel, out, base_ref, extra=extra, include_weights=bool(random_init))
+    barrier()
     result = {"model": loaded.name, "scheme": s.name, "exportable": s.exportable, "out": str(folder),
               "calib": calib, "num_images": len(cal), "range": range_method, "weight_range": weight_range,
               "finetune": finetune, **summary}  # fmt: skip

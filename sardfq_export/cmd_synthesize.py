@@ -95,12 +95,15 @@ def synthesize(
     import torch
 
     from sardfq_export.calibset import CalibSet
+    from sardfq_export.distributed import init_from_env
     from sardfq_export.synthesis import SynthConfig, checkpoint_path
     from sardfq_export.synthesis import synthesize as run
     from sardfq_export.synthesis.samples import save_samples
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    # Under torchrun: join the process group; each process takes every K-th batch (runner.py).
+    rank, world = init_from_env(None if device == "auto" else device)
     loaded = load_from_options(model, checkpoint, random_init)
     cfg = SynthConfig(
         method=method,
@@ -117,7 +120,7 @@ def synthesize(
     )
     resolved = cfg.resolve(loaded.family)
     out = Path(out)
-    ckpt = checkpoint_path(out)
+    ckpt = checkpoint_path(out, rank, world)
     calib = None
     if out.exists() and not overwrite:
         existing = CalibSet.load(out)
@@ -146,6 +149,8 @@ def synthesize(
             progress=not (quiet or as_json),
             device=None if device == "auto" else device,
         )
+    if rank != 0:  # the set is on disk (rank 0 wrote it); one process reports
+        return
     sample_path = None
     if not no_samples:
         sample_path = save_samples(Path(samples) if samples else out.parent / "samples.png", calib, loaded)
@@ -162,6 +167,7 @@ def synthesize(
         "iters": calib.meta.get("iters"),
         "seed": seed,
         "wall_time_s": calib.meta.get("wall_time_s"),
+        "processes": world,
         "final_loss": last,
         "samples": str(sample_path) if sample_path else None,
     }

@@ -46,6 +46,13 @@ output_options = _stack(
 
 def load_from_options(model: str | None, checkpoint: str | None, random_init: bool):
     """Load the model the shared model options name (one place, one behaviour)."""
+    import torch
+
     from sardfq_export.models import load_model
 
+    if random_init and checkpoint is None:
+        # Seeded: the same weights in every run and in every torchrun process.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return load_model(model, checkpoint, pretrained=False)
     return load_model(model, checkpoint, pretrained=not random_init)

@@ -231,6 +231,14 @@ def run_pipeline(ctx: click.Context | None = None, **opts) -> dict:
     """The main job (``sardfq-export [options]``); returns the report. Raises on gate failure (exit 3)."""
     from sardfq_export.options import load_from_options
 
+    from sardfq_export.distributed import env_world_size
+
+    if env_world_size() > 1:
+        raise UserInputError(
+            "the main job runs as one process; under torchrun run the stages: 'torchrun --nproc-per-node K "
+            "-m sardfq_export synthesize --out DIR/calib.safetensors ...' (and 'quantize'), then "
+            "'sardfq-export --calib DIR/calib.safetensors ...'"
+        )
     quiet = bool(opts.get("quiet") or opts.get("as_json"))
     scheme_name = opts.get("scheme") or ("w4a16" if str(opts.get("bits")) == "4" else "w8a8")
     target = opts.get("target") or "onnxruntime"

@@ -58,10 +58,17 @@ def test_explicit_attention_matches_timm_and_is_removed(family):
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         ref = model(x)
-        with recording(model, family, want_attn=[0, 1], want_out=[0, 1]) as rec:
+        with recording(model, family, want_attn=[0, 1], want_out=[0, 1], full_maps=True) as rec:
             got = model(x)
             probs = rec.attn[1]
         assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+        if family == "vit":  # the fast path: fused softmax·V plus the CLS row alone
+            for fused in (True, False):
+                with recording(model, family, want_attn=[0, 1], want_out=[0, 1], fused=fused) as fast:
+                    assert torch.allclose(model(x), ref, atol=1e-5, rtol=1e-5)
+                    assert fast.attn[1].shape == (3, probs.shape[1], 1, probs.shape[-1])
+                    assert torch.allclose(fast.attn[1], probs[:, :, :1], atol=1e-6)
+                    assert torch.allclose(fast.out[0], rec.out[0], atol=1e-5)
         assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
         assert rec.out[0].shape[:2] == probs.shape[:2]
         attn_type = type(model.blocks[0].attn if family == "vit" else model.layers[0].blocks[0].attn)

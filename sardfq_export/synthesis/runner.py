@@ -5,6 +5,10 @@ Long runs are safe: a checkpoint (images, Adam state, loss history) is written a
 is made up front from the seed, see :mod:`plan`); Ctrl-C finishes the current iteration, saves and
 re-raises; a non-finite loss stops with :class:`SynthesisDivergedError`, keeping the last good
 checkpoint (checkpoints are only written after the losses up to them were checked finite).
+
+Under torchrun each process optimizes every K-th batch (batch b on rank b mod K), keeps its own
+checkpoint, and the batches are gathered in index order: every draw depends on the image index
+only (:mod:`plan`), so K processes produce the same set as one with the same ``batch_size``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sardfq_export.calibset import CalibSet
+from sardfq_export.distributed import all_gather_object, barrier, rank_world
 from sardfq_export.errors import SardfqError, UserInputError
 from sardfq_export.synthesis.attention import block_infos, recording
 from sardfq_export.synthesis.config import SynthConfig
@@ -43,9 +48,10 @@ class SynthesisDivergedError(SardfqError):
     exit_code = 1
 
 
-def checkpoint_path(out: str | Path) -> Path:
+def checkpoint_path(out: str | Path, rank: int = 0, world: int = 1) -> Path:
+    """``<out>.ckpt``; under torchrun one per process: ``<out>.rank<r>of<K>.ckpt``."""
     out = Path(out)
-    return out.with_name(out.name + ".ckpt")
+    return out.with_name(out.name + (".ckpt" if world == 1 else f".rank{rank}of{world}.ckpt"))
 
 
 def pixel_range(data_config: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +201,10 @@ def synthesize(
         "classes": classes,
     }
 
-    ckpt = checkpoint_path(out) if out is not None else None
+    rank, world = rank_world()
+    if world > 1:
+        identity["shard"] = [rank, world]
+    ckpt = checkpoint_path(out, rank, world) if out is not None else None
     done: list[torch.Tensor] = []
     curves: list[dict] = []
     start_batch, start_iter, wall_before = 0, 0, 0.0
@@ -214,23 +223,30 @@ def synthesize(
 
     t0 = time.monotonic()
     batches = [range(s, min(s + cfg.batch_size, n)) for s in range(0, n, cfg.batch_size)]
+    order = list(range(rank, len(batches), world))  # this process's batches; checkpoints count in it
     grids = _grids(model, family, (c, h, w), dev) if apa_idx else []
     check_every = 1 if dev.type == "cpu" else 10
 
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=len(batches) * iters,
+        total=len(order) * iters,
         initial=start_batch * iters + start_iter,
-        disable=not progress or iters == 0,
-        desc=f"synthesize {cfg.method}",
+        disable=not progress or iters == 0 or rank != 0,
+        desc=f"synthesize {cfg.method}" + (f" (rank 0 of {world})" if world > 1 else ""),
         unit="it",
         dynamic_ncols=True,
     )
     want_out = range(len(infos)) if comps.pse else ()
     try:
-        with _Interrupt() as stop, recording(model, family, want_attn=apa_idx, want_out=want_out) as rec:
-            for bi in range(start_batch, len(batches)):
+        # Fused SDPA pays in fp32; under bf16 autocast on CPU the explicit matmuls are faster (attention.py).
+        fused = not (cfg.bf16 and dev.type == "cpu")
+        with (
+            _Interrupt() as stop,
+            recording(model, family, want_attn=apa_idx, want_out=want_out, fused=fused) as rec,
+        ):
+            for pos in range(start_batch, len(order)):
+                bi = order[pos]
                 idx = batches[bi]
                 x = initial_images(cfg, idx, (c, h, w)).to(dev)
                 if cfg.clip:
@@ -246,7 +262,7 @@ def synthesize(
                 opt = torch.optim.Adam([x], lr=cfg.lr, betas=cfg.betas)
                 hist = torch.zeros(iters, len(TERM_NAMES), device=dev)
                 t_begin = 0
-                if bi == start_batch and start_iter > 0:
+                if pos == start_batch and start_iter > 0:
                     with torch.no_grad():
                         x.copy_(restored["x"].to(dev))
                     opt.state[x] = {
@@ -258,7 +274,7 @@ def synthesize(
                     t_begin = start_iter
                 checked = t_begin
 
-                def save(it_done: int, bi=bi, x=x, opt=opt, hist=hist) -> None:
+                def save(it_done: int, pos=pos, x=x, opt=opt, hist=hist) -> None:
                     if ckpt is None:
                         return
                     st = opt.state.get(x, {})
@@ -272,7 +288,7 @@ def synthesize(
                         tensors,
                         {
                             "identity": identity,
-                            "batch": bi,
+                            "batch": pos,
                             "iteration": it_done,
                             "curves": curves,
                             "wall_time_s": wall_before + time.monotonic() - t0,
@@ -318,10 +334,10 @@ def synthesize(
                 curves.append({"batch": bi, **_subsample(hist.cpu())})
                 done.append(x.detach().cpu())
                 start_iter = 0
-                if bi + 1 < len(batches):
+                if pos + 1 < len(order):
                     save_next = {
                         "identity": identity,
-                        "batch": bi + 1,
+                        "batch": pos + 1,
                         "iteration": 0,
                         "curves": curves,
                         "wall_time_s": wall_before + time.monotonic() - t0,
@@ -331,7 +347,15 @@ def synthesize(
     finally:
         bar.close()
 
-    images = torch.cat(done)
+    # Merge the processes' batches in index order (a single process passes its own through).
+    parts = all_gather_object(
+        {"batches": order, "images": done, "curves": curves, "wall": wall_before + time.monotonic() - t0}
+    )
+    by_batch = {bi: img for p in parts for bi, img in zip(p["batches"], p["images"], strict=True)}
+    images = torch.cat([by_batch[bi] for bi in range(len(batches))])
+    curves = sorted((c for p in parts for c in p["curves"]), key=lambda c: c["batch"])
+    wall = max(p["wall"] for p in parts)
+    identity.pop("shard", None)
     calib = _assemble(loaded, cfg, comps, method.optimizes, images, labels, model, dev)
     calib.meta.update(identity)
     calib.meta.update(
@@ -344,15 +368,18 @@ def synthesize(
             "apa_blocks": [i + 1 for i in apa_idx],
             "loss_terms": list(TERM_NAMES),
             "loss_curve": curves,
-            "wall_time_s": round(wall_before + time.monotonic() - t0, 3),
+            "wall_time_s": round(wall, 3),
             "device": str(dev),
+            "processes": world,
             "mean": list(loaded.data_config["mean"]),
             "std": list(loaded.data_config["std"]),
             "versions": _versions(),
         }
     )
     if out is not None:
-        calib.save(out)
+        if rank == 0:
+            calib.save(out)
+        barrier()  # the set is on disk before any process moves on or drops its checkpoint
         if ckpt is not None and ckpt.exists():
             ckpt.unlink()
     return calib
