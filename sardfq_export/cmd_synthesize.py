@@ -18,7 +18,7 @@ METHOD_NAMES = ("sardfq", "psaq", "noise")  # mirrors synthesis.METHODS (kept im
 @click.option("--method", type=click.Choice(METHOD_NAMES), default="sardfq", show_default=True)
 @click.option("--num-images", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
-    "--iters", type=click.IntRange(min=0), default=None, help="Adam iterations (default: the method's, 1000)."
+    "--iters", type=click.IntRange(min=0), default=None, help="Adam iterations (default: the method's, 1000; the reference model's: 200)."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
@@ -105,6 +105,8 @@ def synthesize(
     # Under torchrun: join the process group; each process takes every K-th batch (runner.py).
     rank, world = init_from_env(None if device == "auto" else device)
     loaded = load_from_options(model, checkpoint, random_init)
+    if iters is None:  # a model may bring its own default (the reference model: 200)
+        iters = loaded.extra.get("synthesis_iters")
     cfg = SynthConfig(
         method=method,
         num_images=num_images,

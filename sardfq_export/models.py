@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from sardfq_export.errors import UserInputError
-from sardfq_export.reference import CARD, REFERENCE_NAME, WEIGHTS, build_reference
+from sardfq_export.reference import CARD, REFERENCE_NAME, SYNTH_ITERS, WEIGHTS, build_reference
 
 # Short names people type → timm's ImageNet model names.
 ALIASES = {
@@ -182,7 +182,8 @@ def load_model(
     if embed is not None and getattr(embed, "img_size", None) is not None:
         in_chans = getattr(getattr(embed, "proj", None), "in_channels", data_config["input_size"][0])
         data_config["input_size"] = (int(in_chans), *(int(v) for v in embed.img_size))
-    return LoadedModel(model, resolved, data_config, model_family(model), source)
+    extra = {"synthesis_iters": SYNTH_ITERS} if resolved == REFERENCE_NAME else {}
+    return LoadedModel(model, resolved, data_config, model_family(model), source, extra)
 
 
 def _is_quantized_dir(name: str | Path) -> bool:

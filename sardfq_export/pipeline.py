@@ -274,6 +274,9 @@ def run_pipeline(ctx: click.Context | None = None, **opts) -> dict:
     run = _Run(out, settings, quiet, bool(opts.get("overwrite")))
     torch.manual_seed(seed)  # random-init models are then the same on every run (resumable)
     loaded = load_from_options(opts.get("model"), opts.get("checkpoint"), bool(opts.get("random_init")))
+    iters = opts.get("iters")
+    if iters is None:  # a model may bring its own default (the reference model: 200)
+        iters = loaded.extra.get("synthesis_iters")
     dataset = None
     if data:
         from validation.data import load_dataset
@@ -299,7 +302,7 @@ def run_pipeline(ctx: click.Context | None = None, **opts) -> dict:
             "calib": calib_src,
             "n": n,
             "holdout": holdout,
-            "iters": opts.get("iters"),
+            "iters": iters,
             "seed": seed,
             "v": __version__,
         }
@@ -309,14 +312,14 @@ def run_pipeline(ctx: click.Context | None = None, **opts) -> dict:
 
     def do_synth() -> dict:
         cal, held = _synthesize(
-            run, loaded, calib, n, holdout, opts.get("iters"), seed, bool(opts.get("resume"))
+            run, loaded, calib, n, holdout, iters, seed, bool(opts.get("resume"))
         )
         sets["cal"], sets["held"] = cal, held
         return {
             "method": cal.meta.get("method", calib),
             "num_images": len(cal),
             "holdout": len(held),
-            "iters": cal.meta.get("iters", opts.get("iters")),
+            "iters": cal.meta.get("iters", iters),
             "wall_time_s": cal.meta.get("wall_time_s"),
         }
 

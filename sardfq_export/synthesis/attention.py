@@ -9,10 +9,9 @@ that computes ``softmax(q·kᵀ·scale + bias) · v`` itself from the module's p
   only the CLS query row (B, heads, 1, N) unless ``full_maps`` is asked for: it is all APA reads;
 * ``out[i]``: the softmax·V output of block ``i`` (B·windows, heads, N, head_dim).
 
-ViT/DeiT blocks run fused ``scaled_dot_product_attention`` for softmax·V when ``fused`` (fp32 on
-CPU: fwd+bwd 2.3x faster than the explicit matmuls at deit_tiny size; under bf16 autocast the
-explicit matmuls are faster on CPU, so the runner turns it off there) and compute the one CLS row
-APA needs on the side, instead of materializing every N×N map.
+Either way only the CLS row is kept for APA. With ``fused`` (the runner's choice on GPUs) ViT/DeiT
+blocks run ``scaled_dot_product_attention`` for softmax·V and compute that one row on the side, so
+no N×N map is materialized; on CPU the explicit matmuls measured as fast or faster per step.
 
 The wrapper's output equals timm's (tested), so the model's logits are unchanged. The original
 modules are put back when the context exits, even on error.

@@ -1,0 +1,163 @@
+"""Synthesis throughput and memory (benchmark, not a test).
+
+    bash tools/dev.sh python bench/synthesis_speed.py [--model deit_tiny_patch16_224] [--iters 4]
+    bash tools/dev.sh python bench/synthesis_speed.py --memory deit_base_patch16_224 --iters 4
+
+Throughput: SARDFQ image-iterations/s at batch 32 (random-init timm model, 224×224) for ours in
+fp32 and with bf16 autocast, against the straightforward implementation in
+``bench/naive_synthesis.py`` (timm attention maps through hooks, one forward per MSR region, fp32),
+all in one process, interleaved. Achieved FLOP/s = matmul FLOPs of one of our iterations (counted
+by ``torch.utils.flop_counter``) × iterations/s, as a fraction of the peak this machine reaches on
+a large square matmul of the same dtype, measured in the same run.
+
+Memory (``--memory``): peak resident memory of one synthesis process, sampled after every
+iteration, to show it does not grow with the iteration count. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from naive_synthesis import NaiveSARDFQ, time_steps  # noqa: E402
+
+from sardfq_export.models import load_model  # noqa: E402
+from sardfq_export.synthesis import SynthConfig, synthesize  # noqa: E402
+
+
+def matmul_peak(dtype: torch.dtype, sizes=(2048, 4096), reps: int = 3) -> float:
+    """Best FLOP/s of ``a @ b`` over square sizes (the machine's practical matmul peak)."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        for _ in range(reps):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def _model(name: str):
+    torch.manual_seed(0)
+    return load_model(name, pretrained=False)
+
+
+def ours(loaded, batch: int, iters: int, bf16: bool, count_flops: bool = False) -> dict:
+    """Seconds per iteration (after one warm-up iteration), first loss, FLOPs of iteration 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stamps: list[float] = []
+    counter = FlopCounterMode(display=False) if count_flops else None
+
+    def tick(_batch, done):
+        stamps.append(time.perf_counter())
+        if counter is not None and done == 1:
+            counter.__enter__()
+        if counter is not None and done == 2:
+            counter.__exit__(None, None, None)
+
+    cfg = SynthConfig(method="sardfq", num_images=batch, batch_size=batch, seed=0, iters=iters + 2, bf16=bf16)
+    calib = synthesize(loaded, cfg, None, progress=False, callback=tick)
+    per_it = (stamps[-1] - stamps[1]) / (len(stamps) - 2)  # iterations 3.. (1 warm-up, 1 counted)
+    out = {"s_per_iter": per_it, "first_loss": calib.meta["loss_curve"][0]["total"][0]}
+    if counter is not None:
+        out["flops_per_iter"] = int(counter.get_total_flops())
+    return out
+
+
+def measure(model: str = "deit_tiny_patch16_224", batch: int = 32, iters: int = 4, threads: int = 2) -> dict:
+    torch.set_num_threads(threads)
+    loaded = _model(model)
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    res_bf16 = ours(loaded, batch, iters, bf16=True, count_flops=True)
+    res_fp32 = ours(loaded, batch, iters, bf16=False)
+    naive = NaiveSARDFQ(_model(model), SynthConfig(method="sardfq", num_images=batch, iters=iters + 1), batch)
+    naive_s, naive_first = time_steps(naive, iters)
+    flops = res_bf16["flops_per_iter"]
+    rows = {
+        "naive_fp32": {"s_per_iter": naive_s},
+        "ours_fp32": {"s_per_iter": res_fp32["s_per_iter"]},
+        "ours_bf16": {"s_per_iter": res_bf16["s_per_iter"]},
+    }
+    for key, row in rows.items():
+        row["image_iters_per_s"] = batch / row["s_per_iter"]
+        row["speedup_vs_naive"] = naive_s / row["s_per_iter"]
+        dtype = "bf16" if key.endswith("bf16") else "fp32"
+        row["tflops"] = flops / row["s_per_iter"] / 1e12
+        row["fraction_of_matmul_peak"] = flops / row["s_per_iter"] / peak[dtype]
+    return {
+        "model": model,
+        "batch": batch,
+        "timed_iters": iters,
+        "threads": threads,
+        "matmul_peak_tflops": {k: v / 1e12 for k, v in peak.items()},
+        "flops_per_iter": flops,
+        "same_objective": {
+            "ours_fp32_first_loss": res_fp32["first_loss"],
+            "naive_first_loss": naive_first,
+            "relative_difference": abs(res_fp32["first_loss"] - naive_first) / abs(naive_first),
+        },
+        "rows": rows,
+    }
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def memory(model: str, batch: int, iters: int, bf16: bool, threads: int = 2) -> dict:
+    """Peak RSS (MiB) after each iteration of one synthesis process (run it in its own process)."""
+    torch.set_num_threads(threads)
+    loaded = _model(model)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peaks: list[float] = []
+    stamps: list[float] = []
+
+    def tick(_batch, _done):
+        stamps.append(time.perf_counter())
+        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+    cfg = SynthConfig(method="sardfq", num_images=batch, batch_size=batch, seed=0, iters=iters, bf16=bf16)
+    synthesize(loaded, cfg, None, progress=False, callback=tick)
+    return {
+        "model": model,
+        "batch": batch,
+        "bf16": bf16,
+        "rss_after_load_mib": base,
+        "peak_rss_mib_after_iter": peaks,
+        "rss_now_mib": _rss_mb(),
+        "s_per_iter": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1),
+        "grows_with_iters": peaks[-1] > peaks[1] * 1.02 if len(peaks) > 1 else None,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="deit_tiny_patch16_224")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--memory", default=None, metavar="MODEL", help="measure peak memory of MODEL instead")
+    ap.add_argument("--fp32", action="store_true", help="--memory: fp32 instead of bf16 autocast")
+    args = ap.parse_args(argv)
+    if args.memory:
+        res = memory(args.memory, args.batch, args.iters, bf16=not args.fp32, threads=args.threads)
+    else:
+        res = measure(args.model, args.batch, args.iters, args.threads)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
