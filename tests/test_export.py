@@ -16,7 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 import calibrators
 from exporters.lint import lint_model
 from exporters.onnx_export import ExportConfig, export_onnx
-from exporters.ort import create_session, op_census
+from exporters.onnx_graph import fuse_attention
+from exporters.ort import OrtConfig, create_session, op_census
 from sardfq_export.cli import main
 from sardfq_export.errors import MissingComponentError, UserInputError
 
@@ -85,6 +86,65 @@ def test_w8a8_graph_is_int8_qdq_and_int8_kernels_fire(w8a8):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     census = op_census(path)
     assert census["int8_gemm"] == N_LINEARS and census["ops"].get("MatMulIntegerToFloat") == N_LINEARS
+
+
+def test_ort_session_folds_float_attention_into_multiheadattention(w8a8):
+    """create_session rewrites each float attention (fused SDPA export) into one contrib kernel."""
+    _, _, held, path, _ = w8a8
+    fused = op_census(path)
+    # tiny_vit: 2 blocks → 2 attentions; only the head is left as a float GEMM.
+    assert fused["attention"] == 2 and fused["ops"]["MultiHeadAttention"] == 2
+    assert fused["float_gemm"] == 1 and fused["int8_gemm"] == N_LINEARS
+    assert "SkipLayerNormalization" not in fused["ops"]  # disabled: a slow kernel on CPU
+    plain = op_census(path, OrtConfig(fuse_attention=False))
+    assert plain["attention"] == 0 and plain["float_gemm"] == 5 and plain["ops"]["Softmax"] == 2
+    # The per-attention shape arithmetic, unbind and scale ops go with it (20 nodes each on ORT 1.32).
+    assert not {"Softmax", "Squeeze", "Sqrt", "Cast"} & set(fused["ops"])
+    assert sum(fused["ops"].values()) <= sum(plain["ops"].values()) - 2 * 20
+    model, count = fuse_attention(onnx.load(str(path)))
+    assert count == 2
+    onnx.checker.check_model(model)
+    mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    for node in mha:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert node.domain == "com.microsoft" and attrs["num_heads"] == 2
+        # SDPA traces the scale as sqrt(1/sqrt(hd)) on q and on kᵀ: their product is 1/sqrt(32).
+        assert abs(attrs["scale"] - 32**-0.5) < 1e-6
+        assert len(node.input) == 4  # q, k, v + the qkv bias (its Add is gone)
+    fast = create_session(path).run(None, {"input": held.numpy()})[0]
+    slow = create_session(path, OrtConfig(fuse_attention=False)).run(None, {"input": held.numpy()})[0]
+    cos = F.cosine_similarity(torch.from_numpy(fast).double(), torch.from_numpy(slow).double(), dim=1)
+    assert float(cos.min()) >= 0.9999 and (fast.argmax(1) == slow.argmax(1)).all()
+
+
+def test_attention_fusion_explicit_path_and_quantized_attention(tmp_path):
+    """timm's explicit attention (q·scale) fuses too; attention matmuls with Q/DQ are left alone."""
+    torch.manual_seed(0)
+    qmodel = calibrators.quantize_model(tiny_vit(), "w8a8")
+    calibrators.calibrate(qmodel, torch.randn(16, 3, 32, 32), progress=False)
+    for mod in qmodel.modules():
+        if hasattr(mod, "force_explicit"):
+            mod.force_explicit = True  # the non-SDPA forward: one Mul by a constant scale
+    export_onnx(qmodel, tmp_path / "explicit.onnx", (3, 32, 32))
+    model, count = fuse_attention(onnx.load(str(tmp_path / "explicit.onnx")))
+    assert count == 2
+    scales = [
+        helper.get_attribute_value(a) for n in model.graph.node for a in n.attribute if a.name == "scale"
+    ]
+    assert len(scales) == 2 and all(abs(v - 32**-0.5) < 1e-6 for v in scales)
+    agreement, cos_mean = _parity(qmodel, tmp_path / "explicit.onnx", torch.randn(32, 3, 32, 32))
+    assert agreement == 1.0 and cos_mean >= 0.9999
+
+    scheme = calibrators.get_scheme("w8a8").with_options(name="w8a8_attn", quantize_attn_matmuls=True)
+    torch.manual_seed(0)
+    qmodel = calibrators.quantize_model(tiny_vit(), scheme)
+    calibrators.calibrate(qmodel, torch.randn(16, 3, 32, 32), progress=False)
+    export_onnx(qmodel, tmp_path / "qattn.onnx", (3, 32, 32))
+    assert fuse_attention(onnx.load(str(tmp_path / "qattn.onnx")))[1] == 0
+    census = op_census(tmp_path / "qattn.onnx")
+    assert census["attention"] == 0 and census["ops"]["Softmax"] == 2
+    agreement, cos_mean = _parity(qmodel, tmp_path / "qattn.onnx", torch.randn(32, 3, 32, 32), worst=0.99)
+    assert agreement >= 0.95 and cos_mean >= 0.999
 
 
 def test_w4a16_exports_int4_blocked_weights_that_ort_runs(tmp_path):
