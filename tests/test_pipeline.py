@@ -85,11 +85,14 @@ def test_job_writes_every_artifact_and_the_report(job):
     assert set(report["latency"]["by_batch"]) == {"1", "32"} and report["latency"]["speedup"] > 0
     assert report["lint"]["passed"] and report["gates"]["passed"]
     assert report["op_census"]["int8_gemm"] == 24  # 6 blocks x (qkv, proj, fc1, fc2)
+    # The validated ORT graph ships: attention folded into MultiHeadAttention, one per block.
+    assert report["deployed_model"] == "model.ort.onnx" and report["op_census"]["attention"] == 6
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["artifacts"]["model.onnx"]["sha256"] == sha256_file(out / "model.onnx")
+    assert manifest["artifacts"]["model.ort.onnx"]["sha256"] == sha256_file(out / "model.ort.onnx")
     assert "report.json" in manifest["artifacts"] and manifest["versions"]["onnx"]
     readme = (out / "README.md").read_text()
-    assert "[batch, 1, 28, 28]" in readme and "trtexec" in readme
+    assert "[batch, 1, 28, 28]" in readme and "trtexec" in readme and 'InferenceSession("model.ort.onnx"' in readme
 
 
 def test_rerun_reuses_finished_stages(job, capsys):

@@ -156,6 +156,7 @@ def render_readme(report: dict, preprocessing: dict, input_size: tuple[int, ...]
     c, h, w = input_size
     mean, std = preprocessing.get("mean"), preprocessing.get("std")
     target = report["target"]
+    ort_model = report.get("deployed_model") or "model.onnx"
     lines = [
         f"# {report['model']} — {report['scheme']} for {target}",
         "",
@@ -172,15 +173,19 @@ def render_readme(report: dict, preprocessing: dict, input_size: tuple[int, ...]
         "",
         "## Run it",
         "",
-        "ONNX Runtime (CPU): disable `MatMulAddFusion` (some ORT versions turn DQ→MatMul→Add into a float Gemm "
-        "before the int8 fusion) and, for INT4 models, use accuracy level 1 (FP32 compute, exact W4A16):",
+        f"ONNX Runtime (CPU): run `{ort_model}` (the graph that was validated: `model.onnx` with its float "
+        "attention folded into ORT's `MultiHeadAttention`; `model.onnx` is the portable QDQ file). Disable "
+        "`MatMulAddFusion` (some ORT versions turn DQ→MatMul→Add into a float Gemm before the int8 fusion) and "
+        "`SkipLayerNormFusion` (a slower kernel on CPU), stop idle worker spinning, and for INT4 models use "
+        "accuracy level 1 (FP32 compute, exact W4A16):",
         "",
         "```python",
         "import onnxruntime as ort",
         "so = ort.SessionOptions()",
         'so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # INT4 models: exact W4A16',
-        'sess = ort.InferenceSession("model.onnx", so, providers=["CPUExecutionProvider"],',
-        '                            disabled_optimizers=["MatMulAddFusion"])',
+        'so.add_session_config_entry("session.force_spinning_stop", "1")',
+        f'sess = ort.InferenceSession("{ort_model}", so, providers=["CPUExecutionProvider"],',
+        '                            disabled_optimizers=["MatMulAddFusion", "SkipLayerNormFusion"])',
         'logits = sess.run(["logits"], {"input": images})[0]',
         "```",
         "",
