@@ -138,7 +138,9 @@ def memory(model: str, batch: int, iters: int, bf16: bool, threads: int = 2) -> 
         "peak_rss_mib_after_iter": peaks,
         "rss_now_mib": _rss_mb(),
         "s_per_iter": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1),
-        "grows_with_iters": peaks[-1] > peaks[1] * 1.02 if len(peaks) > 1 else None,
+        # glibc's heap settles over the first few iterations (its mmap threshold adapts to the
+        # large activation buffers); after that the peak must stay put: second half vs middle.
+        "grows_with_iters": peaks[-1] > peaks[len(peaks) // 2 - 1] * 1.02 if len(peaks) >= 4 else None,
     }
 
 
