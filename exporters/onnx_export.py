@@ -28,7 +28,7 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters.lint import LintReport, lint_model
-from exporters.onnx_graph import consumers, convert_to_fp16, int4_tensor, set_opset
+from exporters.onnx_graph import consumers, convert_to_fp16, int4_tensor, set_opset, toposort
 from exporters.weights import WeightPlan, float_weights_for_export, plan_weight, quantized_linears
 from sardfq_export.errors import UserInputError
 
@@ -136,7 +136,7 @@ def _rewrite_weights(model: onnx.ModelProto, plans: list[WeightPlan]) -> dict[st
     del graph.initializer[:]
     graph.initializer.extend(kept)
     graph.node.extend(new_nodes)
-    _toposort(graph)
+    toposort(graph)  # the new DQ nodes were appended
     return counts
 
 
@@ -235,26 +235,6 @@ def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
         for k, name in enumerate(node.input):
             if name == old:
                 node.input[k] = new
-
-
-def _toposort(graph: onnx.GraphProto) -> None:
-    """Order nodes so every input is produced before use (new DQ nodes were appended)."""
-    available = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {""}
-    pending = list(graph.node)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i in available for i in node.input):
-                ordered.append(node)
-                available.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise RuntimeError(f"export: graph has a cycle or a dangling input near {rest[0].name}")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 def _versions() -> dict[str, str]:
