@@ -11,8 +11,8 @@
 4. peak memory of SARDFQ synthesis for deit_base@224 at batch 32, sampled every iteration.
 
 Each part runs in its own process (clean peak-memory numbers, no state shared between parts).
-Writes ``bench-out/suite.json`` and ``docs/performance.md`` (notes below the marker are kept),
-prints every figure with its target. Takes about 15 minutes on 2 cores.
+Writes ``docs/performance.json`` and ``docs/performance.md`` (notes below the marker are kept),
+prints every figure with its target. Takes about 6 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def write_doc(path: Path, cmd: str, res: dict, rows: list[dict], threads: int) -
     lines = [
         "# Performance suite (issue 6)",
         "",
-        "Produced by (raw numbers in `bench-out/suite.json`):",
+        "Produced by (raw numbers in `docs/performance.json`):",
         "",
         f"    {cmd}",
         "",
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(PARTS)}")
-    ap.add_argument("--json-out", type=Path, default=ROOT / "bench-out" / "suite.json")
+    ap.add_argument("--json-out", type=Path, default=ROOT / "docs" / "performance.json")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md")
     args = ap.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
