@@ -1,7 +1,10 @@
 """Latency of any runner: p50/p95 and throughput after warm-up, reference and deployed side by side.
 
 The two runners are timed in alternation on the same inputs, so a busy machine slows both alike
-and the speed-up stays meaningful.
+and the speed-up stays meaningful. They alternate in short runs (one untimed call, then a few timed
+ones), not call by call: runtimes keep their worker threads spinning for a while after a call
+(PyTorch's OpenMP pool, ORT's unless told to stop), and on a few cores those threads would steal
+the core of the other runner's next call.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def compare(
     warmup: int = 3,
     iters: int = 20,
     max_seconds: float | None = 60.0,
+    run_length: int = 5,
 ) -> dict:
     """The report's ``latency`` section: reference vs deployed at each batch size (alternating).
 
@@ -71,9 +75,10 @@ def compare(
             deployed(x)
         t_ref, t_dep = [], []
         start = time.perf_counter()
-        for _ in range(iters):
-            t_ref.append(_time_once(reference, x))
-            t_dep.append(_time_once(deployed, x))
+        while len(t_ref) < iters:
+            for runner, times in ((reference, t_ref), (deployed, t_dep)):
+                runner(x)  # settles the threads the other runner left spinning
+                times.extend(_time_once(runner, x) for _ in range(run_length))
             if max_seconds is not None and time.perf_counter() - start > max_seconds and len(t_ref) >= 3:
                 break
         ref, dep = _stats(t_ref, b), _stats(t_dep, b)
