@@ -75,7 +75,6 @@ def main_job(threads: int) -> dict:
     return {
         "command": "sardfq-export " + shlex.join(MAIN_JOB) + " --out DIR",
         "wall_s": wall,
-        "stage_seconds": report.get("timings") or report.get("stage_seconds"),
         "top1_fp32": acc.get("fp32_top1"),
         "top1_deployed": acc.get("deployed_top1"),
         "gates_passed": report.get("gates", {}).get("passed"),

@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 
 def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group. (sardfq_export.distributed has the same
+    three lines; calibrators may not import it: stages take only the shared modules, test_layering.)"""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -40,5 +42,5 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
+        p.grad = flat[offset : offset + n].view_as(p)
         offset += n

@@ -48,10 +48,6 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def is_main() -> bool:
-    return rank_world()[0] == 0
-
-
 def barrier() -> None:
     if rank_world()[1] > 1:
         dist.barrier()
@@ -66,7 +62,3 @@ def all_gather_object(obj: Any) -> list[Any]:
     dist.all_gather_object(got, obj)
     return got
 
-
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

@@ -16,7 +16,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -516,6 +516,7 @@ def validate_deployment(
     ``fp32_accuracy`` ({"top1", "top5"} of the float model on ``dataset``) skips re-evaluating it.
     """
     from exporters.ort import OrtConfig, create_session, deployment_graph, describe, op_census
+    from validation.manifest import atomic_write_bytes
     from validation import fidelity as fid
     from validation import latency
     from validation.evaluate import evaluate
@@ -533,15 +534,13 @@ def validate_deployment(
         # The graph ORT runs (float attention folded into MultiHeadAttention) is an artifact of its
         # own, so what was measured here is what the team deploys.
         graph, fused = deployment_graph(onnx_path, ort_cfg)
-        ort_path = onnx_path
-        if fused:
-            ort_path = onnx_path.with_name(ORT_MODEL)
-            tmp = ort_path.with_name(ort_path.name + ".tmp")
-            tmp.write_bytes(graph)
-            tmp.replace(ort_path)
+        ort_path, run_cfg = onnx_path, ort_cfg
+        if fused:  # already rewritten: the session and the census need not load and scan it again
+            ort_path = atomic_write_bytes(onnx_path.with_name(ORT_MODEL), graph)
+            run_cfg = replace(ort_cfg, fuse_attention=False)
         result["deployed_model"] = ort_path.name
-        deployed = OrtRunner(create_session(ort_path, ort_cfg), name="onnxruntime")
-        result["op_census"] = op_census(ort_path, ort_cfg)
+        deployed = OrtRunner(create_session(ort_path, run_cfg), name="onnxruntime")
+        result["op_census"] = op_census(ort_path, run_cfg)
         result["runtime_settings"] = describe(ort_cfg)
         say(
             f"op census of {ort_path.name}: {result['op_census']['int8_gemm']} int8 GEMMs, "
