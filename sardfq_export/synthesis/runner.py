@@ -239,8 +239,8 @@ def synthesize(
     )
     want_out = range(len(infos)) if comps.pse else ()
     try:
-        # Fused SDPA for softmax·V on GPUs; on CPU the explicit matmuls were as fast or faster in the
-        # whole step (deit_tiny@224, batch 32: fp32 4.06 s explicit vs 4.30 s fused, bf16 1.44 vs 2.10).
+        # Fused SDPA for softmax·V on GPUs. On CPU the explicit matmuls: clearly faster under bf16
+        # (deit_tiny@224 b32 1.42 vs 2.08 s/it), mixed in fp32 (bench/synthesis_variants.py).
         fused = dev.type == "cuda"
         with (
             _Interrupt() as stop,
