@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import calibrators  # noqa: E402
-from sardfq_export.calibset import CalibSet  # noqa: E402
+from sardfq_export import calibrators  # noqa: E402
+from sardfq_export.core.calibset import CalibSet  # noqa: E402
 from sardfq_export.models import load_model  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "synthesis")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from validation.data import load_dataset
+    from sardfq_export.data import load_dataset
 
     loaded = load_model()
     fp = loaded.model

@@ -67,12 +67,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sardfq_export.cmd_quantize import load_calibration, run_quantize
-    from sardfq_export.models import load_model
-    from validation.data import load_dataset
+    import sardfq_export as sx
+    from sardfq_export.data import load_dataset
 
-    loaded = load_model(args.model, args.checkpoint, pretrained=True)
-    cal = load_calibration(f"real:{args.data}", loaded.data_config, args.num_images)
+    loaded = sx.load_model(args.model, args.checkpoint, pretrained=True)
+    cal, _ = sx.calibration_set(f"real:{args.data}", loaded, args.num_images, seed=args.seed)
     test = load_dataset(args.data, loaded.data_config, split="test", limit=args.limit)
     images, labels = test.take(range(len(test)))
     fp = top1(loaded.model, images, labels)
@@ -88,9 +87,9 @@ def main(argv=None) -> int:
         finetune_schemes,
     ):
         mode, _, lr = f.partition("@")  # "recon@1e-3": a learning rate other than the default
-        qmodel, summary = run_quantize(
-            loaded, cal, s, r, args.weight_range, mode, None, float(lr) if lr else None, args.seed, False
-        )
+        q = sx.quantize(loaded, cal, scheme=s, range=r, weight_range=args.weight_range, finetune=mode,
+                        lr=float(lr) if lr else None, seed=args.seed, progress=False)  # fmt: skip
+        qmodel, summary = q.model, q.summary
         acc = top1(qmodel, images, labels)
         rows.append((s, r, f, acc, summary["seconds"]))
         print(f"{s:20s} {r:10s} {f:6s} top-1 {acc * 100:6.2f}%  drop {100 * (fp - acc):+6.2f}  "
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
         "# calibrators: scheme x range method x fine-tuning -> top-1",
         "",
         f"Model: `{loaded.name}` ({loaded.source}); float top-1 **{fp * 100:.2f}%** on {len(test)} real test images "
-        f"of `{args.data}`. Calibration: the first {len(cal)} images of the *train* split (real data). "
+        f"of `{args.data}`. Calibration: {len(cal)} images of the *train* split (real data), shuffled by the seed. "
         f"Weights: {args.weight_range} per channel/block. Seed {args.seed}.",
         "",
         "Reproduce (one command, writes this file):",
@@ -120,7 +119,7 @@ def main(argv=None) -> int:
         "| scheme | exportable | range | fine-tune | top-1 % | drop (points) | quantize s |",
         "|---|---|---|---|---:|---:|---:|",
     ]
-    from calibrators import get_scheme
+    from sardfq_export.calibrators import get_scheme
 
     for s, r, f, acc, sec in rows:
         lines.append(f"| {s} | {'yes' if get_scheme(s).exportable else 'no'} | {r} | {f} | {acc * 100:.2f} | "

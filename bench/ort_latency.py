@@ -106,7 +106,7 @@ def _op_label(op: str, node: str) -> str:
 def profile_ops(path: Path, config, batch: int, size: int, runs: int) -> dict:
     """Per-op-type kernel time (ms per run, median over ``runs`` profiled runs after warm-up) from
     ORT's profiler on a session built by the product factory."""
-    from exporters.ort import create_session
+    from sardfq_export.exporters.ort import create_session
 
     with tempfile.TemporaryDirectory(prefix="sardfq-prof-") as tmp:
         sess = create_session(path, config, profile_prefix=Path(tmp) / "ort")
@@ -168,10 +168,10 @@ def measure(
     """
     import onnxruntime
     import timm
+    from sardfq_export.exporters.onnx_export import export_onnx
+    from sardfq_export.exporters.ort import OrtConfig, create_session, describe, op_census
 
-    import calibrators
-    from exporters.onnx_export import export_onnx
-    from exporters.ort import OrtConfig, create_session, describe, op_census
+    from sardfq_export import calibrators
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
     load_before = os.getloadavg()[0]

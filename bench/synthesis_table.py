@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sardfq_export.calibset import CalibSet  # noqa: E402
+from sardfq_export.core.calibset import CalibSet  # noqa: E402
 from sardfq_export.models import load_model  # noqa: E402
 from sardfq_export.synthesis import SynthConfig, synthesize  # noqa: E402
 
@@ -81,7 +81,7 @@ def parse() -> argparse.Namespace:
 
 class Bench:
     def __init__(self, args: argparse.Namespace):
-        from validation.data import load_dataset
+        from sardfq_export.data import load_dataset
 
         self.args = args
         self.loaded = load_model(args.model, args.checkpoint)
@@ -147,7 +147,7 @@ class Bench:
 
     def run(self, key: str, calib_fn, scheme: str) -> float:
         """top-1 of ``scheme`` ('w4a4' or 'w4a4+recon') calibrated on the set; cached by key."""
-        import calibrators
+        from sardfq_export import calibrators
 
         rkey = f"{key}|{scheme}|{self.args.range}|n{len(self.test_y)}"
         if rkey in self.results:

@@ -8,11 +8,17 @@ round-half-to-even, per-channel weights, per-tensor activations, INT4 blocks of 
     reconstruct_blocks(qmodel, float_model, calib_images)  # optional: SARDFQ stage 2
     save_quantized(qmodel, out_dir, {"name": ...})         # later: load_quantized(out_dir, float_model)
 
-Imports nothing of sardfq-export but the shared error types (the layering test checks it).
+Imports only sardfq_export.core and sardfq_export.models (the layering test checks it).
 """
 
-from calibrators.calibrate import ACT_METHODS, WEIGHT_METHODS, HistogramCollector, calibrate, calibrate_weight
-from calibrators.instrument import (
+from sardfq_export.calibrators.calibrate import (
+    ACT_METHODS,
+    WEIGHT_METHODS,
+    HistogramCollector,
+    calibrate,
+    calibrate_weight,
+)
+from sardfq_export.calibrators.instrument import (
     UnsupportedModelError,
     block_names,
     check_model,
@@ -23,19 +29,26 @@ from calibrators.instrument import (
     set_explicit_attention,
     set_quantizers_enabled,
 )
-from calibrators.modules import QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention
-from calibrators.persist import is_quantized_dir, load_quantized, model_fingerprint, read_meta, save_quantized
-from calibrators.quantizer import TensorQuantizer
-from calibrators.reconstruct import distill, reconstruct_blocks
-from calibrators.scheme import SCHEMES, PerBlock, PerChannel, PerTensor, Scheme, get_scheme
-from calibrators.smooth import smooth_quant
+from sardfq_export.calibrators.modules import QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention
+from sardfq_export.calibrators.persist import (
+    is_quantized_dir,
+    load_quantized,
+    load_quantized_model,
+    model_fingerprint,
+    read_meta,
+    save_quantized,
+)
+from sardfq_export.calibrators.quantizer import TensorQuantizer
+from sardfq_export.calibrators.reconstruct import distill, reconstruct_blocks
+from sardfq_export.calibrators.scheme import SCHEMES, PerBlock, PerChannel, PerTensor, Scheme, get_scheme
+from sardfq_export.calibrators.smooth import smooth_quant
 
 __all__ = [
     "ACT_METHODS", "WEIGHT_METHODS", "HistogramCollector", "calibrate", "calibrate_weight",
     "UnsupportedModelError", "block_names", "check_model", "iter_quantizers", "mark_modified", "quant_summary",
     "quantize_model", "set_explicit_attention", "set_quantizers_enabled",
     "QuantAttention", "QuantConv2d", "QuantLinear", "QuantWindowAttention",
-    "is_quantized_dir", "load_quantized", "model_fingerprint", "read_meta", "save_quantized",
+    "is_quantized_dir", "load_quantized", "load_quantized_model", "model_fingerprint", "read_meta", "save_quantized",
     "TensorQuantizer",
     "distill",
     "reconstruct_blocks",

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
+from sardfq_export.calibrators.modules import QUANT_WEIGHTED
+from sardfq_export.calibrators.quantizer import TensorQuantizer, _fq_channel
+from sardfq_export.calibrators.scheme import PerBlock
 
-from calibrators.modules import QUANT_WEIGHTED
-from calibrators.quantizer import TensorQuantizer, _fq_channel
-from calibrators.scheme import PerBlock
-from sardfq_export.errors import UserInputError
+from sardfq_export.core.errors import UserInputError
 
 ACT_METHODS = ("minmax", "percentile", "mse")
 WEIGHT_METHODS = ("minmax", "mse")
@@ -174,7 +174,9 @@ def calibrate(
     qmodel.eval()
     scheme = getattr(qmodel, "scheme", None)
     if scheme is not None and scheme.smoothquant_alpha is not None:
-        from calibrators.smooth import smooth_quant  # folds factors into weights: before weight ranges
+        from sardfq_export.calibrators.smooth import (
+            smooth_quant,  # folds factors into weights: before weight ranges
+        )
 
         smooth_quant(qmodel, data, scheme.smoothquant_alpha, progress)
     weight_qs = set()

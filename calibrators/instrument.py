@@ -14,12 +14,7 @@ import copy
 from collections.abc import Iterator
 
 import torch.nn as nn
-from timm.layers import LayerScale, Mlp, PatchEmbed
-from timm.layers.attention import Attention
-from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
-from timm.models.vision_transformer import Block, VisionTransformer
-
-from calibrators.modules import (
+from sardfq_export.calibrators.modules import (
     QuantAttention,
     QuantBlock,
     QuantConv2d,
@@ -27,9 +22,15 @@ from calibrators.modules import (
     QuantSwinBlock,
     QuantWindowAttention,
 )
-from calibrators.quantizer import TensorQuantizer
-from calibrators.scheme import Scheme, get_scheme
-from sardfq_export.errors import UserInputError
+from sardfq_export.calibrators.quantizer import TensorQuantizer
+from sardfq_export.calibrators.scheme import Scheme, get_scheme
+from timm.layers import LayerScale, Mlp, PatchEmbed
+from timm.layers.attention import Attention
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
+from timm.models.vision_transformer import Block
+
+from sardfq_export.core.errors import UserInputError
+from sardfq_export.models.families import Family, family_of
 
 
 class UnsupportedModelError(UserInputError):
@@ -96,57 +97,63 @@ def _convert_block(name: str, block: nn.Module, scheme: Scheme) -> None:
         residual_cls.convert(block, scheme, name)
 
 
+def _family(model: nn.Module) -> Family:
+    try:
+        return family_of(model)
+    except UserInputError:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a timm VisionTransformer/SwinTransformer: calibrators quantizes "
+            "ViT, DeiT and Swin models"
+        ) from None
+
+
 def block_names(model: nn.Module) -> list[str]:
     """Names of the transformer blocks (and Swin PatchMerging layers) in forward order.
 
     Running these modules one after the other maps the first one's input to the last one's
     output: the units of block-wise reconstruction.
     """
-    if isinstance(model, VisionTransformer):
-        return [f"blocks.{i}" for i in range(len(model.blocks))]
-    if isinstance(model, SwinTransformer):
-        names = []
-        for i, stage in enumerate(model.layers):
-            if not isinstance(stage.downsample, nn.Identity):
-                names.append(f"layers.{i}.downsample")
-            names += [f"layers.{i}.blocks.{j}" for j in range(len(stage.blocks))]
-        return names
-    raise UnsupportedModelError(
-        f"{type(model).__name__} is not a timm VisionTransformer/SwinTransformer: calibrators quantizes "
-        "ViT, DeiT and Swin models"
-    )
+    return _family(model).recon_units(model)
+
+
+def _vit_extras(model: nn.Module, scheme: Scheme | None) -> None:
+    """ViT: an attention-pooling head would stay float."""
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError(
+            f"attn_pool ({type(model.attn_pool).__name__}, global_pool='map') is not handled by calibrators"
+        )
+
+
+def _swin_extras(model: nn.Module, scheme: Scheme | None) -> None:
+    """Swin: PatchMerging's reduction Linear between stages (checked; quantized when ``scheme``)."""
+    for i, stage in enumerate(model.layers):
+        ds = stage.downsample
+        if not isinstance(ds, (nn.Identity, PatchMerging)) or (
+            isinstance(ds, PatchMerging) and type(ds.reduction) is not nn.Linear
+        ):
+            raise UnsupportedModelError(
+                f"layers.{i}.downsample is a {type(ds).__name__}, not handled by calibrators"
+            )
+        if scheme is not None and isinstance(ds, PatchMerging):
+            QuantLinear.convert(ds.reduction, scheme, f"layers.{i}.downsample.reduction")
+
+
+# This stage's per-family code (the structural facts live in models.families): what besides the
+# blocks must be checked, and quantized, for each family.
+FAMILY_EXTRAS = {"vit": _vit_extras, "swin": _swin_extras}
 
 
 def check_model(model: nn.Module) -> None:
     """Raise UnsupportedModelError if anything in ``model`` would stay float against the scheme."""
-    block_names(model)  # family check
-    if isinstance(model, VisionTransformer):
-        if getattr(model, "attn_pool", None) is not None:
-            raise UnsupportedModelError(
-                f"attn_pool ({type(model.attn_pool).__name__}, global_pool='map') is not handled by calibrators"
-            )
-        for i, blk in enumerate(model.blocks):
-            _check_block(f"blocks.{i}", blk)
-    else:
-        for i, stage in enumerate(model.layers):
-            if not isinstance(stage.downsample, (nn.Identity, PatchMerging)) or (
-                isinstance(stage.downsample, PatchMerging)
-                and type(stage.downsample.reduction) is not nn.Linear
-            ):
-                raise UnsupportedModelError(
-                    f"layers.{i}.downsample is a {type(stage.downsample).__name__}, not handled by calibrators"
-                )
-            for j, blk in enumerate(stage.blocks):
-                _check_block(f"layers.{i}.blocks.{j}", blk)
+    fam = _family(model)
+    FAMILY_EXTRAS[fam.name](model, None)
+    for name, blk in fam.blocks(model):
+        _check_block(name, blk)
 
 
 def _heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    if isinstance(model, VisionTransformer):
-        names = ["head", "head_dist"]
-    else:
-        names = ["head.fc"]
     out = []
-    for n in names:
+    for n in _family(model).heads:
         try:
             m = model.get_submodule(n)
         except AttributeError:
@@ -164,21 +171,16 @@ def quantize_model(model: nn.Module, scheme: Scheme | str | None = None) -> nn.M
     ``model`` itself is untouched. The copy carries ``.scheme`` and the fingerprint of the float
     model it came from (checked again by :func:`calibrators.load_quantized`).
     """
-    from calibrators.persist import model_fingerprint
+    from sardfq_export.calibrators.persist import model_fingerprint
 
     scheme = get_scheme(scheme)
     check_model(model)
     fingerprint = model_fingerprint(model)
     qmodel = copy.deepcopy(model)
-    if isinstance(qmodel, VisionTransformer):
-        for i, blk in enumerate(qmodel.blocks):
-            _convert_block(f"blocks.{i}", blk, scheme)
-    else:
-        for i, stage in enumerate(qmodel.layers):
-            if isinstance(stage.downsample, PatchMerging):
-                QuantLinear.convert(stage.downsample.reduction, scheme, f"layers.{i}.downsample.reduction")
-            for j, blk in enumerate(stage.blocks):
-                _convert_block(f"layers.{i}.blocks.{j}", blk, scheme)
+    fam = _family(qmodel)
+    FAMILY_EXTRAS[fam.name](qmodel, scheme)
+    for name, blk in fam.blocks(qmodel):
+        _convert_block(name, blk, scheme)
     if scheme.quantize_patch_embed:
         pe = qmodel.patch_embed
         if type(pe) is not PatchEmbed or type(pe.proj) is not nn.Conv2d:

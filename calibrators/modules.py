@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sardfq_export.calibrators.quantizer import TensorQuantizer
+from sardfq_export.calibrators.scheme import PerBlock, PerChannel, PerTensor, Scheme
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block
 
-from calibrators.quantizer import TensorQuantizer
-from calibrators.scheme import PerBlock, PerChannel, PerTensor, Scheme
-from sardfq_export.errors import UserInputError
+from sardfq_export.core.errors import UserInputError
 
 
 def _act_quantizer(bits: int | None, enabled: bool = True, kind: str = "int") -> TensorQuantizer:

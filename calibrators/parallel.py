@@ -14,13 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without a process group. (sardfq_export.distributed has the same
-    three lines; calibrators may not import it: stages take only the shared modules, test_layering.)"""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from sardfq_export.core.distributed import rank_world
 
 
 def my_slice(idx: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from sardfq_export.calibrators.scheme import Scheme
 
-from calibrators.scheme import Scheme
-from sardfq_export.errors import UserInputError
+from sardfq_export.core.errors import UserInputError
+from sardfq_export.core.io import atomic_dir
 
 FORMAT = "sardfq-quantized-1"
 SUBDIR = "quantized"
@@ -90,8 +89,7 @@ def save_quantized(
     ``include_weights`` stores every tensor (for base models that cannot be rebuilt, e.g. random init).
     """
     from safetensors.torch import save_file
-
-    from calibrators.instrument import iter_quantizers
+    from sardfq_export.calibrators.instrument import iter_quantizers
 
     info = getattr(qmodel, "sardfq_quant", None)
     scheme: Scheme | None = getattr(qmodel, "scheme", None)
@@ -118,22 +116,10 @@ def save_quantized(
     }
     out_dir = Path(out_dir)
     final = out_dir / SUBDIR
-    tmp = out_dir / (SUBDIR + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": FORMAT})
-    (tmp / "scheme.json").write_text(scheme.to_json() + "\n")
-    (tmp / "quantized.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-    if final.exists():
-        old = out_dir / (SUBDIR + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": FORMAT})
+        (tmp / "scheme.json").write_text(scheme.to_json() + "\n")
+        (tmp / "quantized.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
     return final
 
 
@@ -143,8 +129,7 @@ def load_quantized(path: str | Path, base_model: nn.Module) -> nn.Module:
     Refuses a base model that is not the one that was quantized (structure or weights differ).
     """
     from safetensors.torch import load_file
-
-    from calibrators.instrument import iter_quantizers, quantize_model
+    from sardfq_export.calibrators.instrument import iter_quantizers, quantize_model
 
     folder = resolve_dir(path)
     meta = read_meta(folder)
@@ -186,3 +171,35 @@ def load_quantized(path: str | Path, base_model: nn.Module) -> nn.Module:
     qmodel.sardfq_quant["modified"] = set(meta.get("modified", []))
     qmodel.sardfq_quant["calibration"] = meta.get("calibration", {})
     return qmodel.eval()
+
+
+def load_quantized_model(
+    path: str | Path,
+    model: str | None = None,
+    checkpoint: str | None = None,
+    random_init: bool = False,
+):
+    """The one quantized-model loader: ``(float LoadedModel, fake-quant model)`` from ``quantized/``.
+
+    ``path`` is a ``quantized/`` folder or the ``--out`` holding it. The float model is rebuilt from
+    the folder's recorded base-model reference unless ``model``/``checkpoint`` name another (which
+    must then match the recorded fingerprint, else a one-line error).
+    """
+    from sardfq_export.models import ModelSettings, load_model
+    from sardfq_export.models.reference import REFERENCE_NAME
+
+    meta = read_meta(path)
+    base = meta.get("base_model") or {}
+    if model is None and checkpoint is None and base.get("settings"):
+        # the loader's own record: num_classes / img_size / kwargs exactly as first loaded
+        loaded = load_model(**ModelSettings.from_dict(base["settings"]).to_dict())
+    else:
+        if model is None and checkpoint is None:
+            model = None if base.get("name") in (None, REFERENCE_NAME) else base.get("name")
+            checkpoint = base.get("checkpoint")
+            random_init = random_init or bool(base.get("random_init"))
+        loaded = load_model(model, checkpoint, pretrained=not random_init)  # random init is seeded there
+    qmodel = load_quantized(path, loaded.model).eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    return loaded, qmodel

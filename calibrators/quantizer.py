@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
-from calibrators.scheme import Granularity, PerBlock, PerChannel, PerTensor
+from sardfq_export.calibrators.scheme import Granularity, PerBlock, PerChannel, PerTensor
 
 SCALE_FLOOR = 1e-8  # scales must be strictly positive (TensorRT); an all-zero channel gets this
 

@@ -22,12 +22,13 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sardfq_export.calibrators.calibrate import iter_batches
+from sardfq_export.calibrators.instrument import block_names, mark_modified
+from sardfq_export.calibrators.modules import QUANT_WEIGHTED
+from sardfq_export.calibrators.parallel import all_reduce_grads, my_slice
 
-from calibrators.calibrate import iter_batches
-from calibrators.instrument import block_names, mark_modified
-from calibrators.modules import QUANT_WEIGHTED
-from calibrators.parallel import all_reduce_grads, my_slice, rank_world
-from sardfq_export.errors import UserInputError
+from sardfq_export.core.distributed import rank_world
+from sardfq_export.core.errors import UserInputError
 
 # [paper] SARDFQ stage 2 defaults
 RECON_LR = 4e-5
@@ -228,7 +229,9 @@ def distill(
     t = temperature
     losses = []
     trained = [p for _, p in params]
-    bar = tqdm(range(iters), desc="distill", unit="it", disable=not progress or rank_world()[0] != 0, leave=False)
+    bar = tqdm(
+        range(iters), desc="distill", unit="it", disable=not progress or rank_world()[0] != 0, leave=False
+    )
     try:
         for _ in bar:
             idx, share = my_slice(_batch_indices(len(images), batch_size, gen).to(device))

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from sardfq_export.errors import UserInputError
+from sardfq_export.core.errors import UserInputError
 
 
 @dataclass(frozen=True)

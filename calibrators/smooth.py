@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
-from calibrators.instrument import block_names, mark_modified
-from calibrators.modules import QuantLinear
+from sardfq_export.calibrators.instrument import block_names, mark_modified
+from sardfq_export.calibrators.modules import QuantLinear
 
 
 def _pairs(qmodel: nn.Module) -> list[tuple[str, nn.LayerNorm, str, QuantLinear]]:
@@ -32,7 +31,7 @@ def _pairs(qmodel: nn.Module) -> list[tuple[str, nn.LayerNorm, str, QuantLinear]
 @torch.no_grad()
 def smooth_quant(qmodel: nn.Module, data, alpha: float = 0.5, progress: bool = False) -> int:
     """Fold SmoothQuant factors into LayerNorm/Linear pairs; returns how many pairs were smoothed."""
-    from calibrators.calibrate import _run_data
+    from sardfq_export.calibrators.calibrate import _run_data
 
     pairs = _pairs(qmodel)
     amax: dict[str, torch.Tensor] = {}

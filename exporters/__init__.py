@@ -10,10 +10,16 @@
 Reads the quantizer state of ``calibrators``; never re-derives a scale. TensorRT is imported lazily.
 """
 
-from exporters.lint import LintReport, Violation, format_report, lint_model
-from exporters.onnx_export import ExportConfig, ExportResult, check_exportable, export_onnx
-from exporters.ort import OrtConfig, create_session, deployment_graph, op_census
-from exporters.tensorrt import EngineConfig, EngineResult, build_engine, tensorrt_status, trtexec_command
+from sardfq_export.exporters.lint import LintReport, Violation, format_report, lint_model
+from sardfq_export.exporters.onnx_export import ExportConfig, ExportResult, check_exportable, export_onnx
+from sardfq_export.exporters.ort import OrtConfig, create_session, deployment_graph, op_census
+from sardfq_export.exporters.tensorrt import (
+    EngineConfig,
+    EngineResult,
+    build_engine,
+    tensorrt_status,
+    trtexec_command,
+)
 
 __all__ = [
     "ExportConfig", "ExportResult", "check_exportable", "export_onnx",

@@ -17,8 +17,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto
-
-from exporters.onnx_graph import QDQ_OPS, attr, constant_map, consumers, opset_of, producers, to_array
+from sardfq_export.exporters.onnx_graph import (
+    QDQ_OPS,
+    attr,
+    constant_map,
+    consumers,
+    opset_of,
+    producers,
+    to_array,
+)
 
 MIN_OPSET = 17  # LayerNormalization as one op (a decomposed one overflows in FP16)
 MIN_OPSET_INT4 = 21  # INT4 types and blocked DequantizeLinear

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +25,17 @@ import onnx
 import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
+from sardfq_export.exporters.lint import LintReport, lint_model
+from sardfq_export.exporters.onnx_graph import consumers, convert_to_fp16, int4_tensor, set_opset, toposort
+from sardfq_export.exporters.weights import (
+    WeightPlan,
+    float_weights_for_export,
+    plan_weight,
+    quantized_linears,
+)
 
-from exporters.lint import LintReport, lint_model
-from exporters.onnx_graph import consumers, convert_to_fp16, int4_tensor, set_opset, toposort
-from exporters.weights import WeightPlan, float_weights_for_export, plan_weight, quantized_linears
-from sardfq_export.errors import UserInputError
+from sardfq_export.core.errors import UserInputError
+from sardfq_export.core.io import atomic_path
 
 TRACE_OPSET = 17  # ≥ 17 keeps LayerNorm one op; the TorchScript exporter goes up to 20
 INT4_OPSET = 21  # INT4 initializers and blocked DequantizeLinear
@@ -325,20 +330,9 @@ def export_onnx(
     report = lint_model(model) if config.lint else None
     if report is not None and config.strict_lint and not report.passed:
         raise UserInputError(f"exported ONNX breaks TensorRT rules: {report.violations[0]}")
-    _atomic_save(model, path)
-    return ExportResult(path, opset, scheme_name, counts, report, meta)
-
-
-def _atomic_save(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return ExportResult(path, opset, scheme_name, counts, report, meta)
 
 
 __all__ = ["ExportConfig", "ExportResult", "export_onnx", "check_exportable"]

@@ -35,7 +35,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sardfq_export.errors import MissingComponentError
+from sardfq_export.core.errors import MissingComponentError
 
 DISABLED_OPTIMIZERS = ("MatMulAddFusion", "SkipLayerNormFusion")
 INT8_GEMM_OPS = (
@@ -113,8 +113,7 @@ def deployment_graph(path: str | Path, config: OrtConfig = OrtConfig()):
     if not config.fuse_attention or any(p not in _FUSE_PROVIDERS for p in providers):
         return str(path), 0
     import onnx
-
-    from exporters.onnx_graph import fuse_attention
+    from sardfq_export.exporters.onnx_graph import fuse_attention
 
     model = onnx.load(str(path))
     if model.ByteSize() >= 2**31 - 2**20:  # protobuf cannot serialize ≥ 2 GiB: run the file as is
@@ -123,6 +122,22 @@ def deployment_graph(path: str | Path, config: OrtConfig = OrtConfig()):
     if not fused:
         return str(path), 0
     return fused_model.SerializeToString(), fused
+
+
+def write_deployment_graph(onnx_path: str | Path, out_path: str | Path, config: OrtConfig = OrtConfig()):
+    """Write the graph ORT will run (float attention folded) as an artifact of its own.
+
+    Returns ``(path, config)``: the file to open and the settings to open it with (the rewrite is
+    not redone at session creation). Without a rewrite, the original ``onnx_path`` and ``config``.
+    """
+    from dataclasses import replace
+
+    from sardfq_export.core.io import atomic_write_bytes
+
+    graph, fused = deployment_graph(onnx_path, config)
+    if not fused:
+        return Path(onnx_path), config
+    return atomic_write_bytes(out_path, graph), replace(config, fuse_attention=False)
 
 
 def _providers(config: OrtConfig) -> list[str]:

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sardfq_export.errors import MissingComponentError, UserInputError
+from sardfq_export.core.errors import MissingComponentError, UserInputError
+from sardfq_export.core.io import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def write_build_script(
         'cd "$(dirname "$0")"\n'
         f"{' '.join(shlex.quote(c) for c in rel)}\n"
     )
-    _atomic_write(script, text.encode())
+    atomic_write_bytes(script, text.encode())
     script.chmod(0o755)
     return script, cmd
 
@@ -183,7 +184,7 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes, str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        _atomic_write(log_path, "\n".join(lines + [errors]).encode())
+        atomic_write_bytes(log_path, "\n".join(lines + [errors]).encode())
         raise UserInputError(f"TensorRT cannot parse {onnx_path}: {errors[:300]} (full log: {log_path})")
     bconfig = builder.create_builder_config()
     if major < 11 and not strongly_typed:
@@ -203,13 +204,13 @@ def build_engine(
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, bconfig)
     build_s = time.perf_counter() - start
-    _atomic_write(log_path, "\n".join(lines).encode())
+    atomic_write_bytes(log_path, "\n".join(lines).encode())
     if serialized is None:
         raise RuntimeError(f"TensorRT engine build failed (log: {log_path})")
-    _atomic_write(engine_path, bytes(serialized))
-    _atomic_write(cache_path, bytes(bconfig.get_timing_cache().serialize()))
+    atomic_write_bytes(engine_path, bytes(serialized))
+    atomic_write_bytes(cache_path, bytes(bconfig.get_timing_cache().serialize()))
     versions = {"tensorrt": trt.__version__, "strongly_typed": strongly_typed, **gpu_info()}
-    _atomic_write(engine_path.with_suffix(".engine.json"), json.dumps(versions, indent=2).encode())
+    atomic_write_bytes(engine_path.with_suffix(".engine.json"), json.dumps(versions, indent=2).encode())
     return EngineResult(engine_path, log_path, cache_path, versions, build_s)
 
 
@@ -235,10 +236,3 @@ def _onnx_is_fp16(onnx_bytes: bytes) -> bool:
 
     model = onnx.load_from_string(onnx_bytes)
     return any(p.key == "sardfq.fp16" and p.value == "true" for p in model.metadata_props)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

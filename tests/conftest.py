@@ -9,8 +9,8 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from sardfq_export.reference import WEIGHTS  # noqa: E402
-from validation.data import FASHION_MNIST_DIR  # noqa: E402
+from sardfq_export.data import FASHION_MNIST_DIR  # noqa: E402
+from sardfq_export.models.reference import WEIGHTS  # noqa: E402
 
 needs_fmnist = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),

@@ -7,10 +7,10 @@ import timm
 import torch
 import torch.nn as nn
 from conftest import tiny_vit
+from sardfq_export.calibrators.quantizer import TensorQuantizer
 
-import calibrators as C
-from calibrators.quantizer import TensorQuantizer
-from sardfq_export.errors import UserInputError
+from sardfq_export import calibrators as C
+from sardfq_export.core.errors import UserInputError
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10)
 

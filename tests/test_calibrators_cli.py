@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import tiny_vit
 
-import calibrators as C
-from sardfq_export.calibset import CalibSet
+from sardfq_export import calibrators as C
 from sardfq_export.cli import main
-from sardfq_export.errors import UserInputError
+from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.errors import UserInputError
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -28,7 +28,7 @@ def random_reference(tmp_path):
     """A random-init checkpoint of the reference architecture (28x28, 1 channel): fast and offline."""
     from safetensors.torch import save_file
 
-    from sardfq_export.reference import build_reference
+    from sardfq_export.models.reference import build_reference
 
     torch.manual_seed(0)
     model = build_reference()
@@ -125,9 +125,9 @@ def test_quantize_command_then_eval_quantized_dir(tmp_path, random_reference, id
     assert rc == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["n"] == 24
-    from sardfq_export.models import load_model
+    import sardfq_export as sx
 
-    loaded = load_model(str(out))
+    loaded = sx.load_model(out)  # the API also loads a quantized folder
     assert loaded.extra["runner_name"] == "torch-fakequant" and loaded.extra["scheme"] == "w4a8"
     assert isinstance(loaded.model.blocks[0].attn.qkv, C.QuantLinear)
 
@@ -164,10 +164,10 @@ def test_reference_model_acceptance(reference):
 
     if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST not installed")
-    from sardfq_export.cmd_quantize import load_calibration, run_quantize
-    from validation.data import load_dataset
+    import sardfq_export as sx
+    from sardfq_export.data import load_dataset
 
-    cal = load_calibration("real:fashion-mnist", reference.data_config, 32)
+    cal, _ = sx.calibration_set("real:fashion-mnist", reference, 32)
     images, labels = load_dataset("fashion-mnist", reference.data_config, "test").take(range(10000))
 
     @torch.inference_mode()
@@ -186,9 +186,9 @@ def test_reference_model_acceptance(reference):
     assert top1(qmodel) == fp
     drops = {}
     for scheme, limit in (("w8a8", 0.3), ("w4a8", 1.5), ("w4a16", 1.0)):
-        qmodel, _ = run_quantize(reference, cal, scheme, "mse", "mse", "none", None, None, 0, False)
+        qmodel = sx.quantize(reference, cal, scheme=scheme, progress=False).model
         drops[scheme] = fp - top1(qmodel)
         assert drops[scheme] <= limit, (scheme, drops)
-    plain, _ = run_quantize(reference, cal, "w4a4", "mse", "mse", "none", None, None, 0, False)
-    recon, _ = run_quantize(reference, cal, "w4a4", "mse", "mse", "recon", None, None, 0, False)
+    plain = sx.quantize(reference, cal, scheme="w4a4", progress=False).model
+    recon = sx.quantize(reference, cal, scheme="w4a4", finetune="recon", progress=False).model
     assert top1(recon) > top1(plain)

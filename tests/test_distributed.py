@@ -17,7 +17,7 @@ import torch
 from conftest import needs_reference
 from safetensors.torch import load_file
 
-from sardfq_export.calibset import CalibSet
+from sardfq_export.core.calibset import CalibSet
 
 ROOT = Path(__file__).resolve().parents[1]
 

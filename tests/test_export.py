@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_vit
 from onnx import TensorProto, helper, numpy_helper
+from sardfq_export.exporters.lint import lint_model
+from sardfq_export.exporters.onnx_export import ExportConfig, export_onnx
+from sardfq_export.exporters.onnx_graph import fuse_attention
+from sardfq_export.exporters.ort import OrtConfig, create_session, op_census
 
-import calibrators
-from exporters.lint import lint_model
-from exporters.onnx_export import ExportConfig, export_onnx
-from exporters.onnx_graph import fuse_attention
-from exporters.ort import OrtConfig, create_session, op_census
+from sardfq_export import calibrators
 from sardfq_export.cli import main
-from sardfq_export.errors import MissingComponentError, UserInputError
+from sardfq_export.core.errors import MissingComponentError, UserInputError
 
 # Linear layers of tiny_vit (depth 2): qkv, proj, fc1, fc2 per block.
 N_LINEARS = 8
@@ -292,6 +292,247 @@ def test_lint_names_each_broken_rule():
     assert any(v.node == "act_q" and "shiftIsAllZeros" in v.message for v in report.violations)
 
 
+# --- one hand-made graph per lint rule (issue 10: every rule code must be seen to fire) -------------
+
+_F32, _I8, _I4 = TensorProto.FLOAT, TensorProto.INT8, TensorProto.INT4
+
+
+def _const(name, values, dtype=np.float32):
+    return numpy_helper.from_array(np.asarray(values, dtype), name)
+
+
+def _int4(name, shape, value=1):
+    return helper.make_tensor(name, _I4, list(shape), [value] * int(np.prod(shape, dtype=int)))
+
+
+def _graph(nodes, inits, inputs, outputs=(("y", _F32, [1, 2, 4]),), opset=17):
+    """A model from ``nodes``; ``inputs`` and ``outputs`` are (name, type, shape)."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(*i) for i in inputs],
+        [helper.make_tensor_value_info(*o) for o in outputs],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _q(x="x", s="s", zp="zp", out="xq", name="act_q", **kw):
+    return helper.make_node("QuantizeLinear", [x, s, zp] if zp else [x, s], [out], name=name, **kw)
+
+
+def _dq(x="xq", s="s", zp="zp", out="xd", name="act_dq", **kw):
+    return helper.make_node("DequantizeLinear", [x, s, zp] if zp else [x, s], [out], name=name, **kw)
+
+
+def _mm(a="xd", b="wd", op="MatMul", **kw):
+    return helper.make_node(op, [a, b], ["y"], name=op.lower(), **kw)
+
+
+_ACT = [_const("s", 0.1), _const("zp", 0, np.int8)]  # per-tensor INT8 activation scale, zero-point
+_W8 = [_const("W", np.ones((8, 4)), np.int8), _const("ws", np.full(4, 0.05))]  # (K, N), per channel
+_X = [("x", _F32, [1, 2, 8])]
+_W_DQ = _dq("W", "ws", None, "wd", "w_dq", axis=1)
+
+
+def _scale_from_input():
+    return _graph([_q(s="s_in"), _dq(s="s_in"), _W_DQ, _mm()], [_ACT[1], *_W8], [*_X, ("s_in", _F32, [])])
+
+
+def _zero_point_from_input():
+    nodes = [_q(zp="zp_in"), _dq(zp="zp_in"), _W_DQ, _mm()]
+    return _graph(nodes, [_ACT[0], *_W8], [*_X, ("zp_in", _I8, [])])
+
+
+def _no_zero_point():  # QuantizeLinear without a zero-point outputs UINT8
+    return _graph([_q(zp=None), _dq(zp=None), _W_DQ, _mm()], [_ACT[0], *_W8], _X)
+
+
+def _int4_activation():
+    inits = [_ACT[0], _int4("zp", [], 0), _int4("W", (128, 4)), _const("ws", np.full((2, 4), 0.05))]
+    nodes = [_q(), _dq(), _dq("W", "ws", None, "wd", "w_dq", axis=0, block_size=64), _mm()]
+    return _graph(nodes, inits, [("x", _F32, [1, 2, 128])], opset=21)
+
+
+def _blocked_matmul_axis1():  # INT4 weight (K=8, N=128) blocked along N instead of K
+    inits = [*_ACT, _int4("W", (8, 128)), _const("ws", np.full((8, 2), 0.05))]
+    nodes = [_q(), _dq(), _dq("W", "ws", None, "wd", "w_dq", axis=1, block_size=64), _mm()]
+    return _graph(nodes, inits, _X, outputs=(("y", _F32, [1, 2, 128]),), opset=21)
+
+
+def _blocked_gemm(axis):  # Gemm(transB=1): the weight is (N=128, K=64), its blocks belong on axis 1
+    inits = [*_ACT, _int4("W", (128, 64)), _const("ws", np.full((2, 64) if axis == 0 else (128, 1), 0.05))]
+    nodes = [_q(), _dq(), _dq("W", "ws", None, "wd", "w_dq", axis=axis, block_size=64)]
+    nodes.append(_mm(op="Gemm", transB=1))
+    return _graph(nodes, inits, [("x", _F32, [2, 64])], outputs=(("y", _F32, [2, 128]),), opset=21)
+
+
+def _q_as_output():  # the quantized tensor leaves the graph with no DequantizeLinear
+    return _graph([_q()], _ACT, _X, outputs=(("xq", _I8, [1, 2, 8]),))
+
+
+def _q_into_relu():
+    nodes = [_q(), helper.make_node("Relu", ["xq"], ["y"], name="relu")]
+    return _graph(nodes, _ACT, _X, outputs=(("y", _I8, [1, 2, 8]),))
+
+
+def _requantize_scale():
+    return _graph([_q(), _dq(s="s2"), _W_DQ, _mm()], [*_ACT, _const("s2", 0.2), *_W8], _X)
+
+
+def _requantize_axis():  # a float weight quantized per channel on axis 1, dequantized on axis 0
+    inits = [
+        *_ACT,
+        _const("Wf", np.ones((8, 4))),
+        _const("ws", np.full(4, 0.05)),
+        _const("wzp", [0] * 4, np.int8),
+    ]
+    nodes = [
+        _q(),
+        _dq(),
+        _q("Wf", "ws", "wzp", "wq", "w_q", axis=1),
+        _dq("wq", "ws", "wzp", "wd", "w_dq", axis=0),
+    ]
+    return _graph([*nodes, _mm()], inits, _X)
+
+
+def _dq_of_input():  # an INT8 graph input dequantized: no QuantizeLinear before it
+    return _graph([_dq(), _W_DQ, _mm()], [*_ACT, *_W8], [("xq", _I8, [1, 2, 8])])
+
+
+def _int4_per_channel():
+    inits = [*_ACT, _int4("W", (8, 4)), _const("ws", np.full(4, 0.05))]
+    return _graph([_q(), _dq(), _W_DQ, _mm()], inits, _X, opset=21)
+
+
+def _qdq_into_layernorm():
+    nodes = [_q(), _dq(), helper.make_node("LayerNormalization", ["xd", "g"], ["y"], name="ln", axis=-1)]
+    return _graph(nodes, [*_ACT, _const("g", np.ones(8))], _X, outputs=(("y", _F32, [1, 2, 8]),))
+
+
+def _weight_only_int8():
+    return _graph([_W_DQ, _mm("x")], _W8, _X)
+
+
+def _weight_only_int4():  # W4A16: INT4 weight, float activation; what TensorRT's INT4 GEMMs want
+    inits = [_int4("W", (128, 4)), _const("ws", np.full((2, 4), 0.05))]
+    nodes = [_dq("W", "ws", None, "wd", "w_dq", axis=0, block_size=64), _mm("x")]
+    return _graph(nodes, inits, [("x", _F32, [1, 2, 128])], opset=21)
+
+
+def _float_weight():
+    return _graph([_q(), _dq(), _mm(b="Wf")], [*_ACT, _const("Wf", np.ones((8, 4)))], _X)
+
+
+def _one_sided(quantized_side):
+    if quantized_side == "a":
+        return _graph([_q(), _dq(), _mm(b="x2")], _ACT, [*_X, ("x2", _F32, [1, 8, 4])])
+    return _graph([_q(), _dq(), _mm("x2", "xd")], _ACT, [("x", _F32, [1, 8, 4]), ("x2", _F32, [1, 2, 8])])
+
+
+def _scale_from_constant_node():  # a Constant node is as constant as an initializer
+    nodes = [helper.make_node("Constant", [], ["s"], value=_const("sv", 0.1)), _q(), _dq(), _W_DQ, _mm()]
+    return _graph(nodes, [_ACT[1], *_W8], _X)
+
+
+def _case(rule, severity, make, exact=True, label=None):
+    return pytest.param(rule, severity, make, exact, id=label or rule)
+
+
+# The graph breaks exactly ``rule`` (no other error; no warning either, for a warning rule) unless
+# ``exact`` is False.
+LINT_CASES = [
+    _case("opset", "error", lambda: _qdq_model(opset=13)),
+    _case("opset-int4", "error", lambda: _qdq_model(block_size=64, weight_type=_I4, opset=17)),
+    _case("scale-constant", "error", _scale_from_input),
+    _case("scale-positive", "error", lambda: _qdq_model(act_scale=(-0.1,)), label="scale-negative"),
+    _case("scale-positive", "error", lambda: _qdq_model(act_scale=(0.0,)), label="scale-zero"),
+    _case("scale-positive", "error", lambda: _qdq_model(act_scale=(float("nan"),)), label="scale-nan"),
+    _case("zero-point", "error", lambda: _qdq_model(zero_point=3), label="zero-point-nonzero"),
+    _case("zero-point", "error", _zero_point_from_input, label="zero-point-not-constant"),
+    _case("signed-int", "error", lambda: _qdq_model(q_type=TensorProto.UINT8), label="signed-int-uint8"),
+    _case("signed-int", "error", _no_zero_point, label="signed-int-default-uint8"),
+    _case("per-channel-activation", "error", lambda: _qdq_model(act_scale=(0.1,) * 8)),
+    _case("int4-activation", "error", _int4_activation),  # (also warns int4-unblocked)
+    _case("block-type", "error", lambda: _qdq_model(block_size=64, opset=21)),
+    _case("block-size", "error", lambda: _qdq_model(block_size=32, weight_type=_I4, opset=21)),
+    _case("block-axis", "error", _blocked_matmul_axis1, label="block-axis-matmul"),
+    _case("block-axis", "error", lambda: _blocked_gemm(axis=0), label="block-axis-gemm-transB"),
+    _case("q-without-dq", "error", _q_as_output, label="q-without-dq-output"),
+    _case("q-without-dq", "error", _q_into_relu, label="q-without-dq-relu"),
+    _case("requantize", "error", _requantize_scale, label="requantize-scale"),
+    # Not exact: lint also calls the DQ of a quantized constant weight a per-channel activation.
+    _case("requantize", "error", _requantize_axis, exact=False, label="requantize-axis"),
+    _case("dq-without-q", "error", _dq_of_input),
+    _case("int4-unblocked", "warning", _int4_per_channel),
+    _case("unfused-qdq", "warning", _qdq_into_layernorm),
+    _case("weight-only-int8", "warning", _weight_only_int8),
+    _case("float-weight", "warning", _float_weight),
+    _case("one-sided", "warning", lambda: _one_sided("a"), label="one-sided-activation"),
+    _case("one-sided", "warning", lambda: _one_sided("b"), label="one-sided-weight"),
+]
+
+
+@pytest.mark.parametrize(("rule", "severity", "make", "exact"), LINT_CASES)
+def test_lint_flags_each_rule(rule, severity, make, exact):
+    model = make()
+    if rule != "opset-int4":  # INT4 before opset 21 is itself invalid ONNX; the rest is valid ONNX
+        onnx.checker.check_model(model, full_check=True)
+    report = lint_model(model)
+    errors = {v.rule for v in report.violations}
+    warnings = {v.rule for v in report.warnings}
+    found = errors if severity == "error" else warnings
+    assert rule in found, report.to_json()
+    if exact:
+        assert found == {rule}, report.to_json()
+    if severity == "warning":
+        assert report.passed and not errors  # warnings never fail the lint
+    named = {n.name for n in model.graph.node} | {"model"}
+    hits = [v for v in report.violations + report.warnings if v.rule == rule]
+    assert all(v.severity == severity and v.node in named and len(v.message) > 20 for v in hits)
+    from sardfq_export.exporters.lint import format_report
+
+    assert f"[{rule}]" in format_report(report)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _qdq_model,
+        lambda: _qdq_model(block_size=64, weight_type=_I4, opset=21),
+        lambda: _blocked_gemm(axis=1),
+        _weight_only_int4,
+        _scale_from_constant_node,
+    ],
+    ids=["int8", "int4-matmul", "int4-gemm-transB", "w4a16", "constant-node-scale"],
+)
+def test_lint_passes_clean_graphs(make):
+    model = make()
+    onnx.checker.check_model(model, full_check=True)
+    report = lint_model(model)
+    assert report.passed and not report.warnings, report.to_json()
+    assert report.stats["quantize_linear"] == sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def test_lint_cases_cover_every_rule():
+    """Every rule code lint.py can emit has a graph above that fires it, with the right severity."""
+    import ast
+    import inspect
+
+    from sardfq_export.exporters import lint
+
+    emitted = {
+        (call.args[0].value, "error" if call.func.attr == "error" else "warning")
+        for call in ast.walk(ast.parse(inspect.getsource(lint)))
+        if isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr in ("error", "warn")
+        and call.args
+        and isinstance(call.args[0], ast.Constant)
+    }
+    assert emitted == {(case.values[0], case.values[1]) for case in LINT_CASES}
+
+
 def test_lint_command_exit_codes(w8a8, tmp_path, capsys):
     _, _, _, path, _ = w8a8
     assert main(["lint", str(path)]) == 0
@@ -308,7 +549,7 @@ def test_lint_command_exit_codes(w8a8, tmp_path, capsys):
 
 
 def test_tensorrt_fallback_writes_the_trtexec_command(w8a8, tmp_path, monkeypatch):
-    import exporters.tensorrt as trt_mod
+    import sardfq_export.exporters.tensorrt as trt_mod
 
     monkeypatch.setattr(trt_mod, "tensorrt_status", lambda: (False, "TensorRT is not installed"))
     _, _, _, path, _ = w8a8
@@ -325,9 +566,9 @@ def test_tensorrt_fallback_writes_the_trtexec_command(w8a8, tmp_path, monkeypatc
 
 @pytest.mark.tensorrt
 def test_tensorrt_engine_matches_fakequant(w8a8, tmp_path):
-    from exporters.tensorrt import build_engine
-    from validation.fidelity import compare_logits
-    from validation.runners import TensorRTRunner
+    from sardfq_export.exporters.tensorrt import build_engine
+    from sardfq_export.validation.fidelity import compare_logits
+    from sardfq_export.validation.runners import TensorRTRunner
 
     _, qmodel, held, path, _ = w8a8
     res = build_engine(path, tmp_path / "model.engine", "input", (3, 32, 32))

@@ -12,9 +12,9 @@ import torch
 from conftest import needs_fmnist, needs_reference
 
 from sardfq_export.cli import main
-from sardfq_export.errors import UserInputError
+from sardfq_export.core.errors import UserInputError
+from sardfq_export.data import load_raw, preprocess, read_idx
 from sardfq_export.models import ALIASES, load_model, resolve_name
-from validation.data import load_raw, preprocess, read_idx
 
 
 def _write_idx(path, array: np.ndarray) -> None:

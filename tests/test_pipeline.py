@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import struct
 
 import numpy as np
 import pytest
 import torch
 from conftest import needs_fmnist, needs_reference
+from sardfq_export.validation.report import REPORT_KEYS
 
 from sardfq_export.cli import main
-from validation.manifest import sha256_file
-from validation.report import REPORT_KEYS
+from sardfq_export.core.io import sha256_file
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -27,10 +28,11 @@ def _write_idx(path, array: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
+def pristine(tmp_path_factory):
+    """One finished job (built once per module) that no test touches: ``(root, args, out, exit code)``."""
     from safetensors.torch import save_file
 
-    from sardfq_export.reference import build_reference
+    from sardfq_export.models.reference import build_reference
 
     root = tmp_path_factory.mktemp("job")
     torch.manual_seed(0)
@@ -53,6 +55,15 @@ def job(tmp_path_factory):
     out = root / "T"
     code = main([*args, "--out", str(out), "--quiet"])
     return root, args, out, code
+
+
+@pytest.fixture
+def job(pristine, tmp_path):
+    """A private copy of the finished job: each test may rerun, overwrite or fail gates in it, in any order."""
+    root, args, out, code = pristine
+    copy = tmp_path / "T"
+    shutil.copytree(out, copy)
+    return tmp_path, args, copy, code
 
 
 def test_job_writes_every_artifact_and_the_report(job):
@@ -81,8 +92,12 @@ def test_job_writes_every_artifact_and_the_report(job):
         "top1_drop",
     }
     assert report["accuracy"]["n"] == 64
-    assert report["fidelity"]["n"] == 8 and report["fidelity"]["agreement_vs_fakequant"] >= 0.85
-    assert set(report["latency"]["by_batch"]) == {"1", "32"} and report["latency"]["speedup"] > 0
+    # What the Q/DQ parity tests prove (test_export.py): the deployed graph computes the fake-quant model.
+    fid = report["fidelity"]
+    assert fid["n"] == 8 and fid["agreement_vs_fakequant"] == 1.0 and fid["cosine_vs_fakequant"] >= 0.9999
+    assert set(report["latency"]["by_batch"]) == {"1", "32"}
+    for row in report["latency"]["by_batch"].values():  # a timing is a real duration, p50 within p95
+        assert 0 < row["deployed"]["p50_ms"] <= row["deployed"]["p95_ms"] < 60_000
     assert report["lint"]["passed"] and report["gates"]["passed"]
     assert report["op_census"]["int8_gemm"] == 24  # 6 blocks x (qkv, proj, fc1, fc2)
     # The validated ORT graph ships: attention folded into MultiHeadAttention, one per block.
@@ -92,7 +107,11 @@ def test_job_writes_every_artifact_and_the_report(job):
     assert manifest["artifacts"]["model.ort.onnx"]["sha256"] == sha256_file(out / "model.ort.onnx")
     assert "report.json" in manifest["artifacts"] and manifest["versions"]["onnx"]
     readme = (out / "README.md").read_text()
-    assert "[batch, 1, 28, 28]" in readme and "trtexec" in readme and 'InferenceSession("model.ort.onnx"' in readme
+    assert (
+        "[batch, 1, 28, 28]" in readme
+        and "trtexec" in readme
+        and 'InferenceSession("model.ort.onnx"' in readme
+    )
 
 
 def test_rerun_reuses_finished_stages(job, capsys):
@@ -122,11 +141,11 @@ def test_failed_gate_exits_3_after_writing_the_report(job, capsys):
 
 
 def test_tensorrt_target_without_tensorrt_exits_4_with_the_command(job, capsys, monkeypatch):
-    import exporters.tensorrt as trt_mod
+    import sardfq_export.exporters.tensorrt as trt_mod
 
     monkeypatch.setattr(trt_mod, "tensorrt_status", lambda: (False, "TensorRT is not installed"))
     root, args, _, _ = job
-    out = root / "TRT"
+    out = root / "TRT"  # a new folder next to the copy
     assert main([*args, "--out", str(out), "--target", "tensorrt", "--quiet"]) == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trtexec --onnx=" in err[0]

@@ -11,8 +11,8 @@ import timm
 import torch
 from conftest import tiny_vit
 
-from sardfq_export.calibset import CalibSet
 from sardfq_export.cli import main
+from sardfq_export.core.calibset import CalibSet
 from sardfq_export.models import LoadedModel
 from sardfq_export.synthesis import (
     METHODS,

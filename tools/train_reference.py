@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sardfq_export.reference import ARCH, MEAN, STD, build_reference  # noqa: E402
-from validation.data import find_fashion_mnist, load_raw  # noqa: E402
+from sardfq_export.data import find_fashion_mnist, load_raw  # noqa: E402
+from sardfq_export.models.reference import ARCH, MEAN, STD, build_reference  # noqa: E402
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Tensor:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from validation.data import LabelledDataset
+from sardfq_export.data import LabelledDataset
 
 
 def evaluate(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sardfq_export.errors import GateFailedError
+from sardfq_export.core.errors import GateFailedError
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,14 @@ Every write here is atomic (temporary name, then rename): a half-written file ne
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
+
+from sardfq_export.core.io import atomic_write_json, sha256_file
 
 TOOLS = (
     "torch",
@@ -26,31 +26,6 @@ TOOLS = (
     "tensorrt",
     "sardfq-export",
 )
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: str | Path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def artifact_entry(path: str | Path, root: str | Path | None = None) -> dict:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from validation.manifest import atomic_write_json, atomic_write_text
+from sardfq_export.core.io import atomic_write_json, atomic_write_text
 
 # The keys of DESIGN.md, in order. More may be added, these are never renamed.
 REPORT_KEYS = (
@@ -19,6 +20,44 @@ REPORT_KEYS = (
     "gates",
     "artifacts",
 )
+
+
+@dataclass(frozen=True)
+class Report:
+    """The verdict of a validation, typed: DESIGN.md's keys as fields, the rest in ``extra``.
+
+    ``to_dict()`` is exactly what ``report.json`` holds (the keys in DESIGN.md's order, then extras).
+    """
+
+    model: str
+    scheme: str
+    target: str
+    calibration: dict
+    accuracy: dict | None
+    fidelity: dict | None
+    latency: dict | None
+    lint: dict | None
+    gates: dict | None
+    artifacts: dict
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, report: dict) -> Report:
+        core = {k: report.get(k) for k in REPORT_KEYS}
+        core["artifacts"] = core["artifacts"] or {}
+        return cls(**core, extra={k: v for k, v in report.items() if k not in REPORT_KEYS})
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in REPORT_KEYS} | self.extra
+
+    @property
+    def passed(self) -> bool:
+        """Every gate held (True when no gate was evaluated)."""
+        return bool((self.gates or {}).get("passed", True))
+
+    @property
+    def top1_drop(self) -> float | None:
+        return (self.accuracy or {}).get("top1_drop")
 
 
 def build_report(
@@ -236,3 +275,40 @@ def render_readme(report: dict, preprocessing: dict, input_size: tuple[int, ...]
     if not (acc or fid or lat):
         lines.append("- not validated on this machine (no deployment runtime for this target here)")
     return "\n".join(lines) + "\n"
+
+
+def render_summary(report: dict, out: str | Path) -> str:
+    """The few lines a person reads on the terminal at the end of a job or ``validate``."""
+    acc, fidl, lat, gates = (
+        report.get("accuracy"),
+        report.get("fidelity"),
+        report.get("latency"),
+        report["gates"],
+    )
+    lines = [f"{report['model']} → {report['target']} ({report['scheme']}): {out}/model.onnx"]
+    if acc:
+        lines.append(
+            f"  top-1: fp32 {acc['fp32_top1'] * 100:.2f}%  fake-quant {acc['fakequant_top1'] * 100:.2f}%  "
+            f"deployed {acc['deployed_top1'] * 100:.2f}%  (drop {acc['top1_drop']:.2f} points)"
+        )
+    if fidl:
+        lines.append(
+            f"  fidelity (n={fidl['n']}): agreement vs fake-quant {fidl['agreement_vs_fakequant'] * 100:.2f}%, "
+            f"vs fp32 {fidl['agreement_vs_fp32'] * 100:.2f}%, cosine vs fake-quant "
+            f"{fidl['cosine_vs_fakequant']:.6f}"
+        )
+    if lat:
+        for b, row in lat["by_batch"].items():
+            lines.append(
+                f"  latency batch {b}: {row['reference']['runtime']} {row['reference']['p50_ms']:.2f} ms, "
+                f"{row['deployed']['runtime']} {row['deployed']['p50_ms']:.2f} ms → {row['speedup']:.2f}×"
+            )
+    census = report.get("op_census")
+    if census:
+        lines.append(f"  ORT kernels: {census['int8_gemm']} int8 GEMMs, {census['int4_gemm']} INT4 GEMMs")
+    lint = report.get("lint") or {}
+    lines.append(
+        f"  lint: {'passed' if lint.get('passed') else 'FAILED'}; gates: "
+        f"{'passed' if gates['passed'] else 'FAILED'} ({len(gates['checks'])} checks)"
+    )
+    return "\n".join(lines)

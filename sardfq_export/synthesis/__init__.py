@@ -6,7 +6,7 @@ Public API (what the pipeline calls)::
     calib = synthesize(loaded_model, SynthConfig(method="sardfq", num_images=32, seed=0), out="calib.safetensors",
                        resume=False, checkpoint_every=100, progress=True)
 
-``calib`` is a :class:`sardfq_export.calibset.CalibSet`; ``save_samples`` draws samples.png.
+``calib`` is a :class:`sardfq_export.core.calibset.CalibSet`; ``save_samples`` draws samples.png.
 Modules: ``config`` (settings and per-family defaults), ``attention`` (our explicit attention forward
 that records CLS attention and softmax·V), ``priors`` (GMM attention priors), ``losses`` (PSE, APA,
 soft CE, TV), ``plan`` (every random draw, per image), ``methods`` (registry + objective),

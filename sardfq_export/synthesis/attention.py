@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sardfq_export.errors import UserInputError
+from sardfq_export.core.errors import UserInputError
+from sardfq_export.models.families import get_family
 
 
 @dataclass
@@ -150,30 +151,46 @@ class _ExplicitWindowAttention(nn.Module):
 
 
 def _blocks(model: nn.Module, family: str) -> list[nn.Module]:
-    if family == "vit":
-        return list(model.blocks)
-    if family == "swin":
-        return [blk for stage in model.layers for blk in stage.blocks]
-    raise UserInputError(f"attention recording supports ViT/DeiT and Swin, not {family!r}")
+    return [blk for _, blk in get_family(family).blocks(model)]
+
+
+def _vit_info(i: int, blk: nn.Module) -> BlockInfo:
+    return BlockInfo(i, blk.attn.num_heads)
+
+
+def _swin_info(i: int, blk: nn.Module) -> BlockInfo:
+    return BlockInfo(i, blk.attn.num_heads, tuple(blk.window_size), tuple(blk.shift_size))
+
+
+def _swin_grid_hook(blk: nn.Module, info: BlockInfo):
+    def grab(_mod, args):  # Swin blocks take x as (B, H, W, C)
+        info.grid = (int(args[0].shape[1]), int(args[0].shape[2]))
+
+    return blk.register_forward_pre_hook(grab)
+
+
+# Per-family code of this stage (the facts are in models.families): how a block's attention is
+# described, which explicit forward replaces it, and how the block's token grid is learned.
+_FAMILY_CODE = {
+    "vit": (_vit_info, lambda orig, info, rec: _ExplicitViTAttention(orig, info, rec), None),
+    "swin": (_swin_info, lambda orig, info, rec: _ExplicitWindowAttention(orig, info, rec), _swin_grid_hook),
+}
 
 
 def block_infos(model: nn.Module, family: str) -> list[BlockInfo]:
     """One :class:`BlockInfo` per transformer block, in network order (no forward needed)."""
-    from timm.layers import Attention
-    from timm.models.swin_transformer import WindowAttention
-
+    fam = get_family(family)
+    attention = fam.attention_class()
+    describe = _FAMILY_CODE[fam.name][0]
     infos = []
     for i, blk in enumerate(_blocks(model, family)):
         attn = getattr(blk, "attn", None)
-        if family == "vit" and type(attn) is Attention:
-            infos.append(BlockInfo(i, attn.num_heads))
-        elif family == "swin" and type(attn) is WindowAttention:
-            infos.append(BlockInfo(i, attn.num_heads, tuple(blk.window_size), tuple(blk.shift_size)))
-        else:
+        if type(attn) is not attention:
             raise UserInputError(
-                f"block {i} has attention of type {type(attn).__name__}: synthesis reads attention of "
-                "timm's Attention (ViT/DeiT) and WindowAttention (Swin) only"
+                f"block {i} has attention of type {type(attn).__name__}: synthesis reads the attention of "
+                f"{fam.description} blocks only ({attention.__name__})"
             )
+        infos.append(describe(i, blk))
     return infos
 
 
@@ -187,16 +204,11 @@ def recording(
     originals = [blk.attn for blk in blocks]
     hooks = []
     try:
+        _, explicit, grid_hook = _FAMILY_CODE[get_family(family).name]
         for blk, info, orig in zip(blocks, rec.blocks, originals, strict=True):
-            if family == "vit":
-                blk.attn = _ExplicitViTAttention(orig, info, rec)
-            else:
-                blk.attn = _ExplicitWindowAttention(orig, info, rec)
-
-                def grab(_mod, args, info=info):  # Swin blocks take x as (B, H, W, C)
-                    info.grid = (int(args[0].shape[1]), int(args[0].shape[2]))
-
-                hooks.append(blk.register_forward_pre_hook(grab))
+            blk.attn = explicit(orig, info, rec)
+            if grid_hook is not None:
+                hooks.append(grid_hook(blk, info))
         yield rec
     finally:
         for h in hooks:
@@ -234,6 +246,24 @@ def swin_key_attention(rec: Recorder, index: int, batch: int) -> torch.Tensor:
     return a.reshape(batch, heads, h * w)
 
 
+def prior_attention(rec: Recorder, index: int, batch: int, num_prefix: int) -> torch.Tensor:
+    """The attention map APA aligns with its prior, (batch, heads, patches): a ViT's CLS row over
+    the patch tokens, Swin's per-key attention stitched back to the stage grid."""
+    if rec.blocks[index].window is None:
+        return cls_attention(rec, index, batch, num_prefix)
+    return swin_key_attention(rec, index, batch)
+
+
+def token_grids(
+    model: nn.Module, family: str, input_size: tuple[int, int, int], device
+) -> list[tuple[int, int]]:
+    """Patch grid each block sees (one tiny forward: Swin's grids shrink stage by stage)."""
+    with recording(model, family) as rec, torch.no_grad():
+        model(torch.zeros(1, *input_size, device=device))
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        return [info.grid or tuple(int(v) for v in grid) for info in rec.blocks]
+
+
 def tokens_for_similarity(
     rec: Recorder, index: int, family: str, batch: int, num_prefix: int
 ) -> torch.Tensor:
@@ -243,6 +273,6 @@ def tokens_for_similarity(
     (similarities are taken inside windows, where tokens interact) [default].
     """
     out = rec.out[index].mean(dim=1)  # (B·nW, N, d)
-    if family == "vit":
+    if rec.blocks[index].window is None:  # global attention (ViT): one group, prefix tokens dropped
         return out[:batch, num_prefix:].unsqueeze(1)
     return out.reshape(batch, -1, out.shape[-2], out.shape[-1])

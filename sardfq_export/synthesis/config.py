@@ -11,14 +11,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from sardfq_export.errors import UserInputError
+from sardfq_export.core.errors import UserInputError
+from sardfq_export.models.families import FAMILIES
 
-# Adam learning rate per model family [paper: PSAQ-ViT code, 0.20 DeiT/ViT, 0.25 Swin].
-FAMILY_LR = {"vit": 0.20, "swin": 0.25}
-# APA weight α per model family [default: the paper uses 1..1e5 per model and does not list them].
-# CLS-attention maps of a ViT are probabilities over N' patches (MSE ~ 1/N'^2); Swin's stitched
-# per-window maps hold mass 1 per window of 49 keys and are summed over many more heads.
-FAMILY_APA_WEIGHT = {"vit": 1000.0, "swin": 100.0}
+# Adam learning rate and APA weight α per model family: models.families (Family.synth_lr / apa_weight).
+FAMILY_LR = {name: fam.synth_lr for name, fam in FAMILIES.items()}
+FAMILY_APA_WEIGHT = {name: fam.apa_weight for name, fam in FAMILIES.items()}
 # Iterations per method [paper]: PSAQ-ViT 2 rounds x 500, SARDFQ 1000 (same schedule [default]).
 METHOD_ITERS = {"noise": 0, "psaq": 1000, "sardfq": 1000}
 # Patch-similarity-entropy weight per method: PSAQ-ViT's loss has it [paper], SARDFQ's does not.

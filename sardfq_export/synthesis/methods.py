@@ -12,13 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sardfq_export.models.families import get_family
 from sardfq_export.synthesis import losses
-from sardfq_export.synthesis.attention import (
-    Recorder,
-    cls_attention,
-    swin_key_attention,
-    tokens_for_similarity,
-)
+from sardfq_export.synthesis.attention import Recorder, prior_attention, tokens_for_similarity
 from sardfq_export.synthesis.config import SynthConfig
 from sardfq_export.synthesis.plan import Labels
 
@@ -91,7 +87,7 @@ class Objective:
     ):
         self.model, self.family, self.rec, self.cfg, self.comps = model, family, rec, cfg, comps
         self.tau, self.priors = tau, {b: p.to(device) for b, p in priors.items()}
-        self.num_prefix = int(getattr(model, "num_prefix_tokens", 0)) if family == "vit" else 0
+        self.num_prefix = get_family(family).prefix_tokens(model)
         sl = slice(indices.start, indices.stop)
         self.targets = labels.targets[sl].to(device)
         self.batch = len(indices)
@@ -147,10 +143,7 @@ class Objective:
         apa = zero
         if comps.apa:
             for i, prior in self.priors.items():
-                if self.family == "vit":
-                    a = cls_attention(self.rec, i, b, self.num_prefix)
-                else:
-                    a = swin_key_attention(self.rec, i, b)
+                a = prior_attention(self.rec, i, b, self.num_prefix)
                 apa = apa + (i + 1) / self.num_blocks * losses.attention_prior_mse(a, prior).sum()
         tv = (losses.total_variation(x) - self.tau).abs() if comps.tv else zero
         total = cfg.ce_weight * ce + cfg.pse_weight * pse + cfg.apa_weight * apa + cfg.tv_weight * tv

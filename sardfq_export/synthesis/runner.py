@@ -14,7 +14,6 @@ only (:mod:`plan`), so K processes produce the same set as one with the same ``b
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -23,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from sardfq_export.calibset import CalibSet
-from sardfq_export.distributed import all_gather_object, barrier, rank_world
-from sardfq_export.errors import SardfqError, UserInputError
-from sardfq_export.synthesis.attention import block_infos, recording
+from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.distributed import all_gather_object, barrier, rank_world
+from sardfq_export.core.errors import SardfqError, UserInputError
+from sardfq_export.core.io import atomic_path
+from sardfq_export.synthesis.attention import block_infos, recording, token_grids
 from sardfq_export.synthesis.config import SynthConfig
 from sardfq_export.synthesis.methods import METHODS, TERM_NAMES, Objective, apa_blocks, augment
 from sardfq_export.synthesis.plan import (
@@ -72,18 +72,6 @@ def model_input_size(loaded) -> tuple[int, int, int]:
     return tuple(loaded.input_size)
 
 
-def _grids(
-    model: torch.nn.Module, family: str, input_size: tuple[int, int, int], device
-) -> list[tuple[int, int]]:
-    """Patch grid each block sees (one tiny forward)."""
-    with recording(model, family) as rec, torch.no_grad():
-        model(torch.zeros(1, *input_size, device=device))
-        if family == "vit":
-            g = tuple(int(v) for v in model.patch_embed.grid_size)
-            return [g for _ in rec.blocks]
-        return [info.grid for info in rec.blocks]
-
-
 class _Interrupt:
     """Ctrl-C sets a flag; the loop saves at the end of the iteration. A second Ctrl-C raises at once."""
 
@@ -112,14 +100,12 @@ class _Interrupt:
 def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"format": CKPT_FORMAT, "state": json.dumps(state, sort_keys=True)},
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"format": CKPT_FORMAT, "state": json.dumps(state, sort_keys=True)},
+        )
 
 
 def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -224,7 +210,7 @@ def synthesize(
     t0 = time.monotonic()
     batches = [range(s, min(s + cfg.batch_size, n)) for s in range(0, n, cfg.batch_size)]
     order = list(range(rank, len(batches), world))  # this process's batches; checkpoints count in it
-    grids = _grids(model, family, (c, h, w), dev) if apa_idx else []
+    grids = token_grids(model, family, (c, h, w), dev) if apa_idx else []
     check_every = 1 if dev.type == "cpu" else 10
 
     from tqdm.auto import tqdm

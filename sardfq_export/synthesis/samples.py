@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sardfq_export.calibset import CalibSet
+from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.io import atomic_path
 
 # A perceptual dark→bright ramp (inferno-like anchors), interpolated linearly.
 _RAMP = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float32)
@@ -41,29 +42,26 @@ def attention_vs_prior(
 
     Re-runs the teacher on the final images and re-draws the priors from the set's own seed.
     """
-    from sardfq_export.synthesis.attention import block_infos, cls_attention, recording, swin_key_attention
+    from sardfq_export.models.families import get_family
+    from sardfq_export.synthesis.attention import block_infos, prior_attention, recording, token_grids
     from sardfq_export.synthesis.config import SynthConfig
     from sardfq_export.synthesis.methods import apa_blocks
     from sardfq_export.synthesis.plan import draw_priors
-    from sardfq_export.synthesis.runner import _grids, model_input_size
+    from sardfq_export.synthesis.runner import model_input_size
 
     cfg = SynthConfig.from_dict(calib.meta["config"])
     model, family = loaded.model, loaded.family
     infos = block_infos(model, family)
     idx = apa_blocks(len(infos), cfg.apa_start)[block]
     dev = next(model.parameters()).device
-    grid = _grids(model, family, model_input_size(loaded), dev)[idx]
+    grid = token_grids(model, family, model_input_size(loaded), dev)[idx]
     prior = draw_priors(cfg, range(len(calib)), {idx: (infos[idx].heads, grid)})[idx][:, head]
-    prefix = int(getattr(model, "num_prefix_tokens", 0)) if family == "vit" else 0
+    prefix = get_family(family).prefix_tokens(model)
     with recording(model, family, want_attn=[idx]) as rec, torch.no_grad():
         maps = []
         for b in calib.images.split(32):
             model(b.to(dev))
-            a = (
-                cls_attention(rec, idx, len(b), prefix)
-                if family == "vit"
-                else swin_key_attention(rec, idx, len(b))
-            )
+            a = prior_attention(rec, idx, len(b), prefix)
             maps.append(a[:, head].float().cpu())
     attn = torch.cat(maps)
     attn = attn / attn.sum(-1, keepdim=True)
@@ -108,8 +106,6 @@ def save_samples(
         for j, im in enumerate(group):
             canvas.paste(im, (x0 + j * (cell + 1), y0))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path

@@ -2,8 +2,9 @@
 
 ``main(argv) -> int`` runs in-process (tests call it). User errors print one line and map to the
 exit codes of DESIGN.md; anything unexpected is a bug and keeps its traceback (exit 1).
-Each stage's subcommand lives in its own ``cmd_*`` module and is imported lazily, so a missing
-optional dependency of one stage never breaks the others.
+This package holds only click commands and printing: each command parses its options into the
+API's configs and calls one verb of :mod:`sardfq_export.api` (the main job: ``sardfq_export.job.run``).
+Subcommands are imported lazily, so ``--help`` and one stage never pay for the others' imports.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ from collections.abc import Sequence
 import click
 
 from sardfq_export import __version__
-from sardfq_export.errors import MissingComponentError, SardfqError
+from sardfq_export.core.errors import SardfqError
 
 # name → (module, attribute, one-line help). Adding a stage adds a line here, nothing else.
 SUBCOMMANDS = {
-    "synthesize": ("sardfq_export.cmd_synthesize", "synthesize", "Synthesize a calibration set."),
-    "quantize": ("sardfq_export.cmd_quantize", "quantize", "Build and calibrate a fake-quant model."),
-    "export": ("sardfq_export.cmd_export", "export", "Export a quantized model to QDQ ONNX / engines."),
-    "validate": ("sardfq_export.cmd_validate", "validate", "Validate a deployed model against PyTorch."),
-    "lint": ("sardfq_export.cmd_export", "lint", "Check an ONNX file against TensorRT's Q/DQ rules."),
-    "eval": ("sardfq_export.cmd_eval", "eval_cmd", "Top-1/top-5 of a model on real labelled data."),
+    "synthesize": ("sardfq_export.cli.synthesize", "synthesize", "Synthesize a calibration set."),
+    "quantize": ("sardfq_export.cli.quantize", "quantize", "Build and calibrate a fake-quant model."),
+    "export": ("sardfq_export.cli.export", "export", "Export a quantized model to QDQ ONNX / engines."),
+    "validate": ("sardfq_export.cli.validate", "validate", "Validate a deployed model against PyTorch."),
+    "lint": ("sardfq_export.cli.export", "lint", "Check an ONNX file against TensorRT's Q/DQ rules."),
+    "eval": ("sardfq_export.cli.eval", "eval_cmd", "Top-1/top-5 of a model on real labelled data."),
 }
 
 
@@ -37,29 +38,13 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in SUBCOMMANDS:
             return None
-        module, attr, help_text = SUBCOMMANDS[name]
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            return _unbuilt(name, help_text)
-
-
-def _unbuilt(name: str, help_text: str) -> click.Command:
-    @click.command(
-        name, help=f"{help_text} (not built yet)", context_settings={"ignore_unknown_options": True}
-    )
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def stage(args: tuple[str, ...]) -> None:
-        raise MissingComponentError(f"the '{name}' stage is not built yet in this version of sardfq-export")
-
-    return stage
+        module, attr, _help = SUBCOMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting (so tests can call it)."""
-    from sardfq_export.main_job import cli
+    from sardfq_export.cli.app import cli
 
     try:
         cli.main(

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from sardfq_export.errors import UserInputError
-from sardfq_export.options import model_options, output_options
+from sardfq_export.cli.options import model_options, output_options
+from sardfq_export.core.errors import UserInputError
 
 
 @click.command("validate")
@@ -64,14 +64,11 @@ def validate(
     as_json,
 ):
     """Fidelity, accuracy, latency and gates of a deployed model (exit 3 when a gate fails)."""
-    import torch
-
-    from exporters.lint import lint_model
-    from sardfq_export.calibset import CalibSet
-    from sardfq_export.cmd_export import load_quantized_model
-    from sardfq_export.pipeline import validate_deployment
-    from validation.gates import GateSpec, enforce, evaluate_gates
-    from validation.report import build_report, write_report
+    from sardfq_export import api
+    from sardfq_export.calibrators import load_quantized_model
+    from sardfq_export.core.calibset import CalibSet
+    from sardfq_export.validation.gates import GateSpec, enforce
+    from sardfq_export.validation.report import render_summary, write_report
 
     if max_top1_drop is not None and not data:
         raise UserInputError("--max-top1-drop needs --data")
@@ -80,53 +77,22 @@ def validate(
     except ValueError:
         raise UserInputError(f"--batches takes comma-separated sizes, got {batches!r}") from None
     loaded, qmodel = load_quantized_model(quantized, model, checkpoint, random_init)
-    if images:
-        held = CalibSet.load(images).images
-    else:
-        gen = torch.Generator().manual_seed(0)
-        held = torch.randn(32, *loaded.input_size, generator=gen)
-    dataset = None
-    if data:
-        from validation.data import load_dataset
-
-        dataset = load_dataset(data, loaded.data_config, split="test", limit=limit)
+    q = api.Quantized(qmodel, loaded, api.QuantizeConfig(scheme=qmodel.scheme.name),
+                      {"calib": {"images": images or "gaussian noise"}})  # fmt: skip
 
     def say(msg: str) -> None:
         if not (quiet or as_json):
             click.echo(msg, err=True)
 
-    res = validate_deployment(
-        say,
-        loaded,
-        qmodel,
-        Path(onnx_path),
-        held,
-        dataset,
-        Path(engine) if engine else None,
-        progress=not (quiet or as_json),
-        batches=batch_sizes,
-    )
-    scheme = getattr(getattr(qmodel, "scheme", None), "name", "unknown")
-    report = build_report(
-        model=loaded.name,
-        scheme=scheme,
-        target="tensorrt" if engine else "onnxruntime",
-        calibration={"images": images or "gaussian noise"},
-        accuracy=res.get("accuracy"),
-        fidelity=res.get("fidelity"),
-        latency=res.get("latency"),
-        lint=lint_model(onnx_path).to_dict(),
-        gates=None,
-        artifacts=None,
-        op_census=res.get("op_census"),
-    )
-    report["gates"] = evaluate_gates(report, GateSpec(max_top1_drop, min_agreement, min_speedup))
+    report = api.validate(
+        q, onnx_path, data=data, held_images=CalibSet.load(images) if images else None, engine=engine,
+        gates=GateSpec(max_top1_drop, min_agreement, min_speedup), limit=limit, batches=batch_sizes,
+        progress=not (quiet or as_json), say=say,
+    )  # fmt: skip
     if out:
-        write_report(out, report)
+        write_report(out, report.to_dict())
     if as_json:
-        click.echo(json.dumps(report, default=str))
+        click.echo(json.dumps(report.to_dict(), default=str))
     elif not quiet:
-        from sardfq_export.pipeline import print_summary
-
-        print_summary(report, Path(onnx_path).parent)
-    enforce(report["gates"])
+        click.echo(render_summary(report.to_dict(), Path(onnx_path).parent))
+    enforce(report.gates)

@@ -12,14 +12,14 @@ Dependency-free on purpose: any stage may import it.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from sardfq_export.errors import UserInputError
+from sardfq_export.core.errors import UserInputError
+from sardfq_export.core.io import atomic_path, atomic_write_text
 
 TENSOR_KEYS = ("images", "targets", "labels", "regions", "region_labels")
 
@@ -57,19 +57,17 @@ class CalibSet:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             k: getattr(self, k).detach().cpu().contiguous()
             for k in TENSOR_KEYS
             if getattr(self, k) is not None
         }
         text = json.dumps(self.meta, sort_keys=True, default=str)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"calib_json": text, "format": "sardfq-calibset-1"})
-        os.replace(tmp, path)
-        json_tmp = path.with_suffix(".json.tmp")
-        json_tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(json_tmp, path.with_suffix(".json"))
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"calib_json": text, "format": "sardfq-calibset-1"})
+        atomic_write_text(
+            path.with_suffix(".json"), json.dumps(self.meta, indent=2, sort_keys=True, default=str) + "\n"
+        )
         return path
 
     @classmethod

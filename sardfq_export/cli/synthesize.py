@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from sardfq_export.errors import UserInputError
-from sardfq_export.options import load_from_options, model_options, output_options
+from sardfq_export.cli.options import load_from_options, model_options, output_options
+from sardfq_export.core.errors import UserInputError
 
 METHOD_NAMES = ("sardfq", "psaq", "noise")  # mirrors synthesis.METHODS (kept import-light for --help)
 
@@ -18,7 +18,10 @@ METHOD_NAMES = ("sardfq", "psaq", "noise")  # mirrors synthesis.METHODS (kept im
 @click.option("--method", type=click.Choice(METHOD_NAMES), default="sardfq", show_default=True)
 @click.option("--num-images", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
-    "--iters", type=click.IntRange(min=0), default=None, help="Adam iterations (default: the method's, 1000; the reference model's: 200)."
+    "--iters",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Adam iterations (default: the method's, 1000; the reference model's: 200).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
@@ -94,8 +97,8 @@ def synthesize(
     """Synthesize a calibration set from the model alone and save it to --out."""
     import torch
 
-    from sardfq_export.calibset import CalibSet
-    from sardfq_export.distributed import init_from_env
+    from sardfq_export.core.calibset import CalibSet
+    from sardfq_export.core.distributed import init_from_env
     from sardfq_export.synthesis import SynthConfig, checkpoint_path
     from sardfq_export.synthesis import synthesize as run
     from sardfq_export.synthesis.samples import save_samples

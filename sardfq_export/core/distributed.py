@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sardfq_export.errors import UserInputError
+from sardfq_export.core.errors import UserInputError
 
 
 def env_world_size() -> int:
@@ -61,4 +61,3 @@ def all_gather_object(obj: Any) -> list[Any]:
     got: list[Any] = [None] * world
     dist.all_gather_object(got, obj)
     return got
-

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from validation.data import FASHION_MNIST_CLASSES
+from sardfq_export.data import FASHION_MNIST_CLASSES
 
 REFERENCE_NAME = "reference"
 # Synthesis iterations when --iters is not given, for this model only (ImageNet ViTs keep the
@@ -19,7 +19,7 @@ REFERENCE_NAME = "reference"
 # well as 1000 (SARDFQ w8a8 89.46 vs 89.43, w4a4 88.48 vs 88.43, 3 seeds, 10k test images:
 # docs/synthesis-results-200it.md vs docs/synthesis-results.md) and the offline main job takes ~80 s.
 SYNTH_ITERS = 200
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 WEIGHTS = ASSETS / "reference_vit.safetensors"
 CARD = ASSETS / "reference_vit.md"
 

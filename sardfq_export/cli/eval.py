@@ -6,7 +6,7 @@ import json
 
 import click
 
-from sardfq_export.options import load_from_options, model_options, output_options
+from sardfq_export.cli.options import load_from_options, model_options, output_options
 
 
 @click.command("eval")
@@ -23,9 +23,9 @@ from sardfq_export.options import load_from_options, model_options, output_optio
 @output_options
 def eval_cmd(model, checkpoint, random_init, data, split, limit, batch_size, quiet, as_json):
     """Top-1/top-5 of a model (float, or a quantized DIR) on real labelled data."""
-    from validation.data import load_dataset
-    from validation.evaluate import evaluate
-    from validation.runners import TorchRunner
+    from sardfq_export.data import load_dataset
+    from sardfq_export.validation.evaluate import evaluate
+    from sardfq_export.validation.runners import TorchRunner
 
     loaded = load_from_options(model, checkpoint, random_init)
     dataset = load_dataset(data, loaded.data_config, split=split, limit=limit)

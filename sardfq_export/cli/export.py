@@ -7,30 +7,8 @@ from pathlib import Path
 
 import click
 
-from sardfq_export.errors import UserInputError
-from sardfq_export.options import load_from_options, model_options, output_options
-
-
-def load_quantized_model(quantized: str, model: str | None, checkpoint: str | None, random_init: bool):
-    """(loaded float model, fake-quant model) from a ``quantized/`` folder (or the --out holding it).
-
-    Without --model/--checkpoint the folder's recorded base model is used.
-    """
-    import calibrators
-
-    meta = calibrators.read_meta(quantized)
-    base = meta.get("base_model") or {}
-    if model is None and checkpoint is None:
-        model = None if base.get("name") in (None, "reference") else base.get("name")
-        checkpoint = base.get("checkpoint")
-        random_init = random_init or bool(base.get("random_init"))
-    if random_init:
-        import torch
-
-        # the pipeline seeds random-init models, so the same seed rebuilds the same weights
-        torch.manual_seed(int(base.get("seed", 0)))
-    loaded = load_from_options(model, checkpoint, random_init)
-    return loaded, calibrators.load_quantized(quantized, loaded.model).eval()
+from sardfq_export.cli.options import model_options, output_options
+from sardfq_export.core.errors import UserInputError
 
 
 @click.command("export")
@@ -57,21 +35,17 @@ def load_quantized_model(quantized: str, model: str | None, checkpoint: str | No
 @output_options
 def export(model, checkpoint, random_init, quantized, out, target, fp16, opset, batch_range, quiet, as_json):
     """Export a quantized model to TensorRT-ready QDQ ONNX (and build the engine for --target tensorrt)."""
-    from exporters.lint import format_report
-    from exporters.onnx_export import ExportConfig, export_onnx
+    from sardfq_export import api
+    from sardfq_export.calibrators import load_quantized_model
+    from sardfq_export.exporters.lint import format_report
 
     loaded, qmodel = load_quantized_model(quantized, model, checkpoint, random_init)
-    fp16 = (target == "tensorrt") if fp16 is None else fp16
-    res = export_onnx(
-        qmodel,
-        out,
-        tuple(loaded.input_size),
-        ExportConfig(opset=opset, fp16=fp16),
-        metadata={"model": loaded.name},
-    )
+    q = api.Quantized(qmodel, loaded, api.QuantizeConfig(scheme=qmodel.scheme.name))
+    overrides = {"opset": opset} if fp16 is None else {"opset": opset, "fp16": fp16}
+    res = api.export(q, out, target=target, **overrides)
     result = res.to_dict()
     if target == "onnxruntime":
-        from exporters.ort import op_census
+        from sardfq_export.exporters.ort import op_census
 
         result["op_census"] = op_census(out)
     if not quiet and not as_json:
@@ -79,7 +53,7 @@ def export(model, checkpoint, random_init, quantized, out, target, fp16, opset, 
         if res.lint is not None:
             click.echo(format_report(res.lint, str(out)))
     if target == "tensorrt":
-        from exporters.tensorrt import EngineConfig, build_engine
+        from sardfq_export.exporters.tensorrt import EngineConfig, build_engine
 
         try:
             lo, opt, hi = (int(v) for v in batch_range.split(","))
@@ -106,7 +80,7 @@ def lint(file, as_json):
     """Check an ONNX file against TensorRT's Q/DQ rules. Exit 0: passed; exit 2: violations (listed)."""
     import onnx
 
-    from exporters.lint import format_report, lint_model
+    from sardfq_export.exporters.lint import format_report, lint_model
 
     if not Path(file).is_file():
         raise UserInputError(f"{file} does not exist")

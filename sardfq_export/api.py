@@ -1,0 +1,349 @@
+"""The public API: the verbs the CLI and the main job call (``import sardfq_export as sx``).
+
+    model = sx.load_model()                                    # the embedded reference ViT
+    calib = sx.synthesize(model, method="sardfq")              # calibration images, no data
+    q = sx.quantize(model, calib, scheme="w8a8")               # ranges (+ fine-tuning), product defaults
+    onnx = sx.export(q, "out/model.onnx")                      # QDQ ONNX, linted
+    report = sx.validate(q, onnx, data="fashion-mnist")        # accuracy, fidelity, latency, gates
+
+Settings are frozen dataclasses (``SynthConfig``, ``QuantizeConfig``, ``ExportConfig``,
+``GateSpec``); keyword arguments override single fields of the defaults. Results are typed
+(``CalibSet``, ``Quantized``, ``ExportResult``, ``Report``). ``sx.run`` (in :mod:`sardfq_export.job`)
+is the whole job, with its artifacts folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.errors import UserInputError
+from sardfq_export.exporters.onnx_export import ExportConfig, ExportResult
+from sardfq_export.models import LoadedModel
+from sardfq_export.synthesis.config import SynthConfig
+from sardfq_export.validation.gates import GateSpec
+from sardfq_export.validation.report import Report
+
+FINETUNES = ("none", "recon", "kd", "recon+kd")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How :func:`quantize` builds the fake-quant model. The defaults are the product's recipe."""
+
+    scheme: str = "w8a8"  # a registered scheme (calibrators.SCHEMES)
+    # MSE ranges for activations and weights: measured best on the reference model
+    # (docs/calibrators-results.md); calibrators.calibrate's own default is plain min-max.
+    range: str = "mse"
+    weight_range: str = "mse"
+    finetune: str = "none"  # none | recon (SARDFQ stage 2: block reconstruction) | kd | recon+kd
+    iters: int | None = None  # fine-tuning iterations (per block for recon); None: the method's
+    lr: float | None = None  # fine-tuning learning rate; None: the method's
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.finetune not in FINETUNES:
+            raise UserInputError(f"unknown finetune {self.finetune!r}: use one of {', '.join(FINETUNES)}")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Quantized:
+    """A calibrated (and optionally fine-tuned) fake-quant model and what it came from."""
+
+    model: nn.Module  # the fake-quant model (``.scheme`` attached); numerically the deployed graph
+    base: LoadedModel  # the float model it was made from
+    config: QuantizeConfig
+    summary: dict = field(default_factory=dict)  # calibration / fine-tuning statistics
+
+    @property
+    def scheme(self):
+        return self.model.scheme
+
+    def save(self, out: str | Path, extra: dict | None = None) -> Path:
+        """Write ``out/quantized/`` (scales, scheme, fine-tuned weights, base-model reference)."""
+        from sardfq_export import calibrators
+
+        random_init = self.base.source == "random-init"
+        settings = self.base.settings
+        ref = {"name": self.base.name, "checkpoint": _checkpoint_of(self.base), "random_init": random_init,
+               "source": self.base.source,
+               # every setting the loader used (incl. inferred num_classes/img_size): the rebuild recipe
+               "settings": settings.to_dict() if settings is not None else None}  # fmt: skip
+        extra = {"quantize": self.config.to_dict(), **(extra or {})}
+        return calibrators.save_quantized(self.model, out, ref, extra=extra, include_weights=random_init)
+
+
+def _checkpoint_of(loaded: LoadedModel) -> str | None:
+    return loaded.settings.checkpoint if loaded.settings is not None else None
+
+
+def _configure(config, cls, overrides: dict):
+    """``config`` (or ``cls()``) with ``overrides`` applied; unknown names are a one-line error."""
+    config = config if config is not None else cls()
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise UserInputError(
+            f"{cls.__name__} has no setting {', '.join(unknown)}: use {', '.join(sorted(names))}"
+        )
+    return replace(config, **overrides) if overrides else config
+
+
+def load_model(
+    name: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    *,
+    pretrained: bool = True,
+    **settings,
+) -> LoadedModel:
+    """A model by timm name / alias / ``None`` (the embedded reference), optionally with a checkpoint.
+
+    ``name`` may also be a folder written by :func:`quantize` (or a job's ``--out``): the result then
+    holds its fake-quant model, and ``extra["float_model"]`` the float model it came from.
+    ``settings`` go to the loader (``num_classes``, ``img_size``, ``in_chans``, ``model_kwargs``...).
+    """
+    from sardfq_export import models
+
+    if name is not None and Path(str(name)).expanduser().is_dir():
+        from sardfq_export.calibrators import is_quantized_dir, load_quantized_model
+
+        if is_quantized_dir(name):
+            base, qmodel = load_quantized_model(name)
+            extra = {"runner_name": "torch-fakequant", "scheme": qmodel.scheme.name,
+                     "quantized_dir": str(Path(name).expanduser()), "float_model": base.model}  # fmt: skip
+            return LoadedModel(qmodel, base.name, base.data_config, base.family,
+                               f"{base.source} + {name}", extra, base.settings)  # fmt: skip
+    return models.load_model(
+        None if name is None else str(name), checkpoint, pretrained=pretrained, **settings
+    )
+
+
+def as_loaded(model: LoadedModel | nn.Module) -> LoadedModel:
+    """A :class:`LoadedModel` for ``model``: a plain timm ViT/Swin module is wrapped with its data config."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, Quantized):
+        return model.base
+    if not isinstance(model, nn.Module):
+        raise UserInputError(
+            f"expected a model (timm nn.Module or sx.load_model's result), got {type(model).__name__}"
+        )
+    from sardfq_export.models import wrap_module
+
+    return wrap_module(model)
+
+
+def synthesize(
+    model: LoadedModel | nn.Module,
+    config: SynthConfig | None = None,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    **overrides,
+) -> CalibSet:
+    """Synthesize calibration images from ``model`` alone (no data).
+
+    ``config`` defaults to ``SynthConfig()`` (SARDFQ, 32 images); keyword arguments override its
+    fields (``method="psaq"``, ``num_images=64``...). ``iters`` left unset takes the model's own
+    default where it has one (the reference model: 200), else the method's (1000).
+    """
+    from sardfq_export.synthesis.runner import synthesize as run_synthesis
+
+    loaded = as_loaded(model)
+    cfg = _configure(config, SynthConfig, overrides)
+    if cfg.iters is None and loaded.extra.get("synthesis_iters") is not None:
+        cfg = replace(cfg, iters=loaded.extra["synthesis_iters"])
+    return run_synthesis(loaded, cfg, out, resume=resume, progress=progress, device=device)
+
+
+def calibration_set(
+    spec: str | CalibSet | torch.Tensor,
+    model: LoadedModel | nn.Module,
+    num_images: int = 32,
+    *,
+    holdout: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[CalibSet, CalibSet | None]:
+    """Resolve a calibration source (``sardfq``/``psaq``/``noise``, ``real:DIR``, a file, a set, a tensor)."""
+    from sardfq_export.synthesis.sources import resolve_calibration
+
+    if isinstance(spec, torch.Tensor):
+        spec = CalibSet(images=spec, meta={"method": "tensor", "num_images": len(spec)})
+    if isinstance(spec, CalibSet):
+        if holdout and len(spec) > num_images:
+            return spec.split(num_images)
+        return (spec.split(num_images)[0] if len(spec) > num_images else spec), None
+    return resolve_calibration(str(spec), as_loaded(model), num_images, holdout, seed, progress=progress)
+
+
+def quantize(
+    model: LoadedModel | nn.Module,
+    calib: str | CalibSet | torch.Tensor,
+    config: QuantizeConfig | None = None,
+    *,
+    num_images: int = 32,
+    progress: bool = True,
+    **overrides,
+) -> Quantized:
+    """Build the fake-quant copy of ``model``, set its ranges on ``calib`` and optionally fine-tune it.
+
+    ``calib`` is a calibration set (from :func:`synthesize`), a tensor of images in the model's
+    normalized space, or a spec string (``"real:fashion-mnist"``, ``"sardfq"``, a file). The
+    float model is untouched. Keyword arguments override fields of ``QuantizeConfig()``.
+    """
+    import time
+
+    from sardfq_export import calibrators
+
+    loaded = as_loaded(model)
+    cfg = _configure(config, QuantizeConfig, overrides)
+    scheme = calibrators.get_scheme(cfg.scheme)
+    cal, _ = calibration_set(calib, loaded, num_images, seed=cfg.seed, progress=progress)
+    torch.manual_seed(cfg.seed)
+    qmodel = calibrators.quantize_model(loaded.model, scheme)
+    t0 = time.perf_counter()
+    summary: dict = {
+        "calibration": calibrators.calibrate(
+            qmodel, cal.images, method=cfg.range, weight_method=cfg.weight_range, progress=progress
+        )
+    }
+    tune = {k: v for k, v in (("iters", cfg.iters), ("lr", cfg.lr)) if v is not None}
+    if cfg.finetune in ("recon", "recon+kd"):
+        rec = calibrators.reconstruct_blocks(qmodel, loaded.model, cal.images, seed=cfg.seed, progress=progress,
+                                             **tune)  # fmt: skip
+        summary["recon"] = {k: v for k, v in rec.items() if k != "blocks"} | {
+            "final_mse": rec["blocks"][-1]["mse_after"]
+        }
+    if cfg.finetune in ("kd", "recon+kd"):
+        kw = tune if cfg.finetune == "kd" else {}  # after recon, KD keeps its own defaults
+        summary["kd"] = calibrators.distill(qmodel, loaded.model, cal, seed=cfg.seed, progress=progress, **kw)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["quant"] = calibrators.quant_summary(qmodel)
+    summary["calib"] = {"num_images": len(cal), **{k: v for k, v in cal.meta.items() if k != "loss_curve"}}
+    qmodel.eval()
+    return Quantized(qmodel, loaded, cfg, summary)
+
+
+def load_quantized(path: str | Path) -> Quantized:
+    """A :class:`Quantized` saved by :meth:`Quantized.save` (or a job's ``--out``)."""
+    from sardfq_export import calibrators
+
+    base, qmodel = calibrators.load_quantized_model(path)
+    meta = calibrators.read_meta(path)
+    cfg = QuantizeConfig(**{k: v for k, v in (meta.get("quantize") or {}).items()
+                            if k in {f.name for f in fields(QuantizeConfig)}})  # fmt: skip
+    return Quantized(qmodel, base, replace(cfg, scheme=qmodel.scheme.name), {})
+
+
+def export(
+    quantized: Quantized,
+    path: str | Path = "model.onnx",
+    config: ExportConfig | None = None,
+    *,
+    target: str = "onnxruntime",
+    metadata: dict | None = None,
+    **overrides,
+) -> ExportResult:
+    """Write ``quantized`` as QDQ ONNX (linted against TensorRT's rules).
+
+    ``target="tensorrt"`` stores unquantized ops in FP16 (TensorRT 11 takes precision from the
+    ONNX) unless ``fp16`` is given; the engine itself is built by :func:`build_engine`.
+    """
+    from sardfq_export import __version__
+    from sardfq_export.exporters.onnx_export import export_onnx
+
+    if target not in TARGETS:
+        raise UserInputError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+    if config is None and "fp16" not in overrides:
+        overrides["fp16"] = TARGETS[target]["fp16"]
+    cfg = _configure(config, ExportConfig, overrides)
+    base = quantized.base
+    meta = {"model": base.name, "sardfq_export_version": __version__, "preprocessing": preprocessing(base),
+            **(metadata or {})}  # fmt: skip
+    return export_onnx(quantized.model, path, tuple(base.input_size), cfg, metadata=meta)
+
+
+# A deployment target: how its ONNX is written and whether a TensorRT engine is built.
+# Adding a target adds a line here (and its test and README line).
+TARGETS: dict[str, dict] = {
+    "onnx": {"fp16": False, "engine": False},
+    "onnxruntime": {"fp16": False, "engine": False},
+    "tensorrt": {"fp16": True, "engine": True},
+}
+
+
+def preprocessing(loaded: LoadedModel) -> dict:
+    """The model's preprocessing as plain JSON values (recorded in the ONNX and the receiver README)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in loaded.data_config.items()
+            if k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")}  # fmt: skip
+
+
+def validate(
+    quantized: Quantized,
+    onnx_path: str | Path | ExportResult,
+    *,
+    data: str | None = None,
+    held_images: torch.Tensor | CalibSet | None = None,
+    engine: str | Path | None = None,
+    gates: GateSpec | None = None,
+    limit: int | None = None,
+    batches: tuple[int, ...] = (1, 32),
+    progress: bool = True,
+    say=None,
+) -> Report:
+    """Run the deployed model (ONNX Runtime, or a TensorRT ``engine``) against PyTorch: a :class:`Report`.
+
+    ``data`` ("fashion-mnist" or a folder) adds real-data accuracy; ``held_images`` (default: 32
+    seeded Gaussian images) feed the label-free fidelity and the latency runs; ``gates`` are
+    evaluated into ``report.gates`` (never raised here: see ``report.passed``).
+    """
+    from sardfq_export.exporters.lint import lint_model
+    from sardfq_export.validation.deploy import validate_deployment
+    from sardfq_export.validation.gates import evaluate_gates
+    from sardfq_export.validation.report import build_report
+
+    onnx_path = Path(onnx_path.path if isinstance(onnx_path, ExportResult) else onnx_path)
+    base = quantized.base
+    if isinstance(held_images, CalibSet):
+        held_images = held_images.images
+    if held_images is None:
+        held_images = torch.randn(32, *base.input_size, generator=torch.Generator().manual_seed(0))
+    gates = gates or GateSpec()
+    if gates.max_top1_drop is not None and not data:
+        raise UserInputError(
+            "a top-1 drop gate needs real labelled data: pass data='fashion-mnist' or a folder"
+        )
+    dataset = None
+    if data:
+        from sardfq_export.data import load_dataset
+
+        dataset = load_dataset(data, base.data_config, split="test", limit=limit)
+    res = validate_deployment(
+        say or (lambda _msg: None), base.model, quantized.model, onnx_path, held_images, dataset,
+        Path(engine) if engine else None, progress=progress, batches=batches,
+    )  # fmt: skip
+    report = build_report(
+        model=base.name,
+        scheme=quantized.scheme.name,
+        target="tensorrt" if engine else "onnxruntime",
+        calibration=quantized.summary.get("calib") or {},
+        accuracy=res.get("accuracy"),
+        fidelity=res.get("fidelity"),
+        latency=res.get("latency"),
+        lint=lint_model(str(onnx_path)).to_dict(),
+        gates=None,
+        artifacts=None,
+        op_census=res.get("op_census"),
+    )
+    report["gates"] = evaluate_gates(report, gates)
+    return Report.from_dict(report)

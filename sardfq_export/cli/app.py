@@ -1,0 +1,146 @@
+"""The root command: ``sardfq-export [options]`` is the main job (synthesize → quantize → export → validate);
+the stage subcommands hang off it (cli/__init__.SUBCOMMANDS)."""
+
+from __future__ import annotations
+
+import click
+
+from sardfq_export import __version__
+from sardfq_export.cli import LazyGroup
+from sardfq_export.cli.options import model_options, output_options
+
+TARGETS = ("onnx", "onnxruntime", "tensorrt")  # sardfq_export.api.TARGETS (kept import-light here)
+
+
+@click.group(
+    cls=LazyGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.version_option(__version__, prog_name="sardfq-export")
+@model_options
+@click.option(
+    "--bits",
+    type=click.Choice(["8", "4"]),
+    default=None,
+    help="8 → scheme w8a8, 4 → w4a16 (TensorRT INT4 weight-only).",
+)
+@click.option(
+    "--scheme", default=None, metavar="S", help="Scheme by name (w8a8, w4a16, w4a8, w4a4); overrides --bits."
+)
+@click.option("--target", type=click.Choice(TARGETS), default="onnxruntime", show_default=True)
+@click.option(
+    "--calib",
+    default="sardfq",
+    show_default=True,
+    metavar="C",
+    help="sardfq | psaq | noise | real:DIR | a calib.safetensors file.",
+)
+@click.option("--num-images", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--iters", type=click.IntRange(min=0), default=None, help="Synthesis iterations (default: the method's)."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--finetune",
+    type=click.Choice(["none", "recon", "kd", "recon+kd"]),
+    default="none",
+    show_default=True,
+    help="After ranges: recon = block reconstruction (SARDFQ stage 2), kd = distillation.",
+)
+@click.option(
+    "--range",
+    "range_method",
+    type=click.Choice(["minmax", "percentile", "mse"]),
+    default="mse",
+    show_default=True,
+    help="Activation range method.",
+)
+@click.option("--weight-range", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N of --data."
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="CPU threads (torch and ONNX Runtime)."
+)
+@click.option(
+    "--data", default=None, metavar="D", help="Real labelled data for accuracy: 'fashion-mnist' or DIR."
+)
+@click.option("--out", type=click.Path(file_okay=False), default="sardfq-out", show_default=True)
+@click.option(
+    "--max-top1-drop", type=float, default=None, help="Gate: fail (exit 3) if top-1 drops more (points)."
+)
+@click.option(
+    "--min-agreement",
+    type=float,
+    default=None,
+    help="Gate: minimum deployed-vs-fake-quant top-1 agreement (0-1).",
+)
+@click.option(
+    "--min-speedup", type=float, default=None, help="Gate: minimum deployed/reference latency speedup."
+)
+@click.option("--resume", is_flag=True, help="Reuse finished stages and checkpoints in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an --out made with different settings.")
+@output_options
+@click.pass_context
+def cli(ctx: click.Context, **opts) -> None:
+    """Data-free quantization of Vision Transformers for TensorRT and ONNX Runtime.
+
+    Without a subcommand, runs the whole job: synthesize calibration images, quantize and
+    fine-tune, export, and validate the deployed model against the PyTorch reference.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    run_main_job(**opts)
+
+
+def run_main_job(**opts) -> None:
+    """The main job from the command line: options → JobConfig → ``job.run`` → printing, exit codes."""
+    import json
+    import time
+
+    from sardfq_export.core.errors import MissingComponentError
+    from sardfq_export.job import JobConfig, run
+    from sardfq_export.validation.gates import GateSpec, enforce
+    from sardfq_export.validation.report import render_summary
+
+    quiet = bool(opts["quiet"] or opts["as_json"])
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        if not quiet:
+            click.echo(f"[{time.perf_counter() - t0:6.1f}s] {msg}", err=True)
+
+    from sardfq_export.api import QuantizeConfig
+
+    if opts["threads"]:
+        import torch
+
+        torch.set_num_threads(opts["threads"])  # ONNX Runtime sessions take torch's thread count
+    from sardfq_export.cli.options import model_settings
+
+    quant = QuantizeConfig(
+        range=opts["range_method"], weight_range=opts["weight_range"], finetune=opts["finetune"]
+    )
+    cfg = JobConfig(
+        model=opts["model"], checkpoint=opts["checkpoint"], random_init=opts["random_init"],
+        scheme=opts["scheme"], bits=int(opts["bits"] or 8), target=opts["target"], calib=opts["calib"],
+        num_images=opts["num_images"], iters=opts["iters"], seed=opts["seed"], data=opts["data"],
+        out=opts["out"], gates=GateSpec(opts["max_top1_drop"], opts["min_agreement"], opts["min_speedup"]),
+        quantize=quant,
+        model_settings=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                    for k, v in model_settings().items())),  # fmt: skip
+        limit=opts["limit"],
+        resume=opts["resume"], overwrite=opts["overwrite"], progress=not quiet,
+    )  # fmt: skip
+    try:
+        report = run(cfg, say=say)
+    except MissingComponentError as exc:
+        if opts["as_json"] and getattr(exc, "report", None) is not None:
+            click.echo(json.dumps(exc.report.to_dict(), default=str))
+        raise
+    if opts["as_json"]:
+        click.echo(json.dumps(report.to_dict(), default=str))
+    else:
+        click.echo(render_summary(report.to_dict(), cfg.out))
+    enforce(report.gates)  # exit 3 when a gate failed, after the report and the summary are out

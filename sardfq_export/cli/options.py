@@ -1,0 +1,108 @@
+"""Option groups shared by the main job and the stage subcommands (identical flags everywhere)."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable
+
+import click
+
+
+def _stack(*decorators: Callable) -> Callable:
+    def apply(fn: Callable) -> Callable:
+        for dec in reversed(decorators):
+            fn = dec(fn)
+        return fn
+
+    return apply
+
+
+def _keep(ctx: click.Context, param: click.Parameter, value):
+    """Collect the model-shape options into ``ctx.meta`` (every command gets them, none spells them)."""
+    if value not in (None, (), False):
+        ctx.meta.setdefault(MODEL_SETTINGS, {})[param.name] = value
+    return value
+
+
+def _img_size(ctx: click.Context, param: click.Parameter, value):
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().split("x")]
+    except ValueError:
+        raise click.BadParameter("takes N or HxW (e.g. 224 or 224x160)") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise click.BadParameter("takes N or HxW (e.g. 224 or 224x160)")
+    return _keep(ctx, param, parts[0] if len(parts) == 1 else tuple(parts))
+
+
+def _kwargs(ctx: click.Context, param: click.Parameter, value):
+    out = {}
+    for item in value:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: use KEY=VALUE (e.g. depth=12 or global_pool=avg)")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw  # a plain word (global_pool=avg) is a string
+    return _keep(ctx, param, out or None)
+
+
+MODEL_SETTINGS = "sardfq.model_settings"
+
+model_options = _stack(
+    click.option(
+        "--model",
+        "model",
+        default=None,
+        metavar="M",
+        help="timm name or alias (deit_t/s/b, vit_s/b, swin_t/s/b), hf-hub:ORG/NAME, local-dir:DIR, "
+        "dinov2_s14_fmnist[@224]; omitted: the embedded reference model.",
+    ),
+    click.option(
+        "--checkpoint",
+        type=click.Path(dir_okay=False),
+        default=None,
+        metavar="F",
+        help="Weights for --model: .safetensors or a torch file (timm train checkpoints too); never unpickled.",
+    ),
+    click.option(
+        "--random-init",
+        is_flag=True,
+        help="Random weights instead of timm's pretrained download (structural runs, benchmarks).",
+    ),
+    click.option("--num-classes", type=click.IntRange(min=0), default=None, expose_value=False, callback=_keep,
+                 help="Classifier outputs (default: read off the checkpoint's head)."),
+    click.option("--img-size", default=None, metavar="N|HxW", expose_value=False, callback=_img_size,
+                 help="Input size (default: read off the checkpoint's pos-embed; another size resamples it)."),
+    click.option("--in-chans", type=click.IntRange(min=1), default=None, expose_value=False, callback=_keep,
+                 help="Input channels (default: read off the checkpoint's patch embedding)."),
+    click.option("--model-kwargs", multiple=True, metavar="K=V", expose_value=False, callback=_kwargs,
+                 help="More timm.create_model arguments (repeatable), e.g. --model-kwargs depth=6."),
+    click.option("--use-ema", is_flag=True, default=False, expose_value=False, callback=_keep,
+                 help="Load the checkpoint's EMA weights (state_dict_ema / model_ema)."),
+)  # fmt: skip
+
+output_options = _stack(
+    click.option("--quiet", is_flag=True, help="No progress bars."),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (for CI)."),
+)
+
+
+def model_settings() -> dict:
+    """The model-shape options of the running command (``--num-classes``...), as loader keywords."""
+    ctx = click.get_current_context(silent=True)
+    return dict(ctx.find_root().meta.get(MODEL_SETTINGS, {})) if ctx is not None else {}
+
+
+def load_from_options(model: str | None, checkpoint: str | None, random_init: bool, quiet: bool = False):
+    """Load the model the shared model options name (one place, one behaviour): a float model, or
+    the fake-quant model of a ``quantized/`` folder (``--model DIR``). Says what was inferred."""
+    from sardfq_export.api import load_model
+
+    loaded = load_model(model, checkpoint, pretrained=not random_init, **model_settings())
+    note = loaded.describe_inferred()
+    if note and not quiet:
+        click.echo(f"note: {note}", err=True)
+    return loaded

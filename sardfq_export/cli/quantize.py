@@ -1,0 +1,115 @@
+"""``sardfq-export quantize``: build, calibrate (and optionally fine-tune) a fake-quant model.
+
+    sardfq-export quantize [--model M] --calib real:DIR|real:fashion-mnist|FILE --num-images N
+                           --scheme S [--range minmax|percentile|mse] [--finetune none|recon|kd|recon+kd]
+                           --out DIR
+
+Writes ``DIR/quantized/`` (scales, scheme, base-model reference); ``sardfq-export eval --model DIR``
+evaluates it and later stages reload it without recomputing anything.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from sardfq_export.cli.options import load_from_options, model_options, output_options
+from sardfq_export.core.errors import UserInputError
+
+FINETUNES = ("none", "recon", "kd", "recon+kd")  # sardfq_export.api.FINETUNES (kept import-light here)
+
+
+@click.command("quantize")
+@model_options
+@click.option(
+    "--calib", required=True, metavar="C", help="real:DIR | real:fashion-mnist | a calib.safetensors FILE."
+)
+@click.option("--num-images", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--scheme",
+    default="w8a8",
+    show_default=True,
+    metavar="S",
+    help="w8a8, w4a16, w4a16_b64, w4a8, w4a4, research_w4a4_log2 (not exportable).",
+)
+@click.option(
+    "--range",
+    "range_method",
+    type=click.Choice(["minmax", "percentile", "mse"]),
+    default="mse",
+    show_default=True,
+    help="Activation range method.",
+)
+@click.option("--weight-range", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True)
+@click.option(
+    "--finetune",
+    type=click.Choice(FINETUNES),
+    default="none",
+    show_default=True,
+    help="recon: block-wise reconstruction (SARDFQ stage 2); kd: end-to-end distillation.",
+)
+@click.option(
+    "--iters", type=click.IntRange(min=0), default=None, help="Fine-tuning iterations (per block for recon)."
+)
+@click.option(
+    "--lr", type=float, default=None, help="Fine-tuning learning rate (recon 4e-5, kd 1e-5 by default)."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@output_options
+def quantize(
+    model,
+    checkpoint,
+    random_init,
+    calib,
+    num_images,
+    scheme,
+    range_method,
+    weight_range,
+    finetune,
+    iters,
+    lr,
+    seed,
+    out,
+    quiet,
+    as_json,
+):
+    """Build and calibrate a fake-quant model; write it to OUT/quantized/."""
+    from sardfq_export import api
+    from sardfq_export.core.distributed import barrier, init_from_env
+    from sardfq_export.synthesis.sources import calib_kind
+
+    if calib_kind(calib) == "method":
+        raise UserInputError(
+            f"--calib {calib}: quantize takes real:DIR, real:fashion-mnist or a calib.safetensors file; "
+            f"make one with 'sardfq-export synthesize --method {calib} --out calib.safetensors' (or run the main job)"
+        )
+    rank, world = init_from_env()  # under torchrun: fine-tuning runs data-parallel (calibrators.parallel)
+    loaded = load_from_options(model, checkpoint, random_init)
+    if loaded.extra.get("scheme") is not None:
+        raise UserInputError("--model names an already quantized folder: pass the float model it came from")
+    progress = not (quiet or as_json)
+    cfg = api.QuantizeConfig(scheme=scheme, range=range_method, weight_range=weight_range, finetune=finetune,
+                             iters=iters, lr=lr, seed=seed)  # fmt: skip
+    q = api.quantize(loaded, calib, cfg, num_images=num_images, progress=progress)
+    summary = q.summary
+    if rank != 0:  # every process holds the same model; one writes it
+        barrier()
+        return
+    folder = q.save(out, extra={"calib": {"spec": calib, **summary["calib"]}, "finetune": finetune, "seed": seed,
+                                "processes": world})  # fmt: skip
+    barrier()
+    s = q.scheme
+    result = {"model": loaded.name, "scheme": s.name, "exportable": s.exportable, "out": str(folder),
+              "calib": calib, "num_images": summary["calib"]["num_images"], "range": range_method,
+              "weight_range": weight_range, "finetune": finetune, **summary}  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+    else:
+        click.echo(f"{s}")
+        click.echo(
+            f"quantized {loaded.name}: {summary['quant']['quant_linear']} Linear(s), range {range_method}, "
+            f"fine-tune {finetune}, {summary['calib']['num_images']} calibration images, {summary['seconds']} s "
+            f"→ {folder}"
+        )

@@ -1,0 +1,289 @@
+"""The whole job (``sardfq-export [options]`` and ``sx.run``): synthesize → quantize → export → validate.
+
+Every stage is one API verb (:mod:`sardfq_export.api`) run through the folder's stage cache
+(:mod:`sardfq_export.jobcache`), so a re-run reuses what finished and ``--resume`` continues a
+half-finished synthesis from its checkpoint. Gates are evaluated on every run from the measured
+numbers; :func:`run` returns the :class:`Report` and the caller decides what a failed gate means
+(the CLI exits 3).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sardfq_export import __version__, api
+from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.errors import MissingComponentError, UserInputError
+from sardfq_export.core.io import atomic_write_text, sha256_file
+from sardfq_export.jobcache import StageCache, content_key
+from sardfq_export.validation.deploy import ORT_MODEL
+from sardfq_export.validation.gates import GateSpec
+from sardfq_export.validation.report import Report
+
+# Every artifact a job folder may hold (name in the manifest → path under --out).
+ARTIFACTS = ("model.onnx", ORT_MODEL, "calib.safetensors", "calib.json", "holdout.safetensors", "samples.png",
+             "quantized", "model.engine", "model.build.log", "build_engine.sh", "README.md")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything the main job needs; ``None`` means the default (noted per field)."""
+
+    model: str | None = None  # timm name / alias; None: the embedded reference model
+    checkpoint: str | None = None
+    random_init: bool = False
+    model_settings: tuple = ()  # more loader keywords as sorted (key, value) pairs: num_classes, img_size...
+    scheme: str | None = None  # None: from bits (8 → w8a8, 4 → w4a16)
+    bits: int = 8
+    target: str = "onnxruntime"
+    calib: str = "sardfq"  # a synthesis method, real:DIR, or a calib.safetensors file
+    num_images: int = 32
+    holdout: int | None = None  # held-out images for label-free fidelity; None: num_images
+    iters: int | None = None  # synthesis iterations; None: the model's own default, else the method's
+    seed: int = 0
+    data: str | None = None  # real labelled data for accuracy
+    limit: int | None = None  # evaluate only the first N images of ``data``
+    out: str = "sardfq-out"
+    gates: GateSpec = GateSpec()
+    quantize: api.QuantizeConfig = api.QuantizeConfig()  # its scheme and seed are set from the fields above
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    @property
+    def scheme_name(self) -> str:
+        return self.scheme or ("w4a16" if int(self.bits) == 4 else "w8a8")
+
+    def run_settings(self) -> dict:
+        """The settings whose change makes a different run (gates, verbosity and resume do not)."""
+        return {
+            "model": self.model,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "random_init": bool(self.random_init),
+            "model_settings": [list(kv) for kv in self.model_settings],
+            "scheme": self.scheme_name,
+            "target": self.target,
+            "calib": self.calib,
+            "num_images": self.num_images,
+            "holdout": self.holdout if self.holdout is not None else self.num_images,
+            "iters": self.iters,
+            "seed": self.seed,
+            "data": self.data,
+            "limit": self.limit,
+            "quantize": {k: v for k, v in self.quantize.to_dict().items() if k not in ("scheme", "seed")},
+        }
+
+
+def run(config: JobConfig | None = None, *, say: Callable[[str], None] | None = None, **overrides) -> Report:
+    """Run the whole job into ``config.out``; returns the report (``report.passed``: every gate held).
+
+    Raises :class:`MissingComponentError` (with ``.report``) when the target's runtime is missing
+    here (TensorRT without a GPU): the ONNX, the build command and the report are written first.
+    """
+    from dataclasses import replace
+
+    from sardfq_export import calibrators
+    from sardfq_export.core.distributed import env_world_size
+
+    cfg = replace(config or JobConfig(), **overrides) if overrides else (config or JobConfig())
+    say = say or (lambda _msg: None)
+    if env_world_size() > 1:
+        raise UserInputError(
+            "the main job runs as one process; under torchrun run the stages: 'torchrun --nproc-per-node K "
+            "-m sardfq_export synthesize --out DIR/calib.safetensors ...' (and 'quantize'), then "
+            "'sardfq-export --calib DIR/calib.safetensors ...'"
+        )
+    if cfg.target not in api.TARGETS:
+        raise UserInputError(f"unknown --target {cfg.target!r}: choose one of {', '.join(api.TARGETS)}")
+    if cfg.gates.max_top1_drop is not None and not cfg.data:
+        raise UserInputError(
+            "--max-top1-drop needs real labelled data: pass --data fashion-mnist or --data DIR"
+        )
+    scheme = calibrators.get_scheme(cfg.scheme_name)
+    scheme.assert_exportable()
+    out = Path(cfg.out).expanduser()
+    settings = cfg.run_settings()
+    n, holdout = cfg.num_images, settings["holdout"]
+    cache = StageCache(out, settings, overwrite=cfg.overwrite, say=say)
+    loaded = api.load_model(
+        cfg.model, cfg.checkpoint, pretrained=not cfg.random_init, **dict(cfg.model_settings)
+    )
+    if loaded.describe_inferred():
+        say(f"model: {loaded.describe_inferred()}")
+    dataset = None
+    if cfg.data:
+        from sardfq_export.data import load_dataset
+
+        dataset = load_dataset(cfg.data, loaded.data_config, split="test", limit=cfg.limit)
+    model_key = calibrators.model_fingerprint(loaded.model)
+
+    # 1. calibration images (+ held-out images for label-free fidelity)
+    calib_src: object = cfg.calib
+    if Path(cfg.calib).is_file():
+        calib_src = {"file": str(Path(cfg.calib).resolve()), "sha256": sha256_file(Path(cfg.calib))}
+    iters = cfg.iters if cfg.iters is not None else loaded.extra.get("synthesis_iters")
+    synth_key = content_key({"model": model_key, "calib": calib_src, "n": n, "holdout": holdout,
+                             "iters": iters, "seed": cfg.seed, "v": __version__})  # fmt: skip
+    calib_file, held_file = out / "calib.safetensors", out / "holdout.safetensors"
+
+    def synthesize() -> tuple[tuple[CalibSet, CalibSet], dict]:
+        from sardfq_export.synthesis.config import SynthConfig
+        from sardfq_export.synthesis.sources import resolve_calibration
+
+        cal, held = resolve_calibration(
+            cfg.calib, loaded, n, holdout, cfg.seed, synth_config=SynthConfig(iters=iters),
+            out=out / "synth.safetensors", resume=cfg.resume, progress=cfg.progress, say=say,
+        )  # fmt: skip
+        cal.save(calib_file)
+        held.save(held_file)
+        _draw_samples(out / "samples.png", cal, loaded, say)
+        rec = {"method": cal.meta.get("method", cfg.calib), "num_images": len(cal), "holdout": len(held),
+               "iters": cal.meta.get("iters", iters), "wall_time_s": cal.meta.get("wall_time_s")}  # fmt: skip
+        return (cal, held), rec
+
+    (cal, held), synth_rec = cache.stage(
+        "synthesize", synth_key, synthesize,
+        lambda _rec: (CalibSet.load(calib_file), CalibSet.load(held_file)), [calib_file, held_file],
+    )  # fmt: skip
+    calibration = {"method": synth_rec.get("method"), "num_images": n, "iters": synth_rec.get("iters"),
+                   "seed": cfg.seed, "holdout": synth_rec.get("holdout")}  # fmt: skip
+
+    # 2. quantize (+ fine-tune)
+    qcfg = replace(cfg.quantize, scheme=scheme.name, seed=cfg.seed)
+    quant_key = content_key({"synth": synth_key, "calib_sha": sha256_file(calib_file), "scheme": scheme.to_dict(),
+                             "recipe": qcfg.to_dict(), "v": __version__})  # fmt: skip
+
+    def quantize() -> tuple[api.Quantized, dict]:
+        q = api.quantize(loaded, cal, qcfg, num_images=n, progress=cfg.progress)
+        q.save(out, extra={"seed": cfg.seed})
+        summary = {k: v for k, v in q.summary.items() if k != "calib"}
+        return q, {"range": qcfg.range, "finetune": qcfg.finetune, **summary}
+
+    def load_quantized(_rec: dict) -> api.Quantized:
+        qmodel = calibrators.load_quantized(out / "quantized", loaded.model).eval()
+        return api.Quantized(qmodel, loaded, qcfg)
+
+    quantized, _ = cache.stage(
+        "quantize", quant_key, quantize, load_quantized, [out / "quantized" / "quantized.json"]
+    )
+    quantized.summary["calib"] = calibration
+
+    # 3. export
+    onnx_path = out / "model.onnx"
+    export_cfg = api.ExportConfig(fp16=api.TARGETS[cfg.target]["fp16"])
+    export_key = content_key({"quant": quant_key, "config": asdict(export_cfg), "v": __version__})
+
+    def export() -> tuple[None, dict]:
+        res = api.export(
+            quantized, onnx_path, export_cfg, target=cfg.target, metadata={"calibration": calibration}
+        )
+        return None, res.to_dict()
+
+    _, export_rec = cache.stage("export", export_key, export, lambda _rec: None, [onnx_path])
+    lint = export_rec.get("lint")
+    if lint and not lint["passed"]:
+        say(f"lint: {len(lint['violations'])} TensorRT-rule violation(s): {lint['violations'][0]}")
+
+    # 4. deploy + validate
+    engine = _build_engine(out, onnx_path, loaded) if api.TARGETS[cfg.target]["engine"] else None
+    if engine is not None and engine.get("missing"):
+        # No TensorRT here: report the lint, hand over the ONNX + build command, then exit 4.
+        report = _finish(cache, loaded, quantized, cfg, calibration, {}, export_rec, {"engine": engine})
+        exc = MissingComponentError(engine["message"])
+        exc.report = report
+        raise exc
+    val_key = content_key({"onnx": sha256_file(onnx_path), "data": cfg.data, "target": cfg.target,
+                           "held": sha256_file(held_file), "engine": (engine or {}).get("sha256"),
+                           "v": __version__})  # fmt: skip
+    engine_path = out / engine["path"] if engine else None
+    fp32_key = content_key({"model": model_key, "data": cfg.data, "dataset": getattr(dataset, "name", None),
+                           "n": len(dataset) if dataset is not None else None})  # fmt: skip
+
+    def validate() -> tuple[dict, dict]:
+        from sardfq_export.validation.deploy import validate_deployment
+
+        res = validate_deployment(
+            say, loaded.model, quantized.model, onnx_path, held.images, dataset, engine_path,
+            progress=cfg.progress, fp32_accuracy=cache.state.get("fp32_accuracy", {}).get(fp32_key),
+        )  # fmt: skip
+        return res, res
+
+    val, _ = cache.stage("validate", val_key, validate, lambda rec: rec)
+    if val.get("accuracy"):  # the float model's accuracy depends only on the model and the data
+        acc = val["accuracy"]
+        cache.state.setdefault("fp32_accuracy", {})[fp32_key] = {
+            "top1": acc["fp32_top1"],
+            "top5": acc.get("fp32_top5"),
+        }
+        cache.save()
+    return _finish(
+        cache, loaded, quantized, cfg, calibration, val, export_rec, {"engine": engine} if engine else None
+    )
+
+
+def _draw_samples(path: Path, cal: CalibSet, loaded, say: Callable[[str], None]) -> None:
+    from sardfq_export.synthesis.samples import save_samples
+
+    try:
+        save_samples(path, cal, loaded)
+    except Exception as exc:  # a picture must never fail the job
+        say(f"note: samples.png not drawn ({type(exc).__name__}: {exc})")
+
+
+def _build_engine(out: Path, onnx_path: Path, loaded) -> dict:
+    from sardfq_export.exporters.tensorrt import EngineConfig, build_engine
+
+    try:
+        res = build_engine(onnx_path, out / "model.engine", "input", tuple(loaded.input_size), EngineConfig())
+    except MissingComponentError as exc:
+        cmd = (out / "build_engine.sh").read_text().strip().splitlines()[-1]  # relative to --out
+        return {"missing": True, "message": str(exc), "command": cmd, "script": "build_engine.sh"}
+    return {"missing": False, "path": res.engine.name, "log": res.log.name, "versions": res.versions,
+            "build_s": res.build_s, "sha256": sha256_file(res.engine)}  # fmt: skip
+
+
+def _finish(cache: StageCache, loaded, quantized, cfg: JobConfig, calibration: dict, val: dict,
+            export_rec: dict, extra: dict | None) -> Report:  # fmt: skip
+    """Gates, report.json/md, the receiver README and the manifest: the job's last step."""
+    from sardfq_export.validation.gates import evaluate_gates
+    from sardfq_export.validation.manifest import collect_artifacts, write_manifest
+    from sardfq_export.validation.report import build_report, render_readme, write_report
+
+    out = cache.out
+    report = build_report(
+        model=loaded.name,
+        scheme=quantized.scheme.name,
+        target=cfg.target,
+        calibration=calibration,
+        accuracy=val.get("accuracy"),
+        fidelity=val.get("fidelity"),
+        latency=val.get("latency"),
+        lint=export_rec.get("lint"),
+        gates=None,
+        artifacts=None,
+        op_census=val.get("op_census"),
+        deployed_model=val.get("deployed_model"),
+        runtime_settings=val.get("runtime_settings"),
+        export={k: export_rec.get(k) for k in ("opset", "weights", "scheme")},
+        model_source=loaded.source,
+        num_classes=loaded.num_classes,
+        **(extra or {}),
+    )
+    report["gates"] = evaluate_gates(report, cfg.gates)
+    atomic_write_text(out / "README.md", render_readme(report, api.preprocessing(loaded), loaded.input_size))
+    names = {name: name for name in ARTIFACTS}
+    report["artifacts"] = collect_artifacts(out, names)
+    write_report(out, report)
+    artifacts = collect_artifacts(out, {**names, "report.json": "report.json", "report.md": "report.md"})
+    command = (
+        ["sardfq-export", *sys.argv[1:]]
+        if Path(sys.argv[0]).name in ("sardfq-export", "__main__.py")
+        else None
+    )
+    write_manifest(out, artifacts, command=command or [shlex.join(sys.argv)], settings=cache.settings,
+                   extra={"stages": cache.stage_seconds()})  # fmt: skip
+    return Report.from_dict(report)

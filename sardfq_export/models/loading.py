@@ -1,0 +1,436 @@
+"""The one way to load a model: timm names and aliases, ``hf-hub:`` / ``local-dir:``, checkpoints,
+the zoo (the embedded reference model, the benchmark models).
+
+Whatever the source, the result carries the model's preprocessing (timm's data config), so every
+later stage (synthesis clipping, evaluation, export input shape) agrees on it, and the settings it
+was built from (:class:`ModelSettings`), so a later stage rebuilds the same model from an artifact.
+Checkpoint reading, unwrapping and shape inference live in :mod:`sardfq_export.models.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from sardfq_export.core.errors import MissingComponentError, UserInputError
+from sardfq_export.models.checkpoint import (
+    Checkpoint,
+    find_weights,
+    infer_settings,
+    load_into,
+    open_checkpoint,
+)
+from sardfq_export.models.families import family_of
+from sardfq_export.models.reference import CARD, REFERENCE_NAME, SYNTH_ITERS, WEIGHTS, build_reference
+
+# Short names people type → timm's ImageNet model names.
+ALIASES = {
+    "deit_t": "deit_tiny_patch16_224",
+    "deit_s": "deit_small_patch16_224",
+    "deit_b": "deit_base_patch16_224",
+    "vit_s": "vit_small_patch16_224",
+    "vit_b": "vit_base_patch16_224",
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "swin_s": "swin_small_patch4_window7_224",
+    "swin_b": "swin_base_patch4_window7_224",
+}
+
+# Our own models by name: loader(img_size or None) -> (model, data_config, source). A fixed
+# architecture (no num_classes / in_chans / model_kwargs); a --checkpoint still loads on top.
+# The DINOv2 benchmark model registers here (dinov2_s14_fmnist, dinov2_s14_fmnist@224).
+ZooLoader = Callable[[Any], tuple[nn.Module, dict, str]]
+ZOO: dict[str, ZooLoader] = {}
+
+SOURCES = ("hf-hub", "local-dir")
+_SHAPE_KEYS = ("num_classes", "img_size", "in_chans")
+
+
+def _size(value) -> int | tuple[int, int]:
+    """An image size as timm takes it: an int when square, else (h, w)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise UserInputError(f"img_size {value!r} is not a size: pass N or (H, W)") from None
+    return h if h == w else (h, w)
+
+
+def _freeze(key: str, value):
+    """A model_kwargs value, hashable (lists → tuples); dicts and objects are refused."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(key, v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise UserInputError(
+        f"model_kwargs {key}={value!r}: values must be numbers, strings, booleans, None or lists of them"
+    )
+
+
+def _thaw(value):
+    return [_thaw(v) for v in value] if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How a model was loaded, resolved: ``load_model(**settings.to_dict())`` rebuilds it.
+
+    ``None`` means the model's default. Values read off a checkpoint are filled in (and named in
+    ``inferred``), so the rebuild does not depend on inference. Saved into artifacts as ``to_dict()``.
+    """
+
+    name: str  # 'reference', a timm name, 'hf-hub:org/name', 'local-dir:/abs/dir', or a ZOO name
+    checkpoint: str | None = None  # absolute path of a weights file; None: the name's own weights
+    pretrained: bool = True  # the name's own weights (timm hub, local-dir file, embedded), else random
+    num_classes: int | None = None  # classifier outputs (0: no head)
+    img_size: int | tuple[int, int] | None = None  # input size (int when square)
+    in_chans: int | None = None  # input channels
+    model_kwargs: tuple[tuple[str, Any], ...] = ()  # other timm.create_model kwargs, sorted pairs
+    use_ema: bool = False  # the checkpoint's EMA weights (state_dict_ema / model_ema)
+    inferred: tuple[str, ...] = field(default=(), compare=False)  # which values came from the checkpoint
+
+    def __post_init__(self) -> None:
+        pairs = self.model_kwargs.items() if isinstance(self.model_kwargs, dict) else self.model_kwargs
+        kwargs = tuple(sorted((str(k), _freeze(str(k), v)) for k, v in pairs))
+        object.__setattr__(self, "model_kwargs", kwargs)
+        if self.img_size is not None:
+            object.__setattr__(self, "img_size", _size(self.img_size))
+        object.__setattr__(self, "inferred", tuple(self.inferred))
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """``model_kwargs`` as the dict timm takes."""
+        return dict(self.model_kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; also ``load_model``'s keyword arguments."""
+        return {
+            "name": self.name,
+            "checkpoint": self.checkpoint,
+            "pretrained": self.pretrained,
+            "num_classes": self.num_classes,
+            "img_size": list(self.img_size) if isinstance(self.img_size, tuple) else self.img_size,
+            "in_chans": self.in_chans,
+            "model_kwargs": {k: _thaw(v) for k, v in self.model_kwargs},
+            "use_ema": self.use_ema,
+            "inferred": list(self.inferred),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSettings:
+        """The inverse of :meth:`to_dict` (as read back from JSON)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown or "name" not in data:
+            raise UserInputError(
+                f"model settings {sorted(data)} are not ModelSettings (unknown {unknown}): "
+                "rewrite the artifact with this version"
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def describe_inferred(self) -> str:
+        """'inferred num_classes=10, img_size=64 from the checkpoint', or '' when nothing was."""
+        parts = [f"{k}={getattr(self, k)}" for k in _SHAPE_KEYS if k in self.inferred]
+        return f"inferred {', '.join(parts)} from the checkpoint" if parts else ""
+
+
+@dataclass
+class LoadedModel:
+    """A float model in ``eval()`` mode plus what later stages need to know about it."""
+
+    model: nn.Module
+    name: str  # the resolved name: timm name, 'hf-hub:…', 'local-dir:…', a zoo name, or "reference"
+    data_config: dict  # timm.data.resolve_data_config(): input_size, mean, std, interpolation...
+    family: str  # "vit" (ViT/DeiT) or "swin"
+    source: str  # where the weights came from: "random-init", "pretrained", a checkpoint path
+    extra: dict = field(default_factory=dict)
+    settings: ModelSettings | None = None  # what load_model() resolved; None when built by hand
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.data_config["input_size"])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0))
+
+    def describe_inferred(self) -> str:
+        return self.settings.describe_inferred() if self.settings is not None else ""
+
+
+def model_family(model: nn.Module) -> str:
+    """'vit' or 'swin' (models.families); anything else is refused with a message naming what it is."""
+    return family_of(model).name
+
+
+def _dinov2(default_size: int) -> ZooLoader:
+    """The DINOv2 benchmark model, imported only when named (its builder needs onnx)."""
+
+    def load(img_size):
+        from sardfq_export.models import dinov2
+
+        return dinov2.load(img_size or default_size)
+
+    return load
+
+
+ZOO.update({"dinov2_s14_fmnist": _dinov2(112), "dinov2_s14_fmnist@224": _dinov2(224)})
+
+
+def wrap_module(model: nn.Module, name: str | None = None) -> LoadedModel:
+    """A :class:`LoadedModel` for a model built elsewhere (a plain timm ViT/Swin ``nn.Module``)."""
+    name = name or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    return _finish(model, name, "in-memory", None, {}, None)
+
+
+def resolve_name(name: str) -> str:
+    """Alias / timm name / zoo name / ``hf-hub:org/name`` / ``local-dir:DIR`` → the canonical name
+    (``local-dir:`` made absolute); an unknown name gets close matches suggested."""
+    import timm
+    from timm.models import parse_model_name
+
+    name = ALIASES.get(name, name)
+    if name in ZOO or name == REFERENCE_NAME:
+        return name
+    try:
+        source, ident = parse_model_name(name)
+    except ValueError as exc:
+        raise UserInputError(f"{exc} (valid sources: {', '.join(SOURCES)})") from None
+    if source == "hf-hub":
+        return f"hf-hub:{ident}"
+    if source == "local-dir":
+        folder = Path(ident).expanduser().resolve()
+        if not (folder / "config.json").is_file():
+            raise UserInputError(
+                f"local-dir:{folder} has no config.json: point it at a folder in timm's format "
+                "(timm.models.save_for_hf(model, DIR, safe_serialization=True) writes one)"
+            )
+        return f"local-dir:{folder}"
+    if timm.is_model(name):
+        return name
+    candidates = list(ALIASES) + list(ZOO) + timm.list_models()
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UserInputError(
+        f"unknown model {name!r}.{hint} Use a timm name (timm.list_models('*vit*')), an alias "
+        f"({', '.join(ALIASES)}), hf-hub:ORG/NAME, local-dir:DIR, or omit --model for the "
+        "embedded reference model"
+    )
+
+
+def _is_hub_error(exc: BaseException) -> bool:
+    mod = type(exc).__module__
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or mod.startswith(
+        ("huggingface_hub", "requests", "httpx", "urllib3")
+    )
+
+
+def _build_error(name: str, exc: BaseException, pretrained: bool) -> Exception:
+    """A timm.create_model failure as the one line that says what to do."""
+    text = str(exc)
+    if "huggingface_hub" in text and "not installed" in text:
+        return MissingComponentError(f"{name} needs huggingface_hub: pip install huggingface_hub")
+    if name.startswith("hf-hub:") and _is_hub_error(exc):
+        if type(exc).__name__ == "RepositoryNotFoundError":
+            return UserInputError(f"{name}: no such repository on the Hugging Face Hub (or it is private)")
+        return UserInputError(
+            f"cannot fetch {name} (offline or hub unreachable): download it where you have network "
+            "and pass --model local-dir:DIR or --checkpoint FILE"
+        )
+    if pretrained and _is_hub_error(exc):
+        return UserInputError(
+            f"cannot download pretrained weights for {name} (offline or hub unreachable): "
+            "pass --checkpoint FILE, or --random-init for a structural run"
+        )
+    line = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+    if isinstance(exc, TypeError) and "argument" in line:
+        return UserInputError(f"{name} does not take that setting ({line}): check --model-kwargs")
+    return UserInputError(f"cannot build {name}: {line}")
+
+
+def _create(
+    name: str, args: dict, *, pretrained: bool = False, meta: bool = False, overlay=None
+) -> nn.Module:
+    """timm.create_model, on the meta device (structure only) or seeded (seed 0, global RNG untouched:
+    every run and every torchrun process builds the same random weights)."""
+    import timm
+
+    try:
+        if meta:
+            with torch.device("meta"):
+                return timm.create_model(name, pretrained=False, **args)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **args)
+    except (OSError, RuntimeError, ValueError, TypeError, AssertionError, KeyError) as exc:
+        raise _build_error(name, exc, pretrained and not meta) from None
+    except Exception as exc:
+        if _is_hub_error(exc):
+            raise _build_error(name, exc, pretrained and not meta) from None
+        raise
+
+
+def _fold(model_kwargs: dict | None, timm_kwargs: dict, explicit: dict) -> tuple[dict, dict]:
+    """(timm kwargs, shape settings): num_classes / img_size / in_chans given inside the kwargs move
+    to the shape settings; the same key twice with different values is refused."""
+    kwargs = dict(model_kwargs or {})
+    for k, v in timm_kwargs.items():
+        if k in kwargs and kwargs[k] != v:
+            raise UserInputError(f"{k} given twice ({kwargs[k]!r} and {v!r}): pass it once")
+        kwargs[k] = v
+    shape = {}
+    for key in _SHAPE_KEYS:
+        mine, folded = explicit.get(key), kwargs.pop(key, None)
+        if mine is not None and folded is not None and mine != folded:
+            raise UserInputError(f"{key} given twice ({mine!r} and {folded!r}): pass it once")
+        value = mine if mine is not None else folded
+        if value is not None:
+            shape[key] = _size(value) if key == "img_size" else int(value)
+    return {str(k): _freeze(str(k), v) for k, v in kwargs.items()}, shape
+
+
+def load_model(
+    name: str | None = None,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = True,
+    *,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    in_chans: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    use_ema: bool = False,
+    inferred: tuple[str, ...] | list[str] = (),
+    **timm_kwargs,
+) -> LoadedModel:
+    """Load ``name`` (alias, timm name, ``hf-hub:org/name``, ``local-dir:DIR``, a zoo name, or
+    None/'reference'), optionally with a checkpoint (safetensors or torch; nothing unpickled).
+
+    ``pretrained`` uses the name's own weights (timm's download, the local-dir file; offline, a
+    download fails with a one-line message suggesting ``--checkpoint``), else a seeded random init.
+    ``num_classes`` / ``img_size`` / ``in_chans`` left None are read off the checkpoint when there is
+    one (an explicit ``img_size`` different from the checkpoint's resamples its position embedding
+    the way timm does). ``model_kwargs`` (and the legacy ``**timm_kwargs``) go to
+    ``timm.create_model``. ``use_ema`` takes the checkpoint's EMA weights. ``inferred`` is accepted
+    and ignored, so ``load_model(**settings.to_dict())`` works; the result's ``settings`` say it all.
+    """
+    del inferred  # informational only: the values themselves are in the other settings
+    kwargs, shape = _fold(
+        model_kwargs, timm_kwargs, {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
+    )
+    from_dir = str(name or "").startswith("local-dir:") and pretrained
+    if use_ema and checkpoint is None and not from_dir:
+        raise UserInputError(
+            "--use-ema picks the EMA weights of a --checkpoint file (or a local-dir: folder's): "
+            "pass one, or drop --use-ema"
+        )
+    if name in (None, REFERENCE_NAME) or name in ZOO:
+        if kwargs or set(shape) - ({"img_size"} if name in ZOO else set()):
+            raise UserInputError(
+                f"{name or REFERENCE_NAME} is a fixed model: it takes no "
+                f"{', '.join(sorted(set(shape) | set(kwargs)))}; pass --model NAME for a timm model"
+            )
+        return _load_zoo(name or REFERENCE_NAME, checkpoint, use_ema, shape.get("img_size"))
+    return _load_timm(name, checkpoint, pretrained, kwargs, shape, use_ema)
+
+
+def _load_zoo(name: str, checkpoint, use_ema: bool, img_size) -> LoadedModel:
+    """The reference model or a ZOO entry, with its own weights or a checkpoint on top."""
+    if name == REFERENCE_NAME:
+        model, data_config, extra = build_reference(), None, {"synthesis_iters": SYNTH_ITERS}
+        if checkpoint is None and not WEIGHTS.exists():
+            raise UserInputError(
+                f"reference weights {WEIGHTS} are missing: run 'python tools/train_reference.py'"
+            )
+        ckpt = open_checkpoint(WEIGHTS if checkpoint is None else checkpoint, use_ema)
+        source = f"embedded ({CARD.name})" if checkpoint is None else str(ckpt.path)
+        load_into(model, ckpt, model_family(model), "the reference model")
+    else:
+        model, data_config, source = ZOO[name](img_size)
+        extra = {}
+        if checkpoint is not None:
+            ckpt = open_checkpoint(checkpoint, use_ema)
+            load_into(model, ckpt, model_family(model), name, resample=img_size is not None)
+            source = str(ckpt.path)
+    settings = ModelSettings(
+        name=name,
+        checkpoint=None if checkpoint is None else source,
+        pretrained=checkpoint is None,
+        img_size=img_size,
+        use_ema=use_ema,
+    )
+    return _finish(model, name, source, settings, extra, data_config)
+
+
+def _load_timm(name, checkpoint, pretrained: bool, kwargs: dict, shape: dict, use_ema: bool) -> LoadedModel:
+    resolved = resolve_name(name)
+    local_dir = Path(resolved.split(":", 1)[1]) if resolved.startswith("local-dir:") else None
+    ckpt: Checkpoint | None = None
+    if checkpoint is not None:
+        ckpt = open_checkpoint(checkpoint, use_ema)
+    elif local_dir is not None and pretrained:
+        ckpt = open_checkpoint(find_weights(local_dir), use_ema)
+
+    meta = _create(resolved, {**kwargs, **shape}, meta=True)
+    family = model_family(meta)
+    found: dict[str, Any] = {}
+    if ckpt is not None:
+        want = tuple(k for k in _SHAPE_KEYS if k not in shape)
+        found = infer_settings(
+            ckpt.state,
+            meta,
+            family,
+            build=lambda img: _create(resolved, {**kwargs, **shape, "img_size": img}, meta=True),
+            want=want,
+        )
+    args = {**kwargs, **shape, **found}
+    # Preprocessing a checkpoint file carries (a local-dir's config.json is read by timm itself).
+    overlay = ckpt.pretrained_cfg if ckpt is not None and local_dir is None and ckpt.pretrained_cfg else None
+    use_hub = pretrained and ckpt is None and local_dir is None
+    model = _create(resolved, args, pretrained=use_hub, overlay=overlay)
+    if ckpt is not None:
+        load_into(
+            model, ckpt, family, resolved, resample="img_size" in shape, resample_patch="patch_size" in kwargs
+        )
+    source = str(ckpt.path) if ckpt is not None else ("pretrained" if use_hub else "random-init")
+    settings = ModelSettings(
+        name=resolved,
+        checkpoint=None if checkpoint is None else str(ckpt.path),
+        pretrained=pretrained and checkpoint is None,
+        num_classes=args.get("num_classes"),
+        img_size=args.get("img_size"),
+        in_chans=args.get("in_chans"),
+        model_kwargs=kwargs,
+        use_ema=use_ema,
+        inferred=tuple(k for k in _SHAPE_KEYS if k in found),
+    )
+    return _finish(model, resolved, source, settings, {}, None)
+
+
+def _finish(model, name, source, settings, extra, data_config) -> LoadedModel:
+    from timm.data import resolve_data_config
+
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    data_config = dict(data_config or resolve_data_config(model=model))
+    for key in ("mean", "std"):
+        if isinstance(data_config.get(key), list):  # a config.json's lists
+            data_config[key] = tuple(data_config[key])
+    # timm's pretrained cfg keeps the registered size (224) when img_size/in_chans are overridden:
+    # the patch embedding knows what the model really takes.
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None and getattr(embed, "img_size", None) is not None:
+        in_chans = getattr(getattr(embed, "proj", None), "in_channels", data_config["input_size"][0])
+        data_config["input_size"] = (int(in_chans), *(int(v) for v in embed.img_size))
+    return LoadedModel(model, name, data_config, model_family(model), source, extra, settings)
+
+
+def read_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """A checkpoint file's state dict, unwrapped and cleaned (safetensors / ``weights_only=True``)."""
+    return open_checkpoint(path, use_ema).state

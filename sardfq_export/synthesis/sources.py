@@ -1,0 +1,111 @@
+"""The one calibration-spec resolver: ``--calib`` → (calibration set, held-out set).
+
+Every command and the API resolve a spec here, so ``real:DIR`` means the same images everywhere:
+
+- a synthesis method name (``sardfq``, ``psaq``, ``noise``): synthesize ``n + holdout`` images;
+- ``real:DIR`` / ``real:fashion-mnist``: the *train* split, shuffled by ``seed``; the first ``n``
+  calibrate, the next ``holdout`` are held out (so ``quantize`` and the main job with the same
+  ``--num-images`` and ``--seed`` calibrate on the same images);
+- a ``calib.safetensors`` file (or a folder holding one): its first ``n`` images calibrate, the
+  rest (when ``holdout``) are held out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.errors import UserInputError
+
+
+def calib_kind(spec: str) -> str:
+    """'real', 'file' or 'method' (a registered synthesis method); anything else is refused."""
+    from sardfq_export.synthesis.methods import METHODS
+
+    if spec.startswith("real:"):
+        return "real"
+    if spec in METHODS:
+        return "method"
+    path = Path(spec).expanduser()
+    if path.is_file() or (path.is_dir() and (path / "calib.safetensors").is_file()):
+        return "file"
+    raise UserInputError(
+        f"--calib {spec!r}: use {', '.join(METHODS)}, real:DIR, real:fashion-mnist or a calib.safetensors file"
+    )
+
+
+def real_calibration(source: str, data_config: dict, n: int, holdout: int = 0, seed: int = 0):
+    """``n`` (+ ``holdout``) real *train* images, shuffled by ``seed``."""
+    from sardfq_export.data import load_dataset
+
+    if not source:
+        raise UserInputError(
+            "--calib real: needs a folder or 'fashion-mnist' (e.g. --calib real:fashion-mnist)"
+        )
+    ds = load_dataset(source, data_config, split="train")
+    if len(ds) < n + min(holdout, 1):
+        raise UserInputError(
+            f"--calib real:{source} has {len(ds)} images; need at least {n + min(holdout, 1)}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=gen)[: min(len(ds), n + holdout)].numpy()
+    images, labels = ds.take(idx)
+    meta = {"method": "real", "source": ds.name, "split": "train", "num_images": n, "seed": seed}
+    return CalibSet(images=images, labels=labels, meta=meta)
+
+
+def file_calibration(spec: str, input_size: tuple[int, ...]) -> CalibSet:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "calib.safetensors"
+    cal = CalibSet.load(path)
+    if tuple(cal.images.shape[1:]) != tuple(input_size):
+        raise UserInputError(
+            f"{path} holds images of shape {tuple(cal.images.shape[1:])}, the model takes {tuple(input_size)}"
+        )
+    return cal
+
+
+def resolve_calibration(
+    spec: str,
+    loaded,
+    n: int,
+    holdout: int = 0,
+    seed: int = 0,
+    *,
+    synth_config=None,
+    out: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    say=None,
+) -> tuple[CalibSet, CalibSet | None]:
+    """(calibration set of ``n`` images, held-out set of up to ``holdout`` images or None).
+
+    ``synth_config`` (a :class:`SynthConfig`) overrides the synthesis settings for method specs;
+    its ``num_images`` and ``seed`` are set from ``n + holdout`` and ``seed``.
+    """
+    from dataclasses import replace
+
+    kind = calib_kind(spec)
+    if kind == "real":
+        full = real_calibration(spec[len("real:") :], loaded.data_config, n, holdout, seed)
+    elif kind == "file":
+        full = file_calibration(spec, loaded.input_size)
+        if holdout and len(full) <= n and say is not None:
+            say(f"note: {spec} has no images beyond the {n} for calibration; fidelity reuses them")
+    else:
+        from sardfq_export.synthesis.config import SynthConfig
+        from sardfq_export.synthesis.runner import synthesize
+
+        cfg = synth_config or SynthConfig(method=spec)
+        iters = cfg.iters if cfg.iters is not None else loaded.extra.get("synthesis_iters")
+        cfg = replace(cfg, method=spec, num_images=n + holdout, seed=seed, iters=iters)
+        full = synthesize(loaded, cfg, out=out, resume=resume, progress=progress)
+    if not holdout:
+        return (full.split(n)[0] if len(full) > n else full), None
+    if len(full) <= n:
+        return full, full
+    cal, held = full.split(n)
+    return cal, held
