@@ -4,7 +4,7 @@
 # and no generic top-level modules (`import validation` / `import exporters` must fail there).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-venv=$("$root/tools/dev.sh" venv)
+venv=$(bash "$root/tools/dev.sh" venv)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$venv/bin/python" -m build --wheel --no-isolation --outdir "$work/dist" "$root" > "$work/build.log" 2>&1 \
