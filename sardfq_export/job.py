@@ -18,7 +18,7 @@ from pathlib import Path
 from sardfq_export import __version__, api
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.errors import MissingComponentError, UserInputError
-from sardfq_export.core.io import atomic_write_text, sha256_file
+from sardfq_export.core.io import atomic_write_text, claim_output, sha256_file
 from sardfq_export.jobcache import StageCache, content_key
 from sardfq_export.validation.deploy import ORT_MODEL
 from sardfq_export.validation.gates import GateSpec
@@ -106,6 +106,16 @@ def run(config: JobConfig | None = None, *, say: Callable[[str], None] | None = 
     scheme = calibrators.get_scheme(cfg.scheme_name)
     scheme.assert_exportable()
     out = Path(cfg.out).expanduser()
+    # issue 14: pre-flight (writable, free space) and the exclusive lock on --out, before any work
+    with claim_output(out, folder=True, say=say):
+        return _run_locked(cfg, scheme, out, say)
+
+
+def _run_locked(cfg: JobConfig, scheme, out: Path, say: Callable[[str], None]) -> Report:
+    from dataclasses import replace
+
+    from sardfq_export import calibrators
+
     settings = cfg.run_settings()
     n, holdout = cfg.num_images, settings["holdout"]
     cache = StageCache(out, settings, overwrite=cfg.overwrite, say=say)

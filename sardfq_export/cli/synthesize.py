@@ -1,4 +1,8 @@
-"""``sardfq-export synthesize``: make a synthetic calibration set (noise, PSAQ-ViT or SARDFQ)."""
+"""``sardfq-export synthesize``: make a synthetic calibration set (noise, PSAQ-ViT or SARDFQ).
+
+Before loading the model, ``--out`` is checked (writable, room on its disk) and locked for the
+run (``.NAME.sardfq-lock`` beside it): a second run into the same file exits 2 naming the first.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import click
 
 from sardfq_export.cli.options import load_from_options, model_options, output_options
 from sardfq_export.core.errors import UserInputError
+from sardfq_export.core.io import claim_output
 
 METHOD_NAMES = ("sardfq", "psaq", "noise")  # mirrors synthesis.METHODS (kept import-light for --help)
 
@@ -107,6 +112,9 @@ def synthesize(
         raise UserInputError("--device cuda: no CUDA GPU is visible; use --device cpu")
     # Under torchrun: join the process group; each process takes every K-th batch (runner.py).
     rank, world = init_from_env(None if device == "auto" else device)
+    if rank == 0:  # before any work: --out writable, room on its disk, no other job writing it
+        quiet_say = (lambda _m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
+        click.get_current_context().with_resource(claim_output(Path(out), folder=False, say=quiet_say))
     loaded = load_from_options(model, checkpoint, random_init)
     if iters is None:  # a model may bring its own default (the reference model: 200)
         iters = loaded.extra.get("synthesis_iters")
@@ -128,7 +136,10 @@ def synthesize(
     ckpt = checkpoint_path(out, rank, world)
     calib = None
     if out.exists() and not overwrite:
-        existing = CalibSet.load(out)
+        try:
+            existing = CalibSet.load(out)
+        except UserInputError as exc:  # e.g. truncated: say what to do
+            raise UserInputError(f"{exc} (pass --overwrite to make it again)") from None
         same = (
             existing.meta.get("config") == json.loads(json.dumps(resolved.to_dict()))
             and existing.meta.get("model") == loaded.name

@@ -2,9 +2,10 @@
 
 Long runs are safe: a checkpoint (images, Adam state, loss history) is written atomically every
 ``checkpoint_every`` iterations; ``resume=True`` continues from it bit-exactly (every random draw
-is made up front from the seed, see :mod:`plan`); Ctrl-C finishes the current iteration, saves and
-re-raises; a non-finite loss stops with :class:`SynthesisDivergedError`, keeping the last good
-checkpoint (checkpoints are only written after the losses up to them were checked finite).
+is made up front from the seed, see :mod:`plan`); Ctrl-C or SIGTERM finishes the current
+iteration, saves and re-raises (:class:`_Interrupt`); a non-finite loss stops with
+:class:`SynthesisDivergedError`, keeping the last good checkpoint (checkpoints are only written
+after the losses up to them were checked finite).
 
 Under torchrun each process optimizes every K-th batch (batch b on rank b mod K), keeps its own
 checkpoint, and the batches are gathered in index order: every draw depends on the image index
@@ -73,27 +74,55 @@ def model_input_size(loaded) -> tuple[int, int, int]:
 
 
 class _Interrupt:
-    """Ctrl-C sets a flag; the loop saves at the end of the iteration. A second Ctrl-C raises at once."""
+    """Ctrl-C or SIGTERM sets a flag; the loop saves a checkpoint at the end of the iteration, then
+    :meth:`deliver` lets the signal take its course: KeyboardInterrupt for Ctrl-C; for SIGTERM the
+    handler installed before (the CLI's raises ``Terminated``, exit 143; the default ends the
+    process). A second signal acts at once. A signal ignored before stays ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.getsignal(signal.SIGINT)
-
-            def handler(signum, frame):
-                if self.requested:
-                    raise KeyboardInterrupt
-                self.requested = True
-
-            signal.signal(signal.SIGINT, handler)
+            for sig in self.SIGNALS:
+                old = signal.getsignal(sig)
+                if old is signal.SIG_IGN or old is None:  # None: installed outside Python; leave it
+                    continue
+                self._old[sig] = old
+                signal.signal(sig, self._handler)
         return self
 
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+    def _handler(self, signum, frame):
+        if self.requested:
+            self.deliver(signum)
+        self.requested = True
+        self.signum = signum
+
+    def deliver(self, signum: int | None = None) -> None:
+        """Raise (or end the process) the way the signal would have without us; never returns."""
+        signum = signum if signum is not None else self.signum
+        old = self._old.get(signum) if signum is not None else None
+        self._restore()
+        if signum == signal.SIGTERM:
+            if callable(old):
+                old(signum, None)  # e.g. the CLI's handler: raises Terminated (exit 143)
+            elif old == signal.SIG_DFL:
+                signal.raise_signal(signum)  # the default: the process ends here, its checkpoint saved
+        raise KeyboardInterrupt
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None and self.requested:  # arrived after the loop's last check: honour it now
+            self.deliver()
+        self._restore()
         return False
 
 
@@ -240,6 +269,8 @@ def synthesize(
                     x = torch.maximum(torch.minimum(x, hi), lo) if method.optimizes else x
                 if iters == 0:
                     done.append(x.detach().cpu())
+                    if stop.requested:
+                        stop.deliver()
                     continue
                 offsets, flips = augmentation_table(cfg, idx, (h, w))
                 priors = draw_priors(cfg, idx, {i: (infos[i].heads, grids[i]) for i in apa_idx})
@@ -317,7 +348,7 @@ def synthesize(
                     if stop.requested:
                         _check_finite(hist, checked, it_done, bi, len(batches), ckpt)
                         save(it_done)
-                        raise KeyboardInterrupt
+                        stop.deliver()
                 curves.append({"batch": bi, **_subsample(hist.cpu())})
                 done.append(x.detach().cpu())
                 start_iter = 0
