@@ -173,8 +173,15 @@ def _dinov2(default_size: int) -> ZooLoader:
     """The DINOv2 benchmark model, imported only when named (its builder needs onnx)."""
 
     def load(img_size):
-        from sardfq_export.models import dinov2
-
+        try:
+            from sardfq_export.models import dinov2
+        except ModuleNotFoundError as exc:
+            if exc.name != "sardfq_export.models.dinov2":
+                raise
+            raise MissingComponentError(
+                "the DINOv2 benchmark model's builder is not in this version of sardfq-export: "
+                "pass another --model"
+            ) from None
         return dinov2.load(img_size or default_size)
 
     return load
