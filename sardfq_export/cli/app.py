@@ -7,7 +7,7 @@ import click
 
 from sardfq_export import __version__
 from sardfq_export.cli import LazyGroup
-from sardfq_export.cli.options import model_options, output_options
+from sardfq_export.cli.options import model_options, output_options, recipe_options
 
 TARGETS = ("onnx", "onnxruntime", "tensorrt")  # sardfq_export.api.TARGETS (kept import-light here)
 
@@ -41,22 +41,7 @@ TARGETS = ("onnx", "onnxruntime", "tensorrt")  # sardfq_export.api.TARGETS (kept
     "--iters", type=click.IntRange(min=0), default=None, help="Synthesis iterations (default: the method's)."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--finetune",
-    type=click.Choice(["none", "recon", "kd", "recon+kd"]),
-    default="none",
-    show_default=True,
-    help="After ranges: recon = block reconstruction (SARDFQ stage 2), kd = distillation.",
-)
-@click.option(
-    "--range",
-    "range_method",
-    type=click.Choice(["minmax", "percentile", "mse"]),
-    default="mse",
-    show_default=True,
-    help="Activation range method.",
-)
-@click.option("--weight-range", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True)
+@recipe_options
 @click.option(
     "--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N of --data."
 )

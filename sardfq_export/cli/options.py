@@ -84,6 +84,26 @@ model_options = _stack(
                  help="Load the checkpoint's EMA weights (state_dict_ema / model_ema)."),
 )  # fmt: skip
 
+# How the fake-quant model is made (the main job and `quantize` share them; api.QuantizeConfig's fields).
+recipe_options = _stack(
+    click.option(
+        "--range",
+        "range_method",
+        type=click.Choice(["minmax", "percentile", "mse"]),
+        default="mse",
+        show_default=True,
+        help="Activation range method.",
+    ),
+    click.option("--weight-range", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True),
+    click.option(
+        "--finetune",
+        type=click.Choice(["none", "recon", "kd", "recon+kd"]),
+        default="none",
+        show_default=True,
+        help="recon: block-wise reconstruction (SARDFQ stage 2); kd: end-to-end distillation.",
+    ),
+)
+
 output_options = _stack(
     click.option("--quiet", is_flag=True, help="No progress bars."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (for CI)."),

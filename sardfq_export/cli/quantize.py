@@ -14,10 +14,8 @@ import json
 
 import click
 
-from sardfq_export.cli.options import load_from_options, model_options, output_options
+from sardfq_export.cli.options import load_from_options, model_options, output_options, recipe_options
 from sardfq_export.core.errors import UserInputError
-
-FINETUNES = ("none", "recon", "kd", "recon+kd")  # sardfq_export.api.FINETUNES (kept import-light here)
 
 
 @click.command("quantize")
@@ -33,22 +31,7 @@ FINETUNES = ("none", "recon", "kd", "recon+kd")  # sardfq_export.api.FINETUNES (
     metavar="S",
     help="w8a8, w4a16, w4a16_b64, w4a8, w4a4, research_w4a4_log2 (not exportable).",
 )
-@click.option(
-    "--range",
-    "range_method",
-    type=click.Choice(["minmax", "percentile", "mse"]),
-    default="mse",
-    show_default=True,
-    help="Activation range method.",
-)
-@click.option("--weight-range", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True)
-@click.option(
-    "--finetune",
-    type=click.Choice(FINETUNES),
-    default="none",
-    show_default=True,
-    help="recon: block-wise reconstruction (SARDFQ stage 2); kd: end-to-end distillation.",
-)
+@recipe_options
 @click.option(
     "--iters", type=click.IntRange(min=0), default=None, help="Fine-tuning iterations (per block for recon)."
 )

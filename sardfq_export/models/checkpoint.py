@@ -19,6 +19,7 @@ import json
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,9 @@ def _is_safetensors(path: Path) -> bool:
 
 def _torch_load(path: Path):
     try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        # torch warns about pickle protocols of non-checkpoint files; the error below says it in one line
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         try:  # names the offending globals by scanning the pickle's opcodes (nothing is run)
