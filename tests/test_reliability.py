@@ -1,6 +1,6 @@
 """Fault injection (issue 14): no lost or mixed work.
 
-SIGKILL at stage boundaries then ``--resume`` (bit-identical artifacts, consistent manifest), a
+SIGKILL or SIGTERM inside each stage then ``--resume`` (bit-identical artifacts, consistent manifest), a
 second job into the same ``--out`` (exit 2 naming the holder), SIGTERM (exit 143, checkpoint
 kept, resume bit-exact), a full disk (one line, nothing partial, ``--resume`` completes), bad or
 unwritable ``--out`` and corrupt files of our own (one line, exit 2, nothing left behind).
@@ -55,6 +55,17 @@ FAST_LATENCY = (
     "from sardfq_export.validation import latency\n"
     "_compare = latency.compare\n"
     "latency.compare = lambda r, d, s, b, **k: _compare(r, d, s, (1,), warmup=0, iters=2, max_seconds=0.0)\n"
+    "import os, time\n"
+    "from sardfq_export import jobcache\n"
+    "_stage, _hold = jobcache.StageCache.stage, os.environ.get('HOLD_STAGE')\n"
+    "def _held(compute, self, name):\n"
+    "    value = compute()\n"
+    "    self.say(f'{name}: held')\n"
+    "    time.sleep(600)\n"
+    "    return value\n"
+    "def stage(self, name, key, compute, *a, **k):\n"
+    "    return _stage(self, name, key, (lambda: _held(compute, self, name)) if name == _hold else compute, *a, **k)\n"
+    "jobcache.StageCache.stage = stage\n"
     "from sardfq_export.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
@@ -63,8 +74,10 @@ FAST_LATENCY = (
 class Proc:
     """A ``sardfq-export`` process whose stderr is collected as it comes (for timing kills)."""
 
-    def __init__(self, args: list[str], *, shim: bool = False):
+    def __init__(self, args: list[str], *, shim: bool = False, hold: str | None = None):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        if hold:  # the shim holds that stage once its work is done, before it is marked done
+            env["HOLD_STAGE"] = hold
         head = [sys.executable, "-c", FAST_LATENCY] if shim else [sys.executable, "-m", "sardfq_export"]
         self.p = subprocess.Popen(
             [*head, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
@@ -265,14 +278,11 @@ def test_killed_at_each_stage_then_resume_gives_the_same_artifacts(baseline, tmp
     out = tmp_path / "K"
     args = [*JOB, "--out", out]
     previous = None
-    for stage, sig, delay in (
-        ("quantize", signal.SIGKILL, 0.0),
-        ("export", signal.SIGTERM, 0.5),
-        ("validate", signal.SIGKILL, 0.3),
-    ):
-        job = Proc([*args, "--resume"], shim=True)
-        job.wait_for(rf"{stage}: running")
-        time.sleep(delay)
+    # Each kill lands inside its stage (held after its files are written, before it is marked done):
+    # the stages take a fraction of a second here, so a timed kill could land after the job ended.
+    for stage, sig in (("quantize", signal.SIGKILL), ("export", signal.SIGTERM), ("validate", signal.SIGKILL)):
+        job = Proc([*args, "--resume"], shim=True, hold=stage)
+        job.wait_for(rf"{stage}: held")
         job.signal(sig)
         if sig == signal.SIGKILL:
             assert job.finish() == -signal.SIGKILL
