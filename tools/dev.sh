@@ -15,6 +15,12 @@ $(python3 "$root/tools/deps.py" cpu dev)"
 hash=$(printf '%s' "$spec" | sha256sum | cut -c1-12)
 venv=${SARDFQ_VENV:-$HOME/.cache/sardfq-export/venv-$hash}
 
+# One setup at a time per venv: two clones (or a CI run beside a developer's) must not build or
+# re-point it at once. The lock is released when this script execs the command.
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
+
 if [ ! -f "$venv/.complete" ]; then
   echo "setting up $venv (first run only, ~2 min)" >&2
   rm -rf "$venv"
@@ -40,6 +46,9 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] && [ "$(
   echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)" >&2
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >&2 || true
 fi
+
+flock -u 9
+exec 9>&-
 
 cmd=${1:-demo}
 shift || true

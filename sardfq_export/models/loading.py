@@ -170,18 +170,11 @@ def model_family(model: nn.Module) -> str:
 
 
 def _dinov2(default_size: int) -> ZooLoader:
-    """The DINOv2 benchmark model, imported only when named (its builder needs onnx)."""
+    """The DINOv2 benchmark model, imported only when named (its builder needs onnx); built on first use."""
 
     def load(img_size):
-        try:
-            from sardfq_export.models import dinov2
-        except ModuleNotFoundError as exc:
-            if exc.name != "sardfq_export.models.dinov2":
-                raise
-            raise MissingComponentError(
-                "the DINOv2 benchmark model's builder is not in this version of sardfq-export: "
-                "pass another --model"
-            ) from None
+        from sardfq_export.models import dinov2
+
         return dinov2.load(img_size or default_size)
 
     return load

