@@ -18,6 +18,7 @@ from sardfq_export.calibrators.calibrate import (
     calibrate,
     calibrate_weight,
 )
+from sardfq_export.calibrators.gptq import gptq_round, gptq_weights
 from sardfq_export.calibrators.instrument import (
     UnsupportedModelError,
     block_names,
@@ -41,6 +42,7 @@ from sardfq_export.calibrators.persist import (
 from sardfq_export.calibrators.quantizer import TensorQuantizer
 from sardfq_export.calibrators.reconstruct import distill, reconstruct_blocks
 from sardfq_export.calibrators.scheme import SCHEMES, PerBlock, PerChannel, PerTensor, Scheme, get_scheme
+from sardfq_export.calibrators.sensitivity import fidelity_to_float, keep_fp_for_target, layer_sensitivity
 from sardfq_export.calibrators.smooth import smooth_quant
 
 __all__ = [
@@ -49,7 +51,7 @@ __all__ = [
     "quantize_model", "set_explicit_attention", "set_quantizers_enabled",
     "QuantAttention", "QuantConv2d", "QuantLinear", "QuantWindowAttention",
     "is_quantized_dir", "load_quantized", "load_quantized_model", "model_fingerprint", "read_meta", "save_quantized",
-    "TensorQuantizer",
+    "TensorQuantizer", "gptq_round", "gptq_weights", "fidelity_to_float", "keep_fp_for_target", "layer_sensitivity",
     "distill",
     "reconstruct_blocks",
     "smooth_quant", "SCHEMES", "PerBlock", "PerChannel", "PerTensor", "Scheme", "get_scheme",

@@ -11,6 +11,7 @@ naming the module and its type.
 from __future__ import annotations
 
 import copy
+import fnmatch
 from collections.abc import Iterator
 
 import torch.nn as nn
@@ -86,11 +87,16 @@ def _check_block(name: str, block: nn.Module) -> None:
         )
 
 
+def kept_float(name: str, scheme: Scheme) -> bool:
+    """Whether the Linear ``name`` stays float (it matches one of the scheme's keep_fp globs)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in scheme.keep_fp)
+
+
 def _convert_block(name: str, block: nn.Module, scheme: Scheme) -> None:
     _, _, residual_cls = BLOCK_HANDLERS[type(block)]
     quant_attn_cls = BLOCK_HANDLERS[type(block)][1]
     for sub_name, sub in list(block.named_modules()):
-        if type(sub) is nn.Linear:
+        if type(sub) is nn.Linear and not kept_float(f"{name}.{sub_name}", scheme):
             QuantLinear.convert(sub, scheme, f"{name}.{sub_name}")
     quant_attn_cls.convert(block.attn, scheme, f"{name}.attn")
     if scheme.quantize_residual:
@@ -134,8 +140,9 @@ def _swin_extras(model: nn.Module, scheme: Scheme | None) -> None:
             raise UnsupportedModelError(
                 f"layers.{i}.downsample is a {type(ds).__name__}, not handled by calibrators"
             )
-        if scheme is not None and isinstance(ds, PatchMerging):
-            QuantLinear.convert(ds.reduction, scheme, f"layers.{i}.downsample.reduction")
+        where = f"layers.{i}.downsample.reduction"
+        if scheme is not None and isinstance(ds, PatchMerging) and not kept_float(where, scheme):
+            QuantLinear.convert(ds.reduction, scheme, where)
 
 
 # This stage's per-family code (the structural facts live in models.families): what besides the
@@ -191,10 +198,36 @@ def quantize_model(model: nn.Module, scheme: Scheme | str | None = None) -> nn.M
     if scheme.quantize_head:
         for n, m in _heads(qmodel):
             QuantLinear.convert(m, scheme, n)
+    _check_keep_fp(model, scheme)
     qmodel.scheme = scheme
     qmodel.sardfq_quant = {"fingerprint": fingerprint, "modified": set(), "calibration": {}}
     qmodel.eval()
     return qmodel
+
+
+def quantizable_linears(model: nn.Module) -> list[str]:
+    """Names of the Linears a scheme quantizes in ``model`` (blocks, Swin merges), forward order."""
+    fam = _family(model)
+    names = [
+        f"{b}.{n}" for b, blk in fam.blocks(model) for n, m in blk.named_modules() if type(m) is nn.Linear
+    ]
+    if fam.name == "swin":
+        names += [f"layers.{i}.downsample.reduction" for i, st in enumerate(model.layers)
+                  if isinstance(st.downsample, PatchMerging)]  # fmt: skip
+    return names
+
+
+def _check_keep_fp(model: nn.Module, scheme: Scheme) -> None:
+    """A keep_fp pattern that matches no quantizable Linear is a typo: say so, with real names."""
+    if not scheme.keep_fp:
+        return
+    names = quantizable_linears(model)
+    for pattern in scheme.keep_fp:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise UserInputError(
+                f"--keep-fp {pattern!r} matches no quantized Linear of this model (names look like "
+                f"{', '.join(names[:4])}; globs such as 'blocks.11.*' or '*.fc2')"
+            )
 
 
 def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:

@@ -75,10 +75,16 @@ class Scheme:
     quantize_head: bool = False  # classifier head(s) input + weight
     log2_softmax: bool = False  # post-softmax probabilities with a log2 quantizer (not deployable)
     smoothquant_alpha: float | None = None  # SmoothQuant migration strength, folded into weights
+    # Linears left in float (timm module-name globs, e.g. "blocks.11.mlp.fc2"): mixed precision
+    # that TensorRT runs as is (a float GEMM between Q/DQ ones). Saved with the scheme.
+    keep_fp: tuple[str, ...] = ()
     exportable: bool = True  # False: research only, the exporter refuses it
     description: str = ""
 
     def __post_init__(self) -> None:
+        if isinstance(self.keep_fp, str) or not all(isinstance(p, str) and p for p in self.keep_fp):
+            raise UserInputError(f"keep_fp must be a sequence of module-name patterns, got {self.keep_fp!r}")
+        object.__setattr__(self, "keep_fp", tuple(self.keep_fp))  # JSON gives a list
         if self.w_bits not in (4, 8):
             raise UserInputError(f"weight bits must be 4 or 8, got {self.w_bits}")
         if self.a_bits not in (None, 4, 8):
@@ -157,6 +163,8 @@ class Scheme:
         ]
         if self.smoothquant_alpha is not None:
             flags.append(f"smoothquant={self.smoothquant_alpha}")
+        if self.keep_fp:
+            flags.append(f"float: {' '.join(self.keep_fp)}")
         acts = f"A{self.a_bits} per-tensor" if self.a_bits else "A16 (float activations)"
         tail = "" if self.exportable else " [research only, not exportable]"
         return (

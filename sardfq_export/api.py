@@ -29,6 +29,7 @@ from sardfq_export.validation.gates import GateSpec
 from sardfq_export.validation.report import Report
 
 FINETUNES = ("none", "recon", "kd", "recon+kd")
+ROUNDINGS = ("nearest", "gptq")
 
 
 @dataclass(frozen=True)
@@ -40,17 +41,36 @@ class QuantizeConfig:
     # (docs/calibrators-results.md); calibrators.calibrate's own default is plain min-max.
     range: str = "mse"
     weight_range: str = "mse"
+    # Weight rounding on the frozen scales: "nearest", or "gptq" (data-aware, on the calibration set)
+    weight_rounding: str = "nearest"
+    keep_fp: tuple[str, ...] = ()  # Linears left float (timm module-name globs): mixed precision
+    # Leave the fewest most-sensitive Linears float for this top-1 agreement with the float model
+    # on held-out images (0-1); None: off.
+    auto_keep_fp: float | None = None
     finetune: str = "none"  # none | recon (SARDFQ stage 2: block reconstruction) | kd | recon+kd
     iters: int | None = None  # fine-tuning iterations (per block for recon); None: the method's
     lr: float | None = None  # fine-tuning learning rate; None: the method's
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.keep_fp, str):
+            raise UserInputError(
+                f"keep_fp takes a list of module-name patterns, got the string {self.keep_fp!r}"
+            )
+        object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
         if self.finetune not in FINETUNES:
             raise UserInputError(f"unknown finetune {self.finetune!r}: use one of {', '.join(FINETUNES)}")
+        if self.auto_keep_fp is not None and not 0.0 < self.auto_keep_fp <= 1.0:
+            raise UserInputError(f"auto_keep_fp is a top-1 agreement in (0, 1], got {self.auto_keep_fp}")
+        if self.weight_rounding not in ROUNDINGS:
+            raise UserInputError(
+                f"unknown weight rounding {self.weight_rounding!r}: use one of {', '.join(ROUNDINGS)}"
+            )
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["keep_fp"] = list(self.keep_fp)
+        return d
 
 
 @dataclass
@@ -186,37 +206,26 @@ def calibration_set(
     return resolve_calibration(str(spec), as_loaded(model), num_images, holdout, seed, progress=progress)
 
 
-def quantize(
-    model: LoadedModel | nn.Module,
-    calib: str | CalibSet | torch.Tensor,
-    config: QuantizeConfig | None = None,
-    *,
-    num_images: int = 32,
-    progress: bool = True,
-    **overrides,
-) -> Quantized:
-    """Build the fake-quant copy of ``model``, set its ranges on ``calib`` and optionally fine-tune it.
-
-    ``calib`` is a calibration set (from :func:`synthesize`), a tensor of images in the model's
-    normalized space, or a spec string (``"real:fashion-mnist"``, ``"sardfq"``, a file). The
-    float model is untouched. Keyword arguments override fields of ``QuantizeConfig()``.
-    """
-    import time
-
+def _scheme_of(cfg: QuantizeConfig):
     from sardfq_export import calibrators
 
-    loaded = as_loaded(model)
-    cfg = _configure(config, QuantizeConfig, overrides)
     scheme = calibrators.get_scheme(cfg.scheme)
-    cal, _ = calibration_set(calib, loaded, num_images, seed=cfg.seed, progress=progress)
+    return replace(scheme, keep_fp=cfg.keep_fp) if cfg.keep_fp else scheme
+
+
+def _build(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme, progress: bool):
+    """Instrument for ``scheme``, calibrate ranges, round weights, fine-tune: ``(qmodel, summary)``."""
+    from sardfq_export import calibrators
+
     torch.manual_seed(cfg.seed)
     qmodel = calibrators.quantize_model(loaded.model, scheme)
-    t0 = time.perf_counter()
     summary: dict = {
         "calibration": calibrators.calibrate(
             qmodel, cal.images, method=cfg.range, weight_method=cfg.weight_range, progress=progress
         )
     }
+    if cfg.weight_rounding == "gptq":
+        summary["gptq"] = calibrators.gptq_weights(qmodel, cal.images, progress=progress)
     tune = {k: v for k, v in (("iters", cfg.iters), ("lr", cfg.lr)) if v is not None}
     if cfg.finetune in ("recon", "recon+kd"):
         rec = calibrators.reconstruct_blocks(qmodel, loaded.model, cal.images, seed=cfg.seed, progress=progress,
@@ -227,6 +236,53 @@ def quantize(
     if cfg.finetune in ("kd", "recon+kd"):
         kw = tune if cfg.finetune == "kd" else {}  # after recon, KD keeps its own defaults
         summary["kd"] = calibrators.distill(qmodel, loaded.model, cal, seed=cfg.seed, progress=progress, **kw)
+    return qmodel, summary
+
+
+def quantize(
+    model: LoadedModel | nn.Module,
+    calib: str | CalibSet | torch.Tensor,
+    config: QuantizeConfig | None = None,
+    *,
+    num_images: int = 32,
+    holdout: CalibSet | torch.Tensor | None = None,
+    progress: bool = True,
+    **overrides,
+) -> Quantized:
+    """Build the fake-quant copy of ``model``, set its ranges on ``calib`` and optionally fine-tune it.
+
+    ``calib`` is a calibration set (from :func:`synthesize`), a tensor of images in the model's
+    normalized space, or a spec string (``"real:fashion-mnist"``, ``"sardfq"``, a file). The
+    float model is untouched. Keyword arguments override fields of ``QuantizeConfig()``.
+    ``holdout``: images the calibration did not see, for ``auto_keep_fp``'s fidelity measurement
+    (default: the calibration images themselves).
+    """
+    import time
+
+    from sardfq_export import calibrators
+
+    loaded = as_loaded(model)
+    cfg = _configure(config, QuantizeConfig, overrides)
+    scheme = _scheme_of(cfg)
+    cal, _ = calibration_set(calib, loaded, num_images, seed=cfg.seed, progress=progress)
+    t0 = time.perf_counter()
+    qmodel, summary = _build(loaded, cal, cfg, scheme, progress)
+    if cfg.auto_keep_fp is not None:
+        # Mixed precision: leave the fewest most-sensitive Linears float for the fidelity target,
+        # measured on held-out images (synthetic ones: still no data), then rebuild with them float.
+        held_images = holdout.images if isinstance(holdout, CalibSet) else holdout
+        if held_images is None:
+            held_images = cal.images
+        sens = calibrators.layer_sensitivity(qmodel, held_images, progress=progress)
+        pick = calibrators.keep_fp_for_target(qmodel, held_images, cfg.auto_keep_fp, sens)
+        auto = {k: pick[k] for k in ("keep_fp", "target", "met", "steps")}
+        auto["held_out"] = "holdout" if holdout is not None else "calibration images"
+        if pick["keep_fp"]:
+            scheme = replace(scheme, keep_fp=tuple(dict.fromkeys([*scheme.keep_fp, *pick["keep_fp"]])))
+            qmodel, summary = _build(loaded, cal, cfg, scheme, progress)
+            auto["rebuilt"] = calibrators.fidelity_to_float(qmodel, held_images)
+        summary["auto_keep_fp"] = auto
+        summary["sensitivity"] = sens  # what the choice was made on: every layer, all quantized
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["quant"] = calibrators.quant_summary(qmodel)
     summary["calib"] = {"num_images": len(cal), **{k: v for k, v in cal.meta.items() if k != "loss_curve"}}

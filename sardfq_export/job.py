@@ -26,7 +26,7 @@ from sardfq_export.validation.report import Report
 
 # Every artifact a job folder may hold (name in the manifest → path under --out).
 ARTIFACTS = ("model.onnx", ORT_MODEL, "calib.safetensors", "calib.json", "holdout.safetensors", "samples.png",
-             "quantized", "model.engine", "model.build.log", "build_engine.sh", "README.md")  # fmt: skip
+             "sensitivity.png", "quantized", "model.engine", "model.build.log", "build_engine.sh", "README.md")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -168,18 +168,27 @@ def _run_locked(cfg: JobConfig, scheme, out: Path, say: Callable[[str], None]) -
                              "recipe": qcfg.to_dict(), "v": __version__})  # fmt: skip
 
     def quantize() -> tuple[api.Quantized, dict]:
-        q = api.quantize(loaded, cal, qcfg, num_images=n, progress=cfg.progress)
+        q = api.quantize(loaded, cal, qcfg, num_images=n, holdout=held, progress=cfg.progress)
         q.save(out, extra={"seed": cfg.seed})
         summary = {k: v for k, v in q.summary.items() if k != "calib"}
-        return q, {"range": qcfg.range, "finetune": qcfg.finetune, **summary}
+        # Data-free per-layer sensitivity on the held-out synthetic images (report + chart).
+        if "sensitivity" not in summary:  # (--auto-keep-fp measured it already, before its choice)
+            say(f"sensitivity: each quantized layer alone on {len(held)} held-out images")
+            summary["sensitivity"] = calibrators.layer_sensitivity(
+                q.model, held.images, progress=cfg.progress
+            )
+        return q, {"range": qcfg.range, "finetune": qcfg.finetune, "keep_fp": list(q.scheme.keep_fp),
+                   "recipe": qcfg.to_dict(), **summary}  # fmt: skip
 
     def load_quantized(_rec: dict) -> api.Quantized:
         qmodel = calibrators.load_quantized(out / "quantized", loaded.model).eval()
         return api.Quantized(qmodel, loaded, qcfg)
 
-    quantized, _ = cache.stage(
+    quantized, quant_rec = cache.stage(
         "quantize", quant_key, quantize, load_quantized, [out / "quantized" / "quantized.json"]
     )
+    if quant_rec.get("sensitivity"):
+        _draw_sensitivity(out / "sensitivity.png", quant_rec, say)
     quantized.summary["calib"] = calibration
 
     # 3. export
@@ -202,7 +211,8 @@ def _run_locked(cfg: JobConfig, scheme, out: Path, say: Callable[[str], None]) -
     engine = _build_engine(out, onnx_path, loaded) if api.TARGETS[cfg.target]["engine"] else None
     if engine is not None and engine.get("missing"):
         # No TensorRT here: report the lint, hand over the ONNX + build command, then exit 4.
-        report = _finish(cache, loaded, quantized, cfg, calibration, {}, export_rec, {"engine": engine})
+        report = _finish(cache, loaded, quantized, cfg, calibration, {}, export_rec,
+                         {"engine": engine, **_quant_extras(quant_rec)})  # fmt: skip
         exc = MissingComponentError(engine["message"])
         exc.report = report
         raise exc
@@ -231,8 +241,9 @@ def _run_locked(cfg: JobConfig, scheme, out: Path, say: Callable[[str], None]) -
         }
         cache.save()
     return _finish(
-        cache, loaded, quantized, cfg, calibration, val, export_rec, {"engine": engine} if engine else None
-    )
+        cache, loaded, quantized, cfg, calibration, val, export_rec,
+        {**({"engine": engine} if engine else {}), **_quant_extras(quant_rec)},
+    )  # fmt: skip
 
 
 def _draw_samples(path: Path, cal: CalibSet, loaded, say: Callable[[str], None]) -> None:
@@ -242,6 +253,22 @@ def _draw_samples(path: Path, cal: CalibSet, loaded, say: Callable[[str], None])
         save_samples(path, cal, loaded)
     except Exception as exc:  # a picture must never fail the job
         say(f"note: samples.png not drawn ({type(exc).__name__}: {exc})")
+
+
+def _quant_extras(quant_rec: dict) -> dict:
+    """report.json's ``quantize`` (the recipe as run, mixed precision included) and ``sensitivity``."""
+    keys = ("recipe", "keep_fp", "gptq", "auto_keep_fp", "recon", "kd", "quant", "seconds")
+    return {"quantize": {k: quant_rec[k] for k in keys if k in quant_rec},
+            "sensitivity": quant_rec.get("sensitivity")}  # fmt: skip
+
+
+def _draw_sensitivity(path: Path, quant_rec: dict, say: Callable[[str], None]) -> None:
+    from sardfq_export.validation.plots import sensitivity_chart
+
+    try:
+        sensitivity_chart(path, quant_rec["sensitivity"], tuple(quant_rec.get("keep_fp") or ()))
+    except Exception as exc:  # a picture must never fail the job
+        say(f"note: sensitivity.png not drawn ({type(exc).__name__}: {exc})")
 
 
 def _build_engine(out: Path, onnx_path: Path, loaded) -> dict:

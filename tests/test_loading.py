@@ -357,10 +357,10 @@ def test_the_cli_loads_each_form_and_its_artifacts_rebuild_the_model(form, vit, 
     import json
 
     import numpy as np
-
     from sardfq_export.calibrators import load_quantized_model
-    from sardfq_export.cli import main
     from test_pipeline import _write_idx
+
+    from sardfq_export.cli import main
 
     model, ema = vit
     f = _write(form, model, ema, tmp_path)

@@ -280,7 +280,11 @@ def test_killed_at_each_stage_then_resume_gives_the_same_artifacts(baseline, tmp
     previous = None
     # Each kill lands inside its stage (held after its files are written, before it is marked done):
     # the stages take a fraction of a second here, so a timed kill could land after the job ended.
-    for stage, sig in (("quantize", signal.SIGKILL), ("export", signal.SIGTERM), ("validate", signal.SIGKILL)):
+    for stage, sig in (
+        ("quantize", signal.SIGKILL),
+        ("export", signal.SIGTERM),
+        ("validate", signal.SIGKILL),
+    ):
         job = Proc([*args, "--resume"], shim=True, hold=stage)
         job.wait_for(rf"{stage}: held")
         job.signal(sig)

@@ -25,7 +25,7 @@ class Table:
         self.logits, self.device = torch.tensor(rows, dtype=torch.float32), "cpu"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits[images.flatten(1)[:, 0].long()]
+        return self.logits[images.flatten(1)[:, 0].round().long()]
 
 
 # Three runners with distinct logits, so that any two swapped arguments change the result.
@@ -54,6 +54,13 @@ def test_compare_logits_known_values():
 def test_fidelity_keeps_the_three_runners_apart():
     images = torch.arange(4.0).view(4, 1, 1, 1)
     f = fidelity(Table(FP32), Table(FAKEQUANT), Table(DEPLOYED), images, batch_size=3)  # 2 batches
+    # 1e-6 of input noise cannot move a table lookup: the fake-quant model agrees with itself
+    assert f.pop("fakequant_noise_floor") == {
+        "sigma": 1e-6,
+        "agreement": 1.0,
+        "cosine": 1.0,
+        "cosine_min": 1.0,
+    }
     assert f == pytest.approx(
         {
             "n": 4,
@@ -282,3 +289,20 @@ def test_manifest_and_report_files(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["scheme"] == "w8a8"
     assert (tmp_path / "report.md").read_text().startswith("# sardfq-export report")
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_noise_floor_counts_the_images_on_a_rounding_boundary():
+    """Logits (x, 0.5): images with x = 0.5 sit on the decision boundary; noise moves them."""
+    from sardfq_export.validation.fidelity import NOISE_FLOOR_SIGMA, noise_floor
+
+    def runner(images):
+        x = images.flatten(1)[:, 0]
+        return torch.stack([x, torch.full_like(x, 0.5)], 1)
+
+    images = torch.tensor([0.5, 0.5, 0.5, 3.0, -3.0, 2.0, -1.0, 0.0]).view(8, 1, 1, 1)
+    floor = noise_floor(runner, images, runner(images), batch_size=3)
+    noise = NOISE_FLOOR_SIGMA * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    # a tie goes to index 0; negative noise on a boundary image turns it to index 1
+    flips = int((noise.flatten()[:3] < 0).sum())
+    assert 0 < flips < 3  # the seed gives both directions: the test can fail either way
+    assert floor["agreement"] == (8 - flips) / 8 and floor["sigma"] == NOISE_FLOOR_SIGMA

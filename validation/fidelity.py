@@ -35,14 +35,33 @@ def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
+NOISE_FLOOR_SIGMA = 1e-6  # input noise far below any image's precision (8-bit pixels: ~1e-2)
+
+
+def noise_floor(runner: Runner, images: torch.Tensor, logits: torch.Tensor, batch_size: int = 64) -> dict:
+    """How much ``runner`` disagrees with *itself* when the input moves by 1e-6 (seeded noise).
+
+    A quantized model puts values on rounding boundaries; any other runtime (a different float
+    accumulation order) moves some across them, as this noise does. Deployed-vs-fake-quant
+    agreement can only be read against this floor: below it is the export's fault, at it is not.
+    """
+    gen = torch.Generator().manual_seed(0)
+    noisy = images + NOISE_FLOOR_SIGMA * torch.randn(images.shape, generator=gen, dtype=images.dtype)
+    cmp = compare_logits(run_batches(runner, noisy, batch_size), logits)
+    return {"sigma": NOISE_FLOOR_SIGMA, "agreement": cmp["agreement"], "cosine": cmp["cosine"],
+            "cosine_min": cmp["cosine_min"]}  # fmt: skip
+
+
 def fidelity(
     fp32: Runner, fakequant: Runner, deployed: Runner, images: torch.Tensor, batch_size: int = 64
 ) -> dict:
-    """The report's ``fidelity`` section: deployed vs FP32 and vs fake-quant on ``images``."""
+    """The report's ``fidelity`` section: deployed vs FP32 and vs fake-quant on ``images``, and the
+    fake-quant model's own noise floor beside them."""
     ref = run_batches(fp32, images, batch_size)
     fq = run_batches(fakequant, images, batch_size)
     dep = run_batches(deployed, images, batch_size)
     vs_fp32, vs_fq, fq_vs_fp32 = compare_logits(dep, ref), compare_logits(dep, fq), compare_logits(fq, ref)
+    floor = noise_floor(fakequant, images, fq, batch_size)
     return {
         "n": int(images.shape[0]),
         "agreement_vs_fp32": vs_fp32["agreement"],
@@ -52,4 +71,5 @@ def fidelity(
         "cosine_vs_fp32": vs_fp32["cosine"],
         "fakequant_agreement_vs_fp32": fq_vs_fp32["agreement"],
         "fakequant_cosine_vs_fp32": fq_vs_fp32["cosine"],
+        "fakequant_noise_floor": floor,
     }

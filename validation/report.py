@@ -135,6 +135,32 @@ def render_markdown(report: dict) -> str:
             f"{_num(fid.get('cosine_vs_fakequant'), '.6f')}.",
             "",
         ]
+        floor = fid.get("fakequant_noise_floor")
+        if floor:
+            lines += [
+                f"Noise floor: the fake-quant model agrees with *itself* on {_pct(floor['agreement'])} of these "
+                f"images when the input moves by {floor['sigma']:g} (logit cosine {_num(floor['cosine'], '.6f')}). "
+                "Deployed-vs-fake-quant agreement at this floor is rounding-boundary noise, not an export fault.",
+                "",
+            ]
+    sens = report.get("sensitivity")
+    if sens and sens.get("layers"):
+        quant = report.get("quantize") or {}
+        kept = quant.get("keep_fp") or []
+        lines += [
+            "## Per-layer sensitivity (data-free, held-out synthetic images)",
+            "",
+            f"Each quantized layer alone (the rest float), {sens['images']} images: relative logit error "
+            f"and top-1 agreement with the float model. Whole model: {_num(sens['all']['rel_error'], '.2e')}, "
+            f"agreement {_pct(sens['all']['agreement'])}. Chart: `sensitivity.png`.",
+            "",
+            "| layer | rel. error | agreement |",
+            "|---|---|---|",
+            *(f"| {r['name']} | {r['rel_error']:.2e} | {_pct(r['agreement'])} |" for r in sens["layers"][:8]),
+            "",
+        ]
+        if kept:
+            lines += [f"Left float (mixed precision): {', '.join(f'`{k}`' for k in kept)}.", ""]
     lat = report.get("latency")
     if lat:
         lines += [
@@ -296,6 +322,11 @@ def render_summary(report: dict, out: str | Path) -> str:
             f"  fidelity (n={fidl['n']}): agreement vs fake-quant {fidl['agreement_vs_fakequant'] * 100:.2f}%, "
             f"vs fp32 {fidl['agreement_vs_fp32'] * 100:.2f}%, cosine vs fake-quant "
             f"{fidl['cosine_vs_fakequant']:.6f}"
+            + (
+                f"; fake-quant vs itself under 1e-6 noise {fidl['fakequant_noise_floor']['agreement'] * 100:.2f}%"
+                if fidl.get("fakequant_noise_floor")
+                else ""
+            )
         )
     if lat:
         for b, row in lat["by_batch"].items():

@@ -96,17 +96,13 @@ def run_main_job(**opts) -> None:
         if not quiet:
             click.echo(f"[{time.perf_counter() - t0:6.1f}s] {msg}", err=True)
 
-    from sardfq_export.api import QuantizeConfig
-
     if opts["threads"]:
         import torch
 
         torch.set_num_threads(opts["threads"])  # ONNX Runtime sessions take torch's thread count
-    from sardfq_export.cli.options import model_settings
+    from sardfq_export.cli.options import model_settings, recipe_config
 
-    quant = QuantizeConfig(
-        range=opts["range_method"], weight_range=opts["weight_range"], finetune=opts["finetune"]
-    )
+    quant = recipe_config(opts)
     cfg = JobConfig(
         model=opts["model"], checkpoint=opts["checkpoint"], random_init=opts["random_init"],
         scheme=opts["scheme"], bits=int(opts["bits"] or 8), target=opts["target"], calib=opts["calib"],

@@ -96,6 +96,26 @@ recipe_options = _stack(
     ),
     click.option("--weight-range", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True),
     click.option(
+        "--weight-rounding",
+        type=click.Choice(["nearest", "gptq"]),
+        default="nearest",
+        show_default=True,
+        help="gptq: data-aware rounding of the weights on the calibration set (same scales, same export).",
+    ),
+    click.option(
+        "--keep-fp",
+        metavar="PATTERN",
+        multiple=True,
+        help="Leave these Linears float (timm module-name globs, repeatable), e.g. --keep-fp 'blocks.11.mlp.fc2'.",
+    ),
+    click.option(
+        "--auto-keep-fp",
+        type=click.FloatRange(0.0, 1.0, min_open=True),
+        metavar="AGREEMENT",
+        help="Leave the fewest most-sensitive Linears float for this top-1 agreement with the float "
+        "model on held-out images (0-1), e.g. 0.99.",
+    ),
+    click.option(
         "--finetune",
         type=click.Choice(["none", "recon", "kd", "recon+kd"]),
         default="none",
@@ -103,6 +123,17 @@ recipe_options = _stack(
         help="recon: block-wise reconstruction (SARDFQ stage 2); kd: end-to-end distillation.",
     ),
 )
+
+
+def recipe_config(opts: dict, **fields):
+    """The QuantizeConfig the recipe options describe (plus ``fields``: scheme, seed...)."""
+    from sardfq_export.api import QuantizeConfig
+
+    return QuantizeConfig(range=opts["range_method"], weight_range=opts["weight_range"],
+                          weight_rounding=opts["weight_rounding"], keep_fp=tuple(opts["keep_fp"]),
+                          auto_keep_fp=opts["auto_keep_fp"],
+                          finetune=opts["finetune"], **fields)  # fmt: skip
+
 
 output_options = _stack(
     click.option("--quiet", is_flag=True, help="No progress bars."),

@@ -14,7 +14,13 @@ import json
 
 import click
 
-from sardfq_export.cli.options import load_from_options, model_options, output_options, recipe_options
+from sardfq_export.cli.options import (
+    load_from_options,
+    model_options,
+    output_options,
+    recipe_config,
+    recipe_options,
+)
 from sardfq_export.core.errors import UserInputError
 
 
@@ -48,15 +54,13 @@ def quantize(
     calib,
     num_images,
     scheme,
-    range_method,
-    weight_range,
-    finetune,
     iters,
     lr,
     seed,
     out,
     quiet,
     as_json,
+    **recipe,
 ):
     """Build and calibrate a fake-quant model; write it to OUT/quantized/."""
     from sardfq_export import api
@@ -73,8 +77,8 @@ def quantize(
     if loaded.extra.get("scheme") is not None:
         raise UserInputError("--model names an already quantized folder: pass the float model it came from")
     progress = not (quiet or as_json)
-    cfg = api.QuantizeConfig(scheme=scheme, range=range_method, weight_range=weight_range, finetune=finetune,
-                             iters=iters, lr=lr, seed=seed)  # fmt: skip
+    cfg = recipe_config(recipe, scheme=scheme, iters=iters, lr=lr, seed=seed)
+    finetune = cfg.finetune
     q = api.quantize(loaded, calib, cfg, num_images=num_images, progress=progress)
     summary = q.summary
     if rank != 0:  # every process holds the same model; one writes it
@@ -85,14 +89,13 @@ def quantize(
     barrier()
     s = q.scheme
     result = {"model": loaded.name, "scheme": s.name, "exportable": s.exportable, "out": str(folder),
-              "calib": calib, "num_images": summary["calib"]["num_images"], "range": range_method,
-              "weight_range": weight_range, "finetune": finetune, **summary}  # fmt: skip
+              "calib": calib, "num_images": summary["calib"]["num_images"], **cfg.to_dict(), **summary}  # fmt: skip
     if as_json:
         click.echo(json.dumps(result, default=str))
     else:
         click.echo(f"{s}")
         click.echo(
-            f"quantized {loaded.name}: {summary['quant']['quant_linear']} Linear(s), range {range_method}, "
+            f"quantized {loaded.name}: {summary['quant']['quant_linear']} Linear(s), range {cfg.range}, "
             f"fine-tune {finetune}, {summary['calib']['num_images']} calibration images, {summary['seconds']} s "
             f"→ {folder}"
         )

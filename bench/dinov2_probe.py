@@ -1,0 +1,100 @@
+"""Probe: fake-quant (and optionally deployed) top-1 of the DINOv2 benchmark model per recipe.
+
+    bash tools/dev.sh python bench/dinov2_probe.py --calib real --scheme w4a16 --rounding gptq --limit 2000
+
+One JSON line per run on stdout (appended to --log when given): the recipe, fp32 and fake-quant
+top-1 on the first --limit Fashion-MNIST test images, and the flip rate under 1e-6 input noise
+(the fragility the real-ViT issue describes). Calibration sets are cached under --cache so
+repeated probes do not re-synthesize. This is the exploration tool; the published table comes
+from bench/dinov2_table.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sardfq_export as sx
+from sardfq_export.data import load_raw, preprocess
+
+
+def calib_set(model, kind: str, n: int, seed: int, cache: Path, iters: int | None):
+    """A calibration set by kind (noise / real / sardfq / psaq), cached on disk by its recipe."""
+    from sardfq_export.core.calibset import CalibSet
+
+    if kind == "real":
+        cal, _ = sx.calibration_set("real:fashion-mnist", model, n, seed=seed, progress=False)
+        return cal
+    path = cache / f"{kind}-n{n}-s{seed}-it{iters}.safetensors"
+    if path.exists():
+        return CalibSet.load(path)
+    cal = sx.synthesize(model, method=kind, num_images=n, seed=seed, iters=iters, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cal.save(path)
+    return cal
+
+
+def top1(model, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> tuple[float, torch.Tensor]:
+    with torch.inference_mode():
+        logits = torch.cat([model(c) for c in x.split(batch)])
+    return float((logits.argmax(1) == y).float().mean()), logits
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="dinov2_s14_fmnist")
+    ap.add_argument("--calib", default="real", choices=["noise", "real", "sardfq", "psaq"])
+    ap.add_argument("--num-images", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scheme", default="w8a8")
+    ap.add_argument("--range", default="mse")
+    ap.add_argument("--weight-range", default="mse")
+    ap.add_argument("--rounding", default="nearest")
+    ap.add_argument("--finetune", default="none")
+    ap.add_argument("--limit", type=int, default=2000)
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-calib")
+    ap.add_argument("--log", type=Path)
+    a = ap.parse_args(argv)
+
+    loaded = sx.load_model(a.model)
+    raw = load_raw("fashion-mnist", "test")
+    x = preprocess(raw.images[: a.limit], loaded.data_config)
+    y = torch.as_tensor(raw.labels[: a.limit]).long()
+    fp_top1, fp_logits = top1(loaded.model, x, y)
+    t0 = time.perf_counter()
+    cal = calib_set(loaded, a.calib, a.num_images, a.seed, a.cache, a.iters)
+    t_cal = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    q = sx.quantize(loaded, cal, scheme=a.scheme, range=a.range, weight_range=a.weight_range,
+                    weight_rounding=a.rounding, finetune=a.finetune, seed=a.seed, progress=False)  # fmt: skip
+    t_q = time.perf_counter() - t0
+    fq_top1, fq_logits = top1(q.model, x, y)
+    gen = torch.Generator().manual_seed(1)
+    noisy = x[:500] + 1e-6 * torch.randn(x[:500].shape, generator=gen)
+    _, noisy_logits = top1(q.model, noisy, y[:500])
+    flips = float((noisy_logits.argmax(1) != fq_logits[:500].argmax(1)).float().mean())
+    row = {
+        "model": a.model, "calib": a.calib, "num_images": a.num_images, "iters": a.iters, "seed": a.seed,
+        "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding,
+        "finetune": a.finetune, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
+        "drop_points": round(100 * (fp_top1 - fq_top1), 2),
+        "agreement_vs_fp32": float((fq_logits.argmax(1) == fp_logits.argmax(1)).float().mean()),
+        "noise_flip_rate": flips, "calib_seconds": round(t_cal, 1), "quantize_seconds": round(t_q, 1),
+        "summary": {k: v for k, v in q.summary.items() if k in ("gptq", "recon")},
+    }  # fmt: skip
+    line = json.dumps(row)
+    print(line, flush=True)
+    if a.log:
+        with open(a.log, "a") as fh:
+            fh.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
