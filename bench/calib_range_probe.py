@@ -77,6 +77,7 @@ def main(argv=None) -> int:
           "| quantizers narrower than real | teacher confidence |")  # fmt: skip
     print("|---|---|---|---|")
     for name, rs in rows.items():
+
         def ms(key, rs=rs):
             v = [r[key] for r in rs]
             return f"{statistics.mean(v):.3f}" + (f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "")

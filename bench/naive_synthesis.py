@@ -80,7 +80,9 @@ class NaiveSARDFQ:
                 top, left, bottom, right = lab.regions[img, k].tolist()
                 crop = x_aug[img : img + 1, :, top:bottom, left:right]
                 crop = F.interpolate(crop, size=size, mode="bilinear", align_corners=False)
-                ce = ce + losses.soft_cross_entropy(self.model(crop), lab.region_targets[img, k : k + 1]).sum()
+                ce = (
+                    ce + losses.soft_cross_entropy(self.model(crop), lab.region_targets[img, k : k + 1]).sum()
+                )
         ce = ce / b
         apa = logits.new_zeros(())
         depth = len(self.model.blocks)

@@ -143,8 +143,13 @@ def write_doc(path: Path, cmd: str, res: dict, rows: list[dict], threads: int) -
         "| figure | measured | target | met |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {r['figure']} | {r['value']} | {r['target']} | {'yes' if r['met'] else '**no**'} |" for r in rows]
-    lines += [f"| {part}: not measured | {err.splitlines()[0]} | – | **error** |" for part, err in res.get("errors", {}).items()]
+    lines += [
+        f"| {r['figure']} | {r['value']} | {r['target']} | {'yes' if r['met'] else '**no**'} |" for r in rows
+    ]
+    lines += [
+        f"| {part}: not measured | {err.splitlines()[0]} | – | **error** |"
+        for part, err in res.get("errors", {}).items()
+    ]
     if "synthesis" in res:
         s = res["synthesis"]
         same = s["same_objective"]
@@ -204,7 +209,9 @@ def main(argv=None) -> int:
     res["figures"] = rows
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(res, indent=1))
-    cmd = "bash tools/dev.sh python bench/suite.py" + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
+    cmd = "bash tools/dev.sh python bench/suite.py" + (
+        " " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else ""
+    )
     write_doc(args.doc, cmd, res, rows, args.threads)
     for r in rows:
         print(f"{'OK ' if r['met'] else 'NO '} {r['figure']}: {r['value']}  (target {r['target']})")

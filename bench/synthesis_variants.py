@@ -52,7 +52,9 @@ def seconds_per_iter(loaded, iters: int, bf16: bool, fused: bool, compiled: bool
     try:
         cfg = SynthConfig(method="sardfq", num_images=32, seed=0, iters=iters + 2, bf16=bf16)
         start = time.perf_counter()
-        synthesize(loaded, cfg, None, progress=False, callback=lambda b, i: stamps.append(time.perf_counter()))
+        synthesize(
+            loaded, cfg, None, progress=False, callback=lambda b, i: stamps.append(time.perf_counter())
+        )
     finally:
         runner.recording, methods.Objective.__init__ = original_recording, original_init
     return {
