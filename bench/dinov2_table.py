@@ -1,0 +1,417 @@
+"""The real-ViT table: DINOv2 ViT-S/14 (112 px) quantized from noise / PSAQ-ViT / SARDFQ / real
+images × schemes × seeds, fake-quant and deployed (ONNX Runtime) top-1 on the Fashion-MNIST test
+set, the SARDFQ ablation, the peers (ONNX Runtime quantize_static, NVIDIA ModelOpt) on the same
+model and images, and ONNX Runtime INT8 vs FP32 latency, all from one command:
+
+    nice bash tools/dev.sh python bench/dinov2_table.py            # hours on 2 cores; resumable
+
+Every finished cell is appended to ``--cache``/results.jsonl (keyed by the cell and its recipe) and
+never recomputed, so a run stopped anywhere resumes where it was; calibration sets are cached
+beside it. ``--doc``/``--json`` are rewritten from the cache after every cell, so the table in
+docs/ always shows what has been measured so far (and says which cells are still missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import sardfq_export as sx
+from sardfq_export.data import load_raw, preprocess
+
+CMD = "nice bash tools/dev.sh python bench/dinov2_table.py"
+MODEL = "dinov2_s14_fmnist"
+CALIBS = ("sardfq", "real", "psaq", "noise")
+# The product's recipe per row (QuantizeConfig fields); "recon" rows add block reconstruction.
+RECIPES = {
+    "w8a8": {"scheme": "w8a8", "weight_rounding": "gptq"},
+    "w4a16": {"scheme": "w4a16", "weight_rounding": "gptq"},
+    "w4a8": {"scheme": "w4a8", "weight_rounding": "gptq"},
+    "w4a4": {"scheme": "w4a4", "weight_rounding": "gptq"},
+    "w4a4+recon": {"scheme": "w4a4", "weight_rounding": "gptq", "finetune": "recon"},
+}
+ABLATION = {  # SARDFQ without one of its parts (synthesis flags), at w4a8
+    "sardfq -APA": {"apa": False},
+    "sardfq -MSR": {"msr": False},
+    "sardfq -SL": {"soft_labels": False},
+}
+PEERS = {  # name → (function, calibration sources)
+    "ORT quantize_static (QDQ, sym, per-channel INT8)": ("ort", ("real", "noise")),
+    "ModelOpt INT8_DEFAULT_CFG": ("INT8_DEFAULT_CFG", ("real", "sardfq")),
+    "ModelOpt INT8_SMOOTHQUANT_CFG": ("INT8_SMOOTHQUANT_CFG", ("real", "sardfq")),
+    "ModelOpt INT4_AWQ_CFG": ("INT4_AWQ_CFG", ("real",)),
+}
+
+
+# --- data and models -------------------------------------------------------------------------------
+def test_set(loaded, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    raw = load_raw("fashion-mnist", "test")
+    n = min(limit, len(raw.labels))
+    return preprocess(raw.images[:n], loaded.data_config), torch.as_tensor(raw.labels[:n]).long()
+
+
+def calibration(loaded, kind: str, seed: int, n: int, iters: int, cache: Path, synth: dict | None = None):
+    """A calibration set (cached on disk): ``real`` = n shuffled train images, else synthesized."""
+    from sardfq_export.core.calibset import CalibSet
+
+    if kind == "real":
+        return sx.calibration_set("real:fashion-mnist", loaded, n, seed=seed, progress=False)[0]
+    tag = "".join(f"-{k}{int(v)}" for k, v in sorted((synth or {}).items()))
+    path = cache / "calib" / f"{kind}{tag}-n{n}-s{seed}-it{iters}.safetensors"
+    if path.exists():
+        return CalibSet.load(path)
+    print(f"  synthesizing {path.name}", flush=True)
+    cal = sx.synthesize(
+        loaded, method=kind, num_images=n, seed=seed, iters=iters, progress=True, **(synth or {})
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cal.save(path)
+    return cal
+
+
+@torch.inference_mode()
+def logits_of(run, x: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    return torch.cat([run(c).float() for c in x.split(batch)])
+
+
+def ort_runner(onnx_path: Path, work: Path):
+    """The deployed model as the main job runs it: our ORT graph rewrite + session settings."""
+    from sardfq_export.exporters.ort import OrtConfig, create_session, write_deployment_graph
+
+    path, cfg = write_deployment_graph(
+        onnx_path, work / "model.ort.onnx", OrtConfig(threads=torch.get_num_threads())
+    )
+    sess = create_session(path, cfg)
+    name = sess.get_inputs()[0].name
+    return lambda b: torch.from_numpy(sess.run(None, {name: b.contiguous().numpy()})[0])
+
+
+def plain_ort_runner(onnx_path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda b: torch.from_numpy(sess.run(None, {name: b.contiguous().numpy()})[0])
+
+
+def scores(z: torch.Tensor, y: torch.Tensor) -> float:
+    return float((z.argmax(1) == y).float().mean())
+
+
+# --- cells ---------------------------------------------------------------------------------------------
+class Cache:
+    def __init__(self, root: Path):
+        self.root = root
+        self.path = root / "results.jsonl"
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["key"]] = row
+
+    @staticmethod
+    def key(cell: dict) -> str:
+        return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
+
+    def get(self, cell: dict) -> dict | None:
+        return self.rows.get(self.key(cell))
+
+    def put(self, cell: dict, result: dict) -> dict:
+        row = {"key": self.key(cell), **cell, **result}
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:  # one line per finished cell: a kill loses at most one cell
+            fh.write(json.dumps(row) + "\n")
+        self.rows[row["key"]] = row
+        return row
+
+
+def run_ours(loaded, cell: dict, x, y, fp_logits, cache_dir: Path, iters: int, n: int) -> dict:
+    cal = calibration(loaded, cell["calib"], cell["seed"], n, iters, cache_dir, cell.get("synth"))
+    t0 = time.perf_counter()
+    q = sx.quantize(loaded, cal, seed=cell["seed"], progress=False, **cell["recipe"])
+    quant_s = time.perf_counter() - t0
+    fq = logits_of(q.model, x)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        res = sx.export(q, onnx_path, target="onnxruntime")
+        dep = logits_of(ort_runner(onnx_path, Path(tmp)), x)
+    noise = x[:500] + 1e-6 * torch.randn(x[:500].shape, generator=torch.Generator().manual_seed(0))
+    floor = float((logits_of(q.model, noise).argmax(1) == fq[:500].argmax(1)).float().mean())
+    return {
+        "fakequant_top1": scores(fq, y), "deployed_top1": scores(dep, y),
+        "agreement_deployed_vs_fakequant": float((dep.argmax(1) == fq.argmax(1)).float().mean()),
+        "agreement_fakequant_vs_fp32": float((fq.argmax(1) == fp_logits.argmax(1)).float().mean()),
+        "noise_floor_agreement_500": floor, "lint_passed": bool(res.lint.passed) if res.lint else None,
+        "quantize_seconds": round(quant_s, 1), "calib_wall_time_s": cal.meta.get("wall_time_s"),
+        "keep_fp": list(q.scheme.keep_fp),
+    }  # fmt: skip
+
+
+def run_peer(loaded, cell: dict, x, y, cache_dir: Path, iters: int, n: int) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import peers
+
+    cal = calibration(loaded, cell["calib"], cell["seed"], n, iters, cache_dir)
+    kind = cell["peer_fn"]
+    t0 = time.perf_counter()
+    if kind.startswith("ort"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = peers.ort_quantize_static(
+                loaded,
+                cal.images,
+                Path(tmp),
+                op_types=cell.get("op_types"),
+                extra_options=cell.get("extra_options"),
+            )
+            z = logits_of(plain_ort_runner(path), x)
+        return {"deployed_top1": scores(z, y), "seconds": round(time.perf_counter() - t0, 1)}
+    peers.ensure_modelopt()
+    model = peers.modelopt_fakequant(loaded, cal.images, kind)
+    z = logits_of(model, x)
+    return {"fakequant_top1": scores(z, y), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def latency_cell(loaded, x) -> dict:
+    """ONNX Runtime INT8 (our w8a8 export) vs ONNX Runtime FP32 of the same model, interleaved."""
+    from sardfq_export.validation.latency import measure
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.onnx.export(loaded.model, x[:1], str(tmp / "fp32.onnx"), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}}, opset_version=17, dynamo=False)  # fmt: skip
+        q = sx.quantize(loaded, x[:32], scheme="w8a8", progress=False)
+        sx.export(q, tmp / "int8.onnx", target="onnxruntime")
+        # ORT's own optimizations on the float graph (attention/LayerNorm/GELU fusions): its best FP32
+        fp32_run = plain_ort_runner(tmp / "fp32.onnx")
+        int8_run = ort_runner(tmp / "int8.onnx", tmp)
+        for batch in (1, 32):
+            xb = x[:batch]
+            rounds = []
+            for _ in range(5):  # interleaved rounds: machine noise hits both alike
+                a = measure(fp32_run, xb, warmup=3, iters=10)
+                b = measure(int8_run, xb, warmup=3, iters=10)
+                rounds.append((a["p50_ms"], b["p50_ms"]))
+            ratios = [a / b for a, b in rounds]
+            out[str(batch)] = {
+                "ort_fp32_p50_ms": statistics.median(a for a, _ in rounds),
+                "ort_int8_p50_ms": statistics.median(b for _, b in rounds),
+                "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+            }  # fmt: skip
+    return out
+
+
+# --- the document ------------------------------------------------------------------------------------
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "–"
+    v = [100 * a for a in values]
+    if len(v) == 1:
+        return f"{v[0]:.2f} (1 seed)"
+    return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" + (
+        "" if len(v) == 3 else f" ({len(v)} seeds)"
+    )
+
+
+def write_doc(doc: Path, json_out: Path, cache: Cache, meta: dict, seeds: list[int]) -> None:
+    rows = list(cache.rows.values())
+    fp = next((r for r in rows if r.get("kind") == "fp32"), None)
+    lines = [
+        "# DINOv2 ViT-S/14 (112 px): data-free quantization, side by side",
+        "",
+        f"Command: `{CMD}` (resumable; this file is rewritten from its cache after every cell).",
+        f"Model: `{MODEL}` (docs/dinov2-model.md). Test set: the first {meta['limit']} Fashion-MNIST test images.",
+        f"Calibration: {meta['num_images']} images; synthetic ones with {meta['iters']} iterations. Seeds {seeds}; "
+        "cells show mean ± standard deviation over seeds (top-1, %).",
+        f"Machine: {meta['machine']}.",
+        "",
+    ]
+    if fp:
+        lines += [f"**FP32 top-1: {100 * fp['top1']:.2f}%.**", ""]
+    lines += ["## Ours: deployed (ONNX Runtime) top-1 / fake-quant top-1", "",
+              "| recipe | " + " | ".join(CALIBS) + " |", "|---|" + "---|" * len(CALIBS)]  # fmt: skip
+    for name in RECIPES:
+        cells = []
+        for calib in CALIBS:
+            got = [
+                r
+                for r in rows
+                if r.get("kind") == "ours" and r["row"] == name and r["calib"] == calib and not r.get("synth")
+            ]
+            cells.append(
+                f"{_ms([r['deployed_top1'] for r in got])} / {_ms([r['fakequant_top1'] for r in got])}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Deployed vs fake-quant agreement on the test set, and the fake-quant model's noise floor "
+              "(its agreement with itself under 1e-6 input noise, 500 images), seed-mean:", "",
+              "| recipe | calib | agreement | noise floor | drop vs FP32 (points) |", "|---|---|---|---|---|"]  # fmt: skip
+    for name in RECIPES:
+        for calib in CALIBS:
+            got = [
+                r
+                for r in rows
+                if r.get("kind") == "ours" and r["row"] == name and r["calib"] == calib and not r.get("synth")
+            ]
+            if got and fp:
+                agr = statistics.mean(r["agreement_deployed_vs_fakequant"] for r in got)
+                flo = statistics.mean(r["noise_floor_agreement_500"] for r in got)
+                drop = statistics.mean(100 * (fp["top1"] - r["deployed_top1"]) for r in got)
+                lines.append(f"| {name} | {calib} | {100 * agr:.2f}% | {100 * flo:.2f}% | {drop:.2f} |")
+    lines += ["", "## SARDFQ ablation (w4a8, deployed top-1)", "", "| variant | top-1 |", "|---|---|"]
+    for name in ABLATION:
+        got = [r for r in rows if r.get("kind") == "ours" and r.get("ablation") == name]
+        lines.append(f"| {name} | {_ms([r['deployed_top1'] for r in got])} |")
+    lines += ["", "## Peers on the same model and calibration images", "",
+              "| peer | calib | top-1 | what |", "|---|---|---|---|"]  # fmt: skip
+    peer_names = list(dict.fromkeys(r["peer"] for r in rows if r.get("kind") == "peer"))
+    for name in peer_names:
+        for calib in dict.fromkeys(r["calib"] for r in rows if r.get("peer") == name):
+            got = [r for r in rows if r.get("kind") == "peer" and r["peer"] == name and r["calib"] == calib]
+            errs = [r for r in got if r.get("error")]
+            ok = [r for r in got if not r.get("error")]
+            what = "deployed (ORT)" if name.startswith("ORT") else "fake-quant (torch)"
+            val = (
+                _ms([r.get("deployed_top1", r.get("fakequant_top1")) for r in ok])
+                if ok
+                else (errs[0]["error"] if errs else "–")
+            )
+            lines.append(f"| {name} | {calib} | {val} | {what} |")
+    lat = next((r for r in rows if r.get("kind") == "latency"), None)
+    if lat:
+        lines += ["", "## ONNX Runtime INT8 (our w8a8 export) vs ONNX Runtime FP32, same model, same run", "",
+                  "| batch | FP32 p50 (ms) | INT8 p50 (ms) | speed-up (median, min–max of 5 interleaved rounds) |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for b, v in lat["latency"].items():
+            lines.append(f"| {b} | {v['ort_fp32_p50_ms']:.2f} | {v['ort_int8_p50_ms']:.2f} | "
+                         f"{v['speedup_median']:.2f}× ({v['speedup_min']:.2f}–{v['speedup_max']:.2f}) |")  # fmt: skip
+    missing = meta.get("missing", 0)
+    lines += ["", f"Cells still to run: {missing}." if missing else "All cells measured.", ""]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines))
+    json_out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+# --- main ----------------------------------------------------------------------------------------------
+def plan(seeds: list[int], limit: int, iters: int, n: int) -> list[dict]:
+    common = {"model": MODEL, "limit": limit, "iters": iters, "num_images": n}
+    cells = [{"kind": "fp32", **common}]
+    first = seeds[:1]
+    for seed_group in (first, seeds[1:]):  # every cell at the first seed before any other seed
+        for seed in seed_group:
+            for calib in CALIBS:
+                for row, recipe in RECIPES.items():
+                    cells.append(
+                        {"kind": "ours", "row": row, "recipe": recipe, "calib": calib, "seed": seed, **common}
+                    )
+            for name, synth in ABLATION.items():
+                cells.append({"kind": "ours", "row": "w4a8", "recipe": RECIPES["w4a8"], "calib": "sardfq",
+                              "synth": synth, "ablation": name, "seed": seed, **common})  # fmt: skip
+            for name, (fn, calibs) in PEERS.items():
+                for calib in calibs:
+                    cells.append(
+                        {"kind": "peer", "peer": name, "peer_fn": fn, "calib": calib, "seed": seed, **common}
+                    )
+                    if (
+                        fn == "ort"
+                    ):  # ORT's defaults quantize Add/LayerNorm/Softmax too: also the fair variants
+                        cells.append(
+                            {
+                                "kind": "peer",
+                                "peer": name + ", MatMul/Gemm only",
+                                "peer_fn": fn,
+                                "op_types": ["MatMul", "Gemm"],
+                                "calib": calib,
+                                "seed": seed,
+                                **common,
+                            }
+                        )
+                        cells.append({"kind": "peer", "peer": name + ", MatMul/Gemm inputs only", "peer_fn": fn,
+                                      "op_types": ["MatMul", "Gemm"], "calib": calib, "seed": seed,
+                                      "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
+                                      **common})  # fmt: skip
+        if seed_group is first:
+            cells.append({"kind": "latency", **common})
+    return cells
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--limit", type=int, default=10000)
+    ap.add_argument("--iters", type=int, default=200, help="synthesis iterations (PSAQ-ViT, SARDFQ)")
+    ap.add_argument("--num-images", type=int, default=32)
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-dinov2")
+    ap.add_argument("--doc", type=Path, default=Path("docs/dinov2-results.md"))
+    ap.add_argument("--json", type=Path, default=Path("docs/dinov2-results.json"))
+    ap.add_argument("--only", help="run only cells whose kind/row/calib/peer contains this text")
+    ap.add_argument("--max-cells", type=int, help="stop after this many new cells")
+    a = ap.parse_args(argv)
+
+    loaded = sx.load_model(MODEL)
+    x, y = test_set(loaded, a.limit)
+    cache = Cache(a.cache)
+    cells = plan(a.seeds, a.limit, a.iters, a.num_images)
+    meta = {"limit": a.limit, "iters": a.iters, "num_images": a.num_images, "seeds": a.seeds,
+            "machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} torch threads"}  # fmt: skip
+    fp_logits = None
+    done = 0
+    for i, cell in enumerate(cells):
+        label = " ".join(
+            str(cell.get(k))
+            for k in ("kind", "row", "peer", "calib", "ablation", "seed")
+            if cell.get(k) is not None
+        )
+        if a.only and a.only not in label:
+            continue
+        if cell["kind"] in ("ours", "peer") and fp_logits is None:
+            fp_logits = logits_of(loaded.model, x)
+        if cache.get(cell) is not None:
+            continue
+        if a.max_cells is not None and done >= a.max_cells:
+            break
+        print(f"[{time.strftime('%H:%M:%S')}] cell {i + 1}/{len(cells)}: {label}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            if cell["kind"] == "fp32":
+                fp_logits = logits_of(loaded.model, x)
+                result = {"top1": scores(fp_logits, y)}
+            elif cell["kind"] == "ours":
+                result = run_ours(loaded, cell, x, y, fp_logits, a.cache, a.iters, a.num_images)
+            elif cell["kind"] == "peer":
+                try:
+                    result = run_peer(loaded, cell, x, y, a.cache, a.iters, a.num_images)
+                except (RuntimeError, ImportError) as exc:  # a peer that cannot run here: say why, once
+                    result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+            else:
+                result = {"latency": latency_cell(loaded, x)}
+        except KeyboardInterrupt:
+            print("stopped; finished cells are kept", flush=True)
+            return 130
+        result["cell_seconds"] = round(time.perf_counter() - t0, 1)
+        row = cache.put(cell, result)
+        done += 1
+        print(
+            f"  → {json.dumps({k: v for k, v in row.items() if k.endswith(('top1', 'error', 'seconds'))})}",
+            flush=True,
+        )
+        meta["missing"] = sum(1 for c in cells if cache.get(c) is None)
+        write_doc(a.doc, a.json, cache, meta, a.seeds)
+    meta["missing"] = sum(1 for c in cells if cache.get(c) is None)
+    write_doc(a.doc, a.json, cache, meta, a.seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
