@@ -11,7 +11,13 @@ Reads the quantizer state of ``calibrators``; never re-derives a scale. TensorRT
 """
 
 from sardfq_export.exporters.lint import LintReport, Violation, format_report, lint_model
-from sardfq_export.exporters.onnx_export import ExportConfig, ExportResult, check_exportable, export_onnx
+from sardfq_export.exporters.onnx_export import (
+    ExportConfig,
+    ExportResult,
+    check_exportable,
+    export_float_onnx,
+    export_onnx,
+)
 from sardfq_export.exporters.ort import OrtConfig, create_session, deployment_graph, op_census
 from sardfq_export.exporters.tensorrt import (
     EngineConfig,
@@ -22,7 +28,7 @@ from sardfq_export.exporters.tensorrt import (
 )
 
 __all__ = [
-    "ExportConfig", "ExportResult", "check_exportable", "export_onnx",
+    "ExportConfig", "ExportResult", "check_exportable", "export_onnx", "export_float_onnx",
     "LintReport", "Violation", "format_report", "lint_model",
     "OrtConfig", "create_session", "deployment_graph", "op_census",
     "EngineConfig", "EngineResult", "build_engine", "tensorrt_status", "trtexec_command",

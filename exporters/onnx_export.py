@@ -253,6 +253,78 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _trace(
+    model: nn.Module, input_size: tuple[int, int, int], opset: int, config: ExportConfig
+) -> onnx.ModelProto:
+    """``model`` traced by the TorchScript exporter (the settings every export here shares)."""
+    import warnings
+
+    device = next(model.parameters()).device
+    dummy = torch.zeros(2, *input_size, device=device)
+    axes = (
+        {config.input_name: {0: "batch"}, config.output_name: {0: "batch"}} if config.dynamic_batch else None
+    )
+    with tempfile.TemporaryDirectory(prefix="sardfq-export-") as tmp:
+        traced = Path(tmp) / "traced.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(traced),
+                dynamo=False,
+                opset_version=min(opset, 20),
+                do_constant_folding=True,
+                input_names=[config.input_name],
+                output_names=[config.output_name],
+                dynamic_axes=axes,
+            )
+        return onnx.load(str(traced))
+
+
+def export_float_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_size: tuple[int, int, int],
+    opset: int = TRACE_OPSET,
+    fp16: bool = False,
+) -> Path:
+    """Write the float ``model`` (the timm model, not a fake-quant one) as ONNX at ``path`` (atomically).
+
+    Traced exactly as :func:`export_onnx` traces a fake-quant model (same exporter settings, input
+    and output names, dynamic batch), so a runtime runs the same graph without the Q/DQ: the
+    float baseline a deployed INT8 model's speed-up is measured against. ``fp16``: everything in
+    FP16 with FP32 graph I/O (the TensorRT FP16 baseline; TensorRT builds it strongly typed).
+    """
+    path = Path(path)
+    config = ExportConfig()
+    was_training = model.training
+    model.eval()
+    try:
+        onnx_model = _trace(model, input_size, opset, config)
+    finally:
+        model.train(was_training)
+    if fp16:
+        onnx_model = convert_to_fp16(onnx_model)
+    meta = {
+        "sardfq.scheme": "none",
+        "sardfq.precision": "fp16" if fp16 else "fp32",
+        "sardfq.fp16": str(bool(fp16)).lower(),
+        "sardfq.versions": json.dumps(_versions(), sort_keys=True),
+        "sardfq.input": json.dumps(
+            {"name": config.input_name, "shape": ["batch", *input_size], "dtype": "float32"}
+        ),
+    }
+    del onnx_model.metadata_props[:]
+    for key, value in meta.items():
+        onnx_model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    onnx_model.producer_name, onnx_model.producer_version = "sardfq-export", _versions()["sardfq_export"]
+    onnx.checker.check_model(onnx_model)
+    with atomic_path(path) as tmp:
+        onnx.save(onnx_model, tmp)
+    return path
+
+
 def export_onnx(
     qmodel: nn.Module,
     path: str | Path,
@@ -277,30 +349,8 @@ def export_onnx(
     )
     if has_int4 and opset < INT4_OPSET:
         raise UserInputError(f"INT4 weights need ONNX opset ≥ {INT4_OPSET}, got --opset {opset}")
-    device = next(qmodel.parameters()).device
-    dummy = torch.zeros(2, *input_size, device=device)
-    axes = (
-        {config.input_name: {0: "batch"}, config.output_name: {0: "batch"}} if config.dynamic_batch else None
-    )
-    with tempfile.TemporaryDirectory(prefix="sardfq-export-") as tmp:
-        traced = Path(tmp) / "traced.onnx"
-        with float_weights_for_export(qmodel, plans), torch.no_grad():
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    qmodel,
-                    (dummy,),
-                    str(traced),
-                    dynamo=False,
-                    opset_version=min(opset, 20),
-                    do_constant_folding=True,
-                    input_names=[config.input_name],
-                    output_names=[config.output_name],
-                    dynamic_axes=axes,
-                )
-        model = onnx.load(str(traced))
+    with float_weights_for_export(qmodel, plans):
+        model = _trace(qmodel, input_size, opset, config)
     counts = _rewrite_weights(model, plans)
     model = set_opset(model, opset)
     if config.fp16:
@@ -335,4 +385,4 @@ def export_onnx(
     return ExportResult(path, opset, scheme_name, counts, report, meta)
 
 
-__all__ = ["ExportConfig", "ExportResult", "export_onnx", "check_exportable"]
+__all__ = ["ExportConfig", "ExportResult", "export_onnx", "export_float_onnx", "check_exportable"]

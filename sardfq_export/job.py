@@ -20,13 +20,14 @@ from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.errors import MissingComponentError, UserInputError
 from sardfq_export.core.io import atomic_write_text, claim_output, sha256_file
 from sardfq_export.jobcache import StageCache, content_key
-from sardfq_export.validation.deploy import ORT_MODEL
+from sardfq_export.validation.deploy import FP16_ENGINE, FP16_MODEL, FP32_MODEL, LATENCY_FORMAT, ORT_MODEL
 from sardfq_export.validation.gates import GateSpec
 from sardfq_export.validation.report import Report
 
 # Every artifact a job folder may hold (name in the manifest → path under --out).
-ARTIFACTS = ("model.onnx", ORT_MODEL, "calib.safetensors", "calib.json", "holdout.safetensors", "samples.png",
-             "sensitivity.png", "quantized", "model.engine", "model.build.log", "build_engine.sh", "README.md")  # fmt: skip
+ARTIFACTS = ("model.onnx", ORT_MODEL, FP32_MODEL, "calib.safetensors", "calib.json", "holdout.safetensors",
+             "samples.png", "sensitivity.png", "quantized", "model.engine", "model.build.log", "build_engine.sh",
+             FP16_MODEL, FP16_ENGINE, "README.md")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,8 @@ def _run_locked(cfg: JobConfig, scheme, out: Path, say: Callable[[str], None]) -
         raise exc
     val_key = content_key({"onnx": sha256_file(onnx_path), "data": cfg.data, "target": cfg.target,
                            "held": sha256_file(held_file), "engine": (engine or {}).get("sha256"),
-                           "v": __version__})  # fmt: skip
+                           "v": __version__, "latency": LATENCY_FORMAT,
+                           "threads": _threads()})  # fmt: skip
     engine_path = out / engine["path"] if engine else None
     fp32_key = content_key({"model": model_key, "data": cfg.data, "dataset": getattr(dataset, "name", None),
                            "n": len(dataset) if dataset is not None else None})  # fmt: skip
@@ -244,6 +246,12 @@ def _run_locked(cfg: JobConfig, scheme, out: Path, say: Callable[[str], None]) -
         cache, loaded, quantized, cfg, calibration, val, export_rec,
         {**({"engine": engine} if engine else {}), **_quant_extras(quant_rec)},
     )  # fmt: skip
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()  # --threads: a latency holds for its thread count (torch and ORT alike)
 
 
 def _draw_samples(path: Path, cal: CalibSet, loaded, say: Callable[[str], None]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,8 +123,9 @@ def test_measure_times_the_runner(clock):
     m = measure(runner, x, warmup=2, iters=5)
     assert len(runner.inputs) == 2 + 5 and m["iters"] == 5
     assert m == pytest.approx(
-        {"p50_ms": 20.0, "p95_ms": 20.0, "mean_ms": 20.0, "throughput_ips": 200.0, "iters": 5}  # 4 / 20 ms
-    )
+        {"min_ms": 20.0, "p50_ms": 20.0, "p95_ms": 20.0, "mean_ms": 20.0, "dispersion": 1.0,
+         "throughput_ips": 200.0, "iters": 5}  # 4 / 20 ms
+    )  # fmt: skip
 
 
 def test_measure_percentiles_of_known_times(clock):
@@ -137,8 +139,9 @@ def test_measure_percentiles_of_known_times(clock):
     assert not steps
     assert m == pytest.approx(
         # 1, 2, …, 19, 100 ms: median 10.5, mean 290 / 20, p95 19 + 0.05 × (100 - 19) (linear)
-        {"p50_ms": 10.5, "p95_ms": 23.05, "mean_ms": 14.5, "throughput_ips": 2 / 0.0105, "iters": 20}
-    )
+        {"min_ms": 1.0, "p50_ms": 10.5, "p95_ms": 23.05, "mean_ms": 14.5, "dispersion": 23.05 / 10.5,
+         "throughput_ips": 2 / 0.0105, "iters": 20}
+    )  # fmt: skip
 
 
 def test_compare_speedup_is_the_known_ratio(clock):
@@ -193,16 +196,19 @@ def test_compare_stops_at_max_seconds(clock):
     x = torch.randn(2, 3, 8, 8)
     ref, dep = Sleeper(ms=10, clock=clock), Sleeper(ms=10, clock=clock)
     lat = compare(ref, dep, x, batches=(2,), warmup=0, iters=10_000, max_seconds=0.2, run_length=5)
-    # each round is 2 × (1 untimed + 5 timed) calls of 10 ms: 0.12 s, so the second one ends it
-    assert lat["reference"]["iters"] == lat["deployed"]["iters"] == 10
-    assert clock.now == pytest.approx(0.24)
+    # each round is 2 × (1 untimed + 5 timed) calls of 10 ms: 0.12 s; the second one passes 0.2 s,
+    # but at least 3 rounds run
+    assert lat["reference"]["iters"] == lat["deployed"]["iters"] == 15 and lat["rounds"] == 3
+    assert clock.now == pytest.approx(0.36)
+    lat = compare(ref, dep, x, batches=(2,), warmup=0, iters=0, max_seconds=0.5, run_length=5)
+    assert lat["rounds"] == 5 and lat["confidence"] == pytest.approx(1 - 2 / 2**5)  # 0.6 s > 0.5 s
 
 
 def test_compare_with_real_sleeps():
     """The same on the real clock: sleep never returns early, and the band leaves room for a loaded
     2-core machine (wake-ups late by tens of milliseconds)."""
     x = torch.randn(2, 3, 8, 8)
-    lat = compare(Sleeper(ms=80), Sleeper(ms=20), x, batches=(2,), warmup=0, iters=5)
+    lat = compare(Sleeper(ms=80), Sleeper(ms=20), x, batches=(2,), warmup=0, iters=5, rounds=3)
     assert lat["reference"]["p50_ms"] >= 79.9 and lat["deployed"]["p50_ms"] >= 19.9
     assert 2.0 <= lat["speedup"] <= 6.0  # 4x without delays
     for side in ("reference", "deployed"):
@@ -306,3 +312,242 @@ def test_noise_floor_counts_the_images_on_a_rounding_boundary():
     flips = int((noise.flatten()[:3] < 0).sum())
     assert 0 < flips < 3  # the seed gives both directions: the test can fail either way
     assert floor["agreement"] == (8 - flips) / 8 and floor["sigma"] == NOISE_FLOOR_SIGMA
+
+
+# --- latency against the float runtime: rounds, spread, noisy flag, the speed-up gate -------------
+
+
+def test_compare_median_round_ratio_with_real_sleeps():
+    """Runners that really sleep 30 / 10 / 20 ms: the headline (median of the round ratios) is the
+    true 3x within 15%, the extra runner has its own ratio (2x), and all of it is in the report."""
+    x = torch.randn(2, 3, 8, 8)
+    ref, dep = Sleeper(ms=30, name="ort-fp32"), Sleeper(ms=10, name="ort-int8")
+    eager = Sleeper(ms=20, name="torch-fp32")
+    lat = compare(ref, dep, x, batches=(1,), warmup=1, run_length=3, extras={"torch_fp32": eager})
+    row = lat["by_batch"]["1"]
+    assert lat["speedup"] == row["speedup"] and abs(lat["speedup"] / 3.0 - 1) <= 0.15
+    assert abs(row["torch_fp32"]["speedup"] / 2.0 - 1) <= 0.15 and lat["torch_fp32"] == row["torch_fp32"]
+    assert row["torch_fp32"]["runtime"] == "torch-fp32" and row["reference"]["runtime"] == "ort-fp32"
+    assert row["rounds"] >= 7 and len(row["round_ratios"]) == row["rounds"]
+    assert row["confidence"] == pytest.approx(1 - 2 / 2 ** row["rounds"])
+    lo, hi = row["speedup_spread"]
+    assert lo <= row["speedup"] <= hi and row["dispersion"] == pytest.approx((hi - lo) / row["speedup"])
+    for side in ("reference", "deployed", "torch_fp32"):
+        r = row[side]
+        assert r["min_ms"] <= r["p50_ms"] <= r["p95_ms"] and r["dispersion"] == pytest.approx(
+            r["p95_ms"] / r["p50_ms"]
+        )
+        assert r["iters"] == 3 * row["rounds"] and len(r["round_p50_ms"]) == row["rounds"]
+    for key in ("device", "threads", "batch", "reference", "deployed", "speedup", "by_batch"):
+        assert key in lat  # the keys other code reads stay
+    json.dumps(lat, allow_nan=False)  # plain JSON
+
+
+class Flaky:
+    """A runner of ``fast`` ms in even rounds and ``slow`` ms in odd ones (on the fake clock): each
+    round is exactly ``per_round`` calls (1 settle + run_length) when there is no warm-up."""
+
+    def __init__(self, clock, fast, slow, per_round=6, name="flaky"):
+        self.clock, self.fast, self.slow, self.per_round = clock, fast, slow, per_round
+        self.calls, self.name, self.device = 0, name, "cpu"
+
+    def __call__(self, images):
+        slow = (self.calls // self.per_round) % 2 == 1
+        self.calls += 1
+        self.clock.now += (self.slow if slow else self.fast) / 1000.0
+        return torch.zeros(images.shape[0], 2)
+
+
+def test_compare_flags_noisy_and_remeasures(clock):
+    x = torch.randn(2, 3, 8, 8)
+    ref, dep = Sleeper(ms=20, name="ref", clock=clock), Flaky(clock, fast=5, slow=20)
+    lat = compare(ref, dep, x, batches=(1,), warmup=0, remeasure=False)
+    assert lat["noisy"] and not lat["remeasured"] and lat["rounds"] == 7
+    assert lat["round_ratios"] == pytest.approx([4, 1, 4, 1, 4, 1, 4])
+    assert lat["speedup"] == pytest.approx(4.0) and lat["speedup_spread"] == pytest.approx([1.0, 4.0])
+    assert lat["dispersion"] == pytest.approx(0.75) and lat["noisy_batches"] == [1]
+    lat = compare(ref, Flaky(clock, fast=5, slow=20), x, batches=(1,), warmup=0)
+    assert lat["remeasured"] and lat["rounds"] == 14 and lat["noisy"]  # still noisy: kept, and said
+    assert lat["first_measurement"]["speedup_spread"] == pytest.approx([1.0, 4.0])
+    steady = compare(ref, Sleeper(ms=5, clock=clock), x, batches=(1,), warmup=0)
+    assert not steady["noisy"] and not steady["remeasured"] and steady["dispersion"] == 0.0
+
+
+def _latency(speedup, lo, hi, noisy):
+    return {"device": "cpu", "batch": 1, "speedup": speedup, "speedup_spread": [lo, hi], "noisy": noisy,
+            "reference": {"runtime": "onnxruntime-fp32", "p50_ms": 2.0, "p95_ms": 2.2},
+            "deployed": {"runtime": "onnxruntime", "p50_ms": 1.0, "p95_ms": 1.1}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "lat, threshold, passed, note",
+    [
+        (_latency(2.0, 1.9, 2.1, False), 1.8, True, None),  # steady, above
+        (_latency(2.0, 1.9, 2.1, False), 2.05, False, None),  # steady: the median decides
+        (_latency(3.0, 2.0, 4.0, True), 1.5, True, "every round is above"),  # noisy, robustly above
+        (_latency(1.0, 0.6, 1.4, True), 1.5, False, "every round is below"),  # noisy, robustly below
+        (_latency(2.0, 1.2, 2.8, True), 1.5, False, "too noisy to decide (round ratios 1.2–2.8 straddle"),
+    ],
+)
+def test_min_speedup_gate_pass_fail_and_too_noisy(lat, threshold, passed, note):
+    gates = evaluate_gates(_report(latency=lat), GateSpec(min_speedup=threshold))
+    (check,) = [c for c in gates["checks"] if c["name"] == "min_speedup"]
+    assert check["passed"] is passed and gates["passed"] is passed
+    assert check["spread"] == [lat["speedup_spread"][0], lat["speedup_spread"][1]]
+    assert check["decided"] is (note is None or "too noisy" not in note)
+    if note is None:
+        assert "note" not in check
+    else:
+        assert note in check["note"]
+    if not passed:
+        with pytest.raises(GateFailedError) as err:
+            enforce(gates)
+        assert "\n" not in str(err.value) and "min_speedup" in str(err.value)
+        if note and "too noisy" in note:
+            assert str(err.value).endswith("re-run on a quieter machine)")
+
+
+def test_min_speedup_gate_from_a_noisy_measurement(clock):
+    """The gate reads compare()'s own output: ratios 1–4 straddle 2 (too noisy), all ≥ 0.9 (pass)."""
+    x = torch.randn(2, 3, 8, 8)
+    lat = compare(
+        Sleeper(ms=20, clock=clock), Flaky(clock, 5, 20), x, batches=(1,), warmup=0, remeasure=False
+    )
+    too_noisy = evaluate_gates(_report(latency=lat), GateSpec(min_speedup=2.0))["checks"][0]
+    assert not too_noisy["passed"] and too_noisy["note"].startswith("too noisy to decide")
+    assert evaluate_gates(_report(latency=lat), GateSpec(min_speedup=0.9))["passed"]
+    assert not evaluate_gates(_report(latency=lat), GateSpec(min_speedup=4.5))["passed"]
+
+
+def test_latency_rendering_shows_the_float_baseline_torch_spread_and_noisy(clock):
+    from sardfq_export.validation.report import render_readme, render_summary
+
+    x = torch.randn(2, 3, 8, 8)
+    ref, dep = Sleeper(ms=20, name="onnxruntime-fp32", clock=clock), Flaky(clock, 5, 20, name="onnxruntime")
+    eager = Sleeper(ms=40, name="torch-fp32", clock=clock)
+    lat = compare(ref, dep, x, batches=(1,), warmup=0, remeasure=False, extras={"torch_fp32": eager})
+    lat["baseline"] = "onnxruntime-fp32: the same runtime in float"
+    report = _report(latency=lat, gates={"passed": True, "checks": []})
+    md = render_markdown(report)
+    assert "Baseline: onnxruntime-fp32: the same runtime in float" in md
+    assert "PyTorch eager FP32" in md and "round spread" in md and "1.00–4.00×" in md and "**yes**" in md
+    assert "too noisy to decide" in md  # the gate rule is written in the report
+    summary = render_summary(report, "out")
+    line = next(ln for ln in summary.splitlines() if "latency batch 1" in ln)
+    assert "onnxruntime-fp32 20.00 ms" in line and "(rounds 1.00–4.00×)" in line
+    assert "torch-fp32 40.00 ms" in line and line.endswith("NOISY")
+    readme = render_readme(report, {"mean": [0.5], "std": [0.5]}, (1, 8, 8))
+    assert "vs onnxruntime-fp32 20.00 ms" in readme and "PyTorch eager FP32 40.00 ms" in readme
+    old = _report()  # a report from before (no spread, no torch column) still renders
+    assert "| 1 |" in render_markdown(old) and "n/a" in render_markdown(old)
+
+
+def test_export_float_onnx_runs_in_onnxruntime_like_the_model(tmp_path):
+    import onnx
+    from sardfq_export.exporters.onnx_export import export_float_onnx
+    from sardfq_export.exporters.ort import create_session
+    from sardfq_export.validation.runners import OrtRunner
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.GELU(), torch.nn.Linear(5, 3)
+    )
+    path = export_float_onnx(model, tmp_path / "model.fp32.onnx", (3, 2, 2))
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["logits"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch
+    assert not [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    runner = OrtRunner(create_session(path), name="onnxruntime-fp32")
+    for b in (1, 5):
+        x = torch.randn(b, 3, 2, 2)
+        with torch.no_grad():
+            torch.testing.assert_close(runner(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# --- clear one-line errors instead of hangs and IndexErrors ---------------------------------------
+
+
+def test_compare_rejects_run_length_zero_instead_of_looping_forever():
+    from sardfq_export.core.errors import UserInputError
+
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(UserInputError, match="run_length") as err:
+        compare(Sleeper(), Sleeper(), x, batches=(1,), run_length=0)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserInputError, match="rounds"):
+        compare(Sleeper(), Sleeper(), x, batches=(1,), rounds=0)
+    with pytest.raises(UserInputError, match="no sample images"):
+        compare(Sleeper(), Sleeper(), x[:0], batches=(1,))
+    with pytest.raises(UserInputError, match="no batch sizes"):
+        compare(Sleeper(), Sleeper(), x, batches=())
+
+
+def test_measure_rejects_zero_iters_instead_of_index_error():
+    from sardfq_export.core.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="iters") as err:
+        measure(Sleeper(), torch.randn(1, 3, 8, 8), warmup=0, iters=0)
+    assert "\n" not in str(err.value)
+
+
+def test_fidelity_with_no_images_is_a_clear_error():
+    from sardfq_export.core.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="at least one held-out image, got 0") as err:
+        fidelity(Table(FP32), Table(FAKEQUANT), Table(DEPLOYED), torch.empty(0, 1, 1, 1))
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserInputError, match="at least one image"):
+        compare_logits(torch.empty(0, 3), torch.empty(0, 3))
+
+
+class FakeEngine:
+    """Stands in for TensorRTRunner (no GPU here): runs a tiny torch model, named like the real one."""
+
+    def __init__(self, engine_path, name="tensorrt", device="cpu"):
+        self.engine_path, self.name, self.device = engine_path, name, "cpu"
+        self.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+
+    def __call__(self, images):
+        with torch.no_grad():
+            return self.model(images)
+
+
+@pytest.mark.parametrize("trt_ok", [True, False])
+def test_tensorrt_target_measures_against_an_fp16_engine_of_the_float_model(trt_ok, tmp_path, monkeypatch):
+    """The TensorRT wiring without TensorRT: the FP16 baseline engine is built from
+    model.fp16.onnx and is the reference, PyTorch eager an extra; without TensorRT the reference
+    falls back to PyTorch eager and the report says why."""
+    import onnx
+    from sardfq_export.exporters import tensorrt as trt_mod
+    from sardfq_export.validation import runners
+    from sardfq_export.validation.deploy import FP16_ENGINE, FP16_MODEL, validate_deployment
+
+    built = []
+
+    def build_engine(onnx_path, engine_path, input_name, chw, config):
+        built.append((Path(onnx_path), Path(engine_path), input_name, chw, config.max_batch))
+        Path(engine_path).write_bytes(b"engine")
+        return trt_mod.EngineResult(Path(engine_path), Path(engine_path).with_suffix(".log"), Path("c"))
+
+    monkeypatch.setattr(trt_mod, "tensorrt_status", lambda: (trt_ok, "ok" if trt_ok else "no TensorRT here"))
+    monkeypatch.setattr(trt_mod, "build_engine", build_engine)
+    monkeypatch.setattr(runners, "TensorRTRunner", FakeEngine)
+    monkeypatch.setattr(latency, "compare", lambda r, d, s, b, **k: compare(r, d, s, b, warmup=0, iters=2,
+                                                                          max_seconds=0.0, extras=k.get("extras")))  # fmt: skip
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"int8")
+    res = validate_deployment(lambda _m: None, model, model, tmp_path / "model.onnx", torch.randn(4, 3, 2, 2),
+                              engine_path=engine, batches=(1, 40))  # fmt: skip
+    lat = res["latency"]
+    assert lat["deployed"]["runtime"] == "tensorrt" and set(lat["by_batch"]) == {"1", "40"}
+    if trt_ok:
+        assert built == [(tmp_path / FP16_MODEL, tmp_path / FP16_ENGINE, "input", (3, 2, 2), 40)]
+        meta = {p.key: p.value for p in onnx.load(str(tmp_path / FP16_MODEL)).metadata_props}
+        assert meta["sardfq.fp16"] == "true"  # TensorRT builds it strongly typed: an FP16 engine
+        assert lat["reference"]["runtime"] == "tensorrt-fp16" and "same runtime in float" in lat["baseline"]
+        assert lat["torch_fp32"]["runtime"] == "torch-fp32" and "baseline_note" not in lat
+    else:
+        assert not built and not (tmp_path / FP16_MODEL).exists()
+        assert lat["reference"]["runtime"] == "torch-fp32" and "torch_fp32" not in lat
+        assert "no TensorRT here" in lat["baseline_note"] and "PyTorch eager" in lat["baseline"]

@@ -2,7 +2,9 @@
 
 One function serves the main job, ``sardfq-export validate`` and the API's ``validate``: the float
 model, the fake-quant model and the deployed runtime (ONNX Runtime, or a TensorRT engine) run the
-same held-out images and, when given, the same labelled data set.
+same held-out images and, when given, the same labelled data set. Latency is measured against the
+same runtime in float (ORT FP32 of the float export, or a TensorRT FP16 engine of it), with
+PyTorch eager FP32 as an extra column.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import torch
 
 LATENCY_BATCHES = (1, 32)
 ORT_MODEL = "model.ort.onnx"  # the onnxruntime target's deployed graph (ORT contrib ops)
+FP32_MODEL = "model.fp32.onnx"  # the float model, exported as model.onnx is: ORT FP32 latency baseline
+FP16_MODEL = "model.fp16.onnx"  # the same in FP16: the TensorRT FP16 baseline engine is built from it
+FP16_ENGINE = "model.fp16.engine"
+LATENCY_FORMAT = 2  # bump when the latency section changes (cached validations are redone)
 
 
 def validate_deployment(
@@ -34,6 +40,7 @@ def validate_deployment(
     For ONNX Runtime, the graph ORT runs is written beside ``onnx_path`` as ``model.ort.onnx`` so
     that what was measured is what the team deploys.
     """
+    from sardfq_export.exporters.onnx_export import export_float_onnx
     from sardfq_export.exporters.ort import (
         OrtConfig,
         create_session,
@@ -46,13 +53,17 @@ def validate_deployment(
     from sardfq_export.validation.evaluate import evaluate
     from sardfq_export.validation.runners import OrtRunner, TensorRTRunner, TorchRunner
 
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads()  # --threads pins it: PyTorch and every ORT session use it
     device = "cuda" if engine_path and torch.cuda.is_available() else "cpu"
     fp32 = TorchRunner(float_model, "torch-fp32", device=device)
     fq = TorchRunner(qmodel, "torch-fakequant", device=device)
+    input_size = tuple(held_images.shape[1:])
     result: dict = {}
+    baseline_note = ""
     if engine_path:
         deployed = TensorRTRunner(str(engine_path))
+        reference, baseline_note = _tensorrt_fp16_baseline(float_model, onnx_path, input_size, batches, say)
+        reference = reference or fp32  # without an FP16 engine, PyTorch eager stays the reference
     else:
         ort_cfg = OrtConfig(threads=threads)
         ort_path, run_cfg = write_deployment_graph(onnx_path, Path(onnx_path).with_name(ORT_MODEL), ort_cfg)
@@ -65,6 +76,11 @@ def validate_deployment(
             f"op census of {ort_path.name}: {census['int8_gemm']} int8 GEMMs, {census['int4_gemm']} INT4 "
             f"GEMMs, {census['float_gemm']} float GEMMs, {census.get('attention', 0)} fused attentions"
         )
+        # The baseline: the float model exported the same way, in ORT with the same settings (its
+        # float attention is fused in memory exactly as model.ort.onnx's was on disk).
+        fp32_path = export_float_onnx(float_model, Path(onnx_path).with_name(FP32_MODEL), input_size)
+        reference = OrtRunner(create_session(fp32_path, ort_cfg), name="onnxruntime-fp32")
+        result["reference_model"] = fp32_path.name
     say(f"fidelity on {len(held_images)} held-out images")
     result["fidelity"] = fid.fidelity(fp32, fq, deployed, held_images)
     if dataset is not None:
@@ -89,8 +105,64 @@ def validate_deployment(
                 (accs["deployed"]["predictions"] == accs["fakequant"]["predictions"]).double().mean()
             ),
         }
-    say(f"latency: {fp32.name} vs {deployed.name}, batches {batches}")
-    result["latency"] = latency.compare(
-        fp32, deployed, held_images, batches, warmup=3, iters=25, max_seconds=15.0
+    extras = {"torch_fp32": fp32} if reference is not fp32 else {}
+    say(
+        f"latency: {deployed.name} vs {reference.name}"
+        + (f" (and {fp32.name})" if extras else "")
+        + f", batches {batches}"
     )
+    lat = latency.compare(
+        reference, deployed, held_images, batches, warmup=3, iters=25, max_seconds=15.0, extras=extras
+    )
+    lat["baseline"] = (
+        f"{reference.name}: the same runtime in float"
+        if reference is not fp32
+        else f"{fp32.name} (PyTorch eager)"
+    )
+    if baseline_note:
+        lat["baseline_note"] = baseline_note
+    result["latency"] = lat
+    for b, row in lat["by_batch"].items():
+        if row.get("noisy"):
+            lo, hi = row["speedup_spread"]
+            say(
+                f"latency batch {b}: noisy (round ratios {lo:.2f}–{hi:.2f}×"
+                + (", after a re-measurement)" if row.get("remeasured") else ")")
+            )
     return result
+
+
+def _tensorrt_fp16_baseline(float_model, onnx_path, input_size, batches, say) -> tuple[object | None, str]:
+    """(runner, note): a TensorRT FP16 engine of the float model, built beside ``onnx_path`` with
+    the same build settings as the deployed engine, for the headline speed-up of a TensorRT
+    engine; ``(None, why)`` when it cannot be built (PyTorch eager then stays the reference).
+
+    Not run in this project's CI (no GPU there): TensorRT builds the FP16 ONNX strongly typed
+    (exporters.tensorrt), so the engine is FP16 on TensorRT 10 and 11 alike.
+    """
+    from sardfq_export.exporters.onnx_export import export_float_onnx
+    from sardfq_export.exporters.tensorrt import EngineConfig, build_engine, tensorrt_status
+    from sardfq_export.validation.runners import TensorRTRunner
+
+    from sardfq_export.core.io import DiskFullError
+
+    ok, why = tensorrt_status()
+    if not ok:  # (build_engine would write build_engine.sh for this engine over the deployed one's)
+        return None, f"no TensorRT FP16 baseline ({why}); the speed-up is over PyTorch eager FP32"
+    here = Path(onnx_path).parent
+    try:
+        say(f"latency baseline: TensorRT FP16 engine of the float model ({FP16_ENGINE})")
+        fp16_path = export_float_onnx(float_model, here / FP16_MODEL, input_size, fp16=True)
+        res = build_engine(
+            fp16_path, here / FP16_ENGINE, "input", input_size, EngineConfig(max_batch=max(32, *batches))
+        )
+        return TensorRTRunner(str(res.engine), name="tensorrt-fp16"), ""
+    except DiskFullError:
+        raise
+    except Exception as exc:  # the baseline must not sink the validation of the deployed engine
+        note = (
+            f"no TensorRT FP16 baseline ({type(exc).__name__}: {str(exc)[:200]}); the speed-up is over "
+            "PyTorch eager FP32"
+        )
+        say(f"latency: {note}")
+        return None, note

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from sardfq_export.core.errors import UserInputError
+
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -25,6 +27,10 @@ def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Top-1 agreement and logit cosine (mean and worst image) of two (N, classes) tensors."""
     if a.shape != b.shape:
         raise ValueError(f"logit shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise UserInputError(
+            f"no logits to compare (shape {tuple(a.shape)}): fidelity needs at least one image"
+        )
     cos = F.cosine_similarity(a.double(), b.double(), dim=1)
     return {
         "n": int(a.shape[0]),
@@ -57,6 +63,10 @@ def fidelity(
 ) -> dict:
     """The report's ``fidelity`` section: deployed vs FP32 and vs fake-quant on ``images``, and the
     fake-quant model's own noise floor beside them."""
+    if images.ndim == 0 or images.shape[0] == 0:
+        raise UserInputError(
+            "fidelity needs at least one held-out image, got 0: pass a non-empty image set (or more --num-images)"
+        )
     ref = run_batches(fp32, images, batch_size)
     fq = run_batches(fakequant, images, batch_size)
     dep = run_batches(deployed, images, batch_size)

@@ -100,6 +100,70 @@ def _num(v, fmt: str = ".2f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+def _spread(row: dict) -> str:
+    lo, hi = row.get("speedup_spread") or (row["speedup"], row["speedup"])
+    return f"{lo:.2f}–{hi:.2f}×"
+
+
+def _flags(row: dict) -> str:
+    """ " NOISY" / " NOISY (re-measured)" / " (re-measured)" / ""."""
+    if row.get("noisy"):
+        return " NOISY (re-measured)" if row.get("remeasured") else " NOISY"
+    return " (re-measured)" if row.get("remeasured") else ""
+
+
+def _latency_markdown(lat: dict) -> list[str]:
+    rows = lat.get("by_batch") or {str(lat.get("batch")): lat}
+    first = next(iter(rows.values()))
+    ref_rt = first["reference"].get("runtime", "reference")
+    extra = any("torch_fp32" in row for row in rows.values())
+    lines = [
+        "## Latency",
+        "",
+        f"Device: {lat.get('device')}"
+        + (
+            ""
+            if "threads" in str(lat.get("device")) or not lat.get("threads")
+            else f", {lat['threads']} threads"
+        )
+        + f". Baseline: {lat.get('baseline') or ref_rt}.",
+        "",
+    ]
+    if lat.get("baseline_note"):
+        lines += [f"Note: {lat['baseline_note']}.", ""]
+    head = "| batch | reference p50 / p95 (ms) | deployed p50 / p95 (ms) | speed-up | round spread |"
+    rule = "|---|---|---|---|---|"
+    if extra:
+        head += " PyTorch eager FP32 p50 (ms) | speed-up vs eager |"
+        rule += "---|---|"
+    lines += [head + " noisy |", rule + "---|"]
+    for b, row in rows.items():
+        r, d = row["reference"], row["deployed"]
+        line = (
+            f"| {b} | {r['p50_ms']:.2f} / {r['p95_ms']:.2f} ({r.get('runtime')}) | "
+            f"{d['p50_ms']:.2f} / {d['p95_ms']:.2f} ({d.get('runtime')}) | **{row['speedup']:.2f}×** | "
+            f"{_spread(row) if 'speedup_spread' in row else 'n/a'} |"
+        )
+        if extra:
+            t = row.get("torch_fp32")
+            line += f" {t['p50_ms']:.2f} | {t['speedup']:.2f}× |" if t else " n/a | n/a |"
+        noisy = "**yes**" if row.get("noisy") else ("no" if "noisy" in row else "n/a")
+        lines.append(line + f" {noisy}{' (re-measured)' if row.get('remeasured') else ''} |")
+    if "speedup_spread" in first:
+        method = lat.get("method") or {}
+        lines += [
+            "",
+            f"Speed-up = median over the interleaved rounds ({first.get('rounds')} at batch {next(iter(rows))}) "
+            "of (reference round p50 / deployed round p50); the round spread [min, max] holds the median "
+            f"with {_pct(first.get('confidence'))} confidence there. A measurement is *noisy* when "
+            f"(max − min) / median > {method.get('noisy_above', 0.25):g}; it is then re-measured once with "
+            "twice the rounds. `--min-speedup` passes on the median when not noisy; when noisy it passes "
+            "only if every round is at or above the threshold, fails if every round is below it, and "
+            "otherwise fails as too noisy to decide (re-run on a quieter machine).",
+        ]
+    return lines + [""]
+
+
 def render_markdown(report: dict) -> str:
     """A one-page summary for people."""
     lines = [f"# sardfq-export report: {report['model']} → {report['target']} ({report['scheme']})", ""]
@@ -163,21 +227,7 @@ def render_markdown(report: dict) -> str:
             lines += [f"Left float (mixed precision): {', '.join(f'`{k}`' for k in kept)}.", ""]
     lat = report.get("latency")
     if lat:
-        lines += [
-            "## Latency",
-            "",
-            f"Device: {lat.get('device')}",
-            "",
-            "| batch | reference p50 / p95 (ms) | deployed p50 / p95 (ms) | speed-up |",
-            "|---|---|---|---|",
-        ]
-        for b, row in (lat.get("by_batch") or {str(lat.get("batch")): lat}).items():
-            r, d = row["reference"], row["deployed"]
-            lines.append(
-                f"| {b} | {r['p50_ms']:.2f} / {r['p95_ms']:.2f} ({r.get('runtime')}) | "
-                f"{d['p50_ms']:.2f} / {d['p95_ms']:.2f} ({d.get('runtime')}) | {row['speedup']:.2f}× |"
-            )
-        lines.append("")
+        lines += _latency_markdown(lat)
     census = report.get("op_census")
     if census:
         lines += [
@@ -291,9 +341,18 @@ def render_readme(report: dict, preprocessing: dict, input_size: tuple[int, ...]
     lat = report.get("latency")
     if lat:
         for b, row in lat.get("by_batch", {}).items():
+            ref, torch_row = row["reference"], row.get("torch_fp32")
             lines.append(
-                f"- batch {b}: deployed p50 {row['deployed']['p50_ms']:.2f} ms vs PyTorch FP32 "
-                f"{row['reference']['p50_ms']:.2f} ms ({row['speedup']:.2f}×) on {lat['device']}"
+                f"- batch {b}: deployed p50 {row['deployed']['p50_ms']:.2f} ms vs {ref.get('runtime')} "
+                f"{ref['p50_ms']:.2f} ms ({row['speedup']:.2f}×"
+                + (f", rounds {_spread(row)}" if "speedup_spread" in row else "")
+                + ")"
+                + (
+                    f", PyTorch eager FP32 {torch_row['p50_ms']:.2f} ms ({torch_row['speedup']:.2f}×)"
+                    if torch_row
+                    else ""
+                )
+                + f" on {lat['device']}{_flags(row)}"
             )
     lint = report.get("lint")
     if lint:
@@ -330,9 +389,17 @@ def render_summary(report: dict, out: str | Path) -> str:
         )
     if lat:
         for b, row in lat["by_batch"].items():
+            torch_row = row.get("torch_fp32")
             lines.append(
                 f"  latency batch {b}: {row['reference']['runtime']} {row['reference']['p50_ms']:.2f} ms, "
                 f"{row['deployed']['runtime']} {row['deployed']['p50_ms']:.2f} ms → {row['speedup']:.2f}×"
+                + (f" (rounds {_spread(row)})" if "speedup_spread" in row else "")
+                + (
+                    f"; {torch_row['runtime']} {torch_row['p50_ms']:.2f} ms → {torch_row['speedup']:.2f}×"
+                    if torch_row
+                    else ""
+                )
+                + _flags(row)
             )
     census = report.get("op_census")
     if census:

@@ -46,7 +46,10 @@ TARGETS = ("onnx", "onnxruntime", "tensorrt")  # sardfq_export.api.TARGETS (kept
     "--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N of --data."
 )
 @click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="CPU threads (torch and ONNX Runtime)."
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for PyTorch and ONNX Runtime (pins both sides of the latency comparison).",
 )
 @click.option(
     "--data", default=None, metavar="D", help="Real labelled data for accuracy: 'fashion-mnist' or DIR."

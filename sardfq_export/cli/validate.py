@@ -39,6 +39,12 @@ from sardfq_export.core.errors import UserInputError
 )
 @click.option("--batches", default="1,32", show_default=True, help="Latency batch sizes.")
 @click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for PyTorch and ONNX Runtime (both sides of the latency comparison).",
+)
+@click.option(
     "--out", type=click.Path(file_okay=False), default=None, help="Write report.json / report.md here."
 )
 @click.option("--max-top1-drop", type=float, default=None)
@@ -56,6 +62,7 @@ def validate(
     data,
     limit,
     batches,
+    threads,
     out,
     max_top1_drop,
     min_agreement,
@@ -76,6 +83,10 @@ def validate(
         batch_sizes = tuple(int(b) for b in batches.split(","))
     except ValueError:
         raise UserInputError(f"--batches takes comma-separated sizes, got {batches!r}") from None
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # ONNX Runtime sessions take torch's thread count
     loaded, qmodel = load_quantized_model(quantized, model, checkpoint, random_init)
     q = api.Quantized(qmodel, loaded, api.QuantizeConfig(scheme=qmodel.scheme.name),
                       {"calib": {"images": images or "gaussian noise"}})  # fmt: skip
