@@ -185,3 +185,40 @@ def test_quantize_auto_keep_fp_rebuilds_with_those_layers_float():
         assert type(q.model.get_submodule(name)) is torch.nn.Linear
     assert q.summary["quant"]["quant_linear"] == 8 - len(auto["keep_fp"])
     assert len(q.summary["sensitivity"]["layers"]) == 8  # measured before the choice: every layer
+
+
+# --- output-aware activation ranges (--range output) ---------------------------------------------
+def test_output_clip_keeps_an_outlier_channel_its_weights_carry():
+    from sardfq_export.calibrators.output_ranges import best_output_clip
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, 64, generator=gen) * 0.1
+    x[:2, 7] = 8.0  # one channel with two values 80× the others' spread
+    uniform = best_output_clip(x, torch.ones(64), -128, 127)
+    carried = best_output_clip(x, torch.ones(64).index_fill_(0, torch.tensor([7]), 1000.0), -128, 127)
+    assert uniform < 0.8 * 8.0  # counted like every other value, the two are clipped
+    assert carried >= float(x[:, 7].max()) * 0.97  # weighted by its weights: kept (to the grid step)
+
+
+def test_range_output_rechooses_linear_input_clips_for_the_weighted_error():
+    from sardfq_export.calibrators.output_ranges import _layer_inputs
+
+    model = tiny_vit(embed_dim=64)
+    cal = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    q_out, q_mse = calibrators.quantize_model(model, "w8a8"), calibrators.quantize_model(model, "w8a8")
+    calibrators.calibrate(q_out, cal, method="output", progress=False)
+    calibrators.calibrate(q_mse, cal, method="mse", progress=False)
+    changed = [
+        n for (n, a), (_, b) in zip(q_out.named_modules(), q_mse.named_modules(), strict=True)
+        if isinstance(a, calibrators.QuantLinear) and not torch.equal(a.input_quantizer.scale, b.input_quantizer.scale)
+    ]  # fmt: skip
+    assert len(changed) >= 6  # most of the 8 Linears get another clip
+    # the first Linear sees the same inputs in both: its weighted error is no worse (grid: 1%)
+    lin_o, lin_m = q_out.blocks[0].attn.qkv, q_mse.blocks[0].attn.qkv
+    x = _layer_inputs(q_mse, lin_m, cal, 32, torch.Generator().manual_seed(0))
+    col = lin_m.weight_quantizer.fake_quant(lin_m.weight).pow(2).sum(0)
+
+    def weighted(q):
+        return float((x - q.fake_quant(x)).pow(2).sum(0) @ col)
+
+    assert weighted(lin_o.input_quantizer) <= 1.01 * weighted(lin_m.input_quantizer)

@@ -89,10 +89,10 @@ recipe_options = _stack(
     click.option(
         "--range",
         "range_method",
-        type=click.Choice(["minmax", "percentile", "mse"]),
+        type=click.Choice(["minmax", "percentile", "mse", "output"]),
         default="mse",
         show_default=True,
-        help="Activation range method.",
+        help="Activation range method (output: each Linear's input clip chosen for its output error).",
     ),
     click.option("--weight-range", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True),
     click.option(
