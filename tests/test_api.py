@@ -53,7 +53,8 @@ def test_quantize_and_export_a_plain_module_from_a_tensor(tmp_path):
     model = tiny_vit()
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     q = sx.quantize(model, images, scheme="w8a8", progress=False)
-    assert isinstance(q, sx.Quantized) and q.scheme.name == "w8a8" and q.config.range == "mse"
+    assert isinstance(q, sx.Quantized) and q.scheme.name == "w8a8" and q.config.range == "auto"
+    assert q.summary["resolved"] == {"range": "minmax", "weight_range": "mse", "weight_rounding": "nearest"}
     res = sx.export(q, tmp_path / "m.onnx")
     assert res.lint.passed and res.path.is_file()
 
@@ -67,4 +68,5 @@ def test_configs_are_frozen():
     cfg = sx.QuantizeConfig()
     with pytest.raises(AttributeError):
         cfg.scheme = "w4a4"  # type: ignore[misc]
-    assert (cfg.scheme, cfg.range, cfg.weight_range, cfg.finetune) == ("w8a8", "mse", "mse", "none")
+    assert (cfg.scheme, cfg.range, cfg.weight_range, cfg.finetune) == ("w8a8", "auto", "mse", "none")
+    assert cfg.weight_rounding == "auto"

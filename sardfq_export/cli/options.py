@@ -89,18 +89,20 @@ recipe_options = _stack(
     click.option(
         "--range",
         "range_method",
-        type=click.Choice(["minmax", "percentile", "mse", "output"]),
-        default="mse",
+        type=click.Choice(["auto", "minmax", "percentile", "mse", "output"]),
+        default="auto",
         show_default=True,
-        help="Activation range method (output: each Linear's input clip chosen for its output error).",
+        help="Activation range method (auto: minmax for 8-bit activations, mse for 4-bit; output: each "
+        "Linear's input clip chosen for its output error).",
     ),
     click.option("--weight-range", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True),
     click.option(
         "--weight-rounding",
-        type=click.Choice(["nearest", "gptq"]),
-        default="nearest",
+        type=click.Choice(["auto", "nearest", "gptq"]),
+        default="auto",
         show_default=True,
-        help="gptq: data-aware rounding of the weights on the calibration set (same scales, same export).",
+        help="gptq: data-aware rounding of the weights on the calibration set (same scales, same export); "
+        "auto: gptq for 4-bit weights, nearest for 8-bit.",
     ),
     click.option(
         "--keep-fp",
