@@ -81,6 +81,19 @@ def calibration(loaded, kind: str, seed: int, n: int, iters: int, cache: Path, s
     return cal
 
 
+def fp32_logits(loaded, x: torch.Tensor, cache: Path, limit: int) -> torch.Tensor:
+    """The float model's test-set logits, computed once and kept beside the results (minutes each)."""
+    from sardfq_export import calibrators
+
+    path = cache / f"fp32-logits-{calibrators.model_fingerprint(loaded.model)['weights'][:12]}-{limit}.pt"
+    if path.exists():
+        return torch.load(path)
+    z = logits_of(loaded.model, x)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(z, path)
+    return z
+
+
 @torch.inference_mode()
 def logits_of(run, x: torch.Tensor, batch: int = 250) -> torch.Tensor:
     return torch.cat([run(c).float() for c in x.split(batch)])
@@ -390,7 +403,7 @@ def main(argv=None) -> int:
         if a.only and a.only not in label:
             continue
         if cell["kind"] in ("ours", "peer") and fp_logits is None:
-            fp_logits = logits_of(loaded.model, x)
+            fp_logits = fp32_logits(loaded, x, a.cache, a.limit)
         if cache.get(cell) is not None:
             continue
         if a.max_cells is not None and done >= a.max_cells:
@@ -399,7 +412,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             if cell["kind"] == "fp32":
-                fp_logits = logits_of(loaded.model, x)
+                fp_logits = fp32_logits(loaded, x, a.cache, a.limit)
                 result = {"top1": scores(fp_logits, y)}
             elif cell["kind"] == "ours":
                 result = run_ours(loaded, cell, x, y, fp_logits, a.cache, a.iters, a.num_images)
