@@ -117,7 +117,7 @@ def reconstruct_blocks(
     ``data``: a tensor of images, a CalibSet-like object (``.images``) or an iterable of batches.
     Returns per-block losses before/after (also kept in the saved model's calibration info).
     """
-    from tqdm.auto import tqdm
+    from sardfq_export.core.progress import progress_bar
 
     images, _ = _images_and_targets(data)
     device = next(qmodel.parameters()).device
@@ -136,7 +136,7 @@ def reconstruct_blocks(
     xq = torch.cat(xq_parts)
     gen = torch.Generator().manual_seed(seed)
     report = []
-    bar = tqdm(
+    bar = progress_bar(
         total=len(names) * iters,
         desc="reconstruct",
         unit="it",
@@ -205,7 +205,7 @@ def distill(
     progress: bool = True,
 ) -> dict:
     """End-to-end distillation: KL to the float teacher (+ soft targets of the calibration set)."""
-    from tqdm.auto import tqdm
+    from sardfq_export.core.progress import progress_bar
 
     images, soft = _images_and_targets(data)
     device = next(qmodel.parameters()).device
@@ -229,7 +229,7 @@ def distill(
     t = temperature
     losses = []
     trained = [p for _, p in params]
-    bar = tqdm(
+    bar = progress_bar(
         range(iters), desc="distill", unit="it", disable=not progress or rank_world()[0] != 0, leave=False
     )
     try:

@@ -68,7 +68,7 @@ def layer_sensitivity(
     Returns ``{"images": n, "all": {...whole model...}, "layers": [{"name", "rel_error",
     "agreement"}, ...]}``; the model's quantizers are left as they were.
     """
-    from tqdm.auto import tqdm
+    from sardfq_export.core.progress import progress_bar
 
     if len(images) == 0:
         raise UserInputError("sensitivity needs at least one held-out image")
@@ -81,7 +81,9 @@ def layer_sensitivity(
         _set(all_qs, False)
         ref = _logits(qmodel, images, batch_size)
         rows = []
-        for name, qs in tqdm(units, desc="sensitivity", unit="layer", disable=not progress, leave=False):
+        for name, qs in progress_bar(
+            units, desc="sensitivity", unit="layer", disable=not progress, leave=False
+        ):
             _set(qs, True)
             rows.append({"name": name, **_compare(_logits(qmodel, images, batch_size), ref)})
             _set(qs, False)

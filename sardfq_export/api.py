@@ -381,11 +381,13 @@ def validate(
 
     ``data`` ("fashion-mnist" or a folder) adds real-data accuracy; ``held_images`` (default: 32
     seeded Gaussian images) feed the label-free fidelity and the latency runs; ``gates`` are
-    evaluated into ``report.gates`` (never raised here: see ``report.passed``).
+    evaluated into ``report.gates`` (never raised here: see ``report.passed``), with the scheme's
+    default thresholds where ``gates`` leaves one unset (``GateSpec(defaults=False)``: none) and
+    ``gates.baseline``'s regression checks (another model's baseline: ``UserInputError``).
     """
     from sardfq_export.exporters.lint import lint_model
     from sardfq_export.validation.deploy import validate_deployment
-    from sardfq_export.validation.gates import evaluate_gates
+    from sardfq_export.validation.gates import check_baseline, evaluate_gates, load_baseline
     from sardfq_export.validation.report import build_report
 
     onnx_path = Path(onnx_path.path if isinstance(onnx_path, ExportResult) else onnx_path)
@@ -404,6 +406,10 @@ def validate(
         from sardfq_export.data import load_dataset
 
         dataset = load_dataset(data, base.data_config, split="test", limit=limit)
+    baseline = load_baseline(gates.baseline) if gates.baseline else None
+    if baseline is not None:  # refused before the validation runs
+        check_baseline(baseline, model=base.name, labelled=dataset is not None,
+                       n_images=len(dataset) if dataset is not None else None)  # fmt: skip
     res = validate_deployment(
         say or (lambda _msg: None), base.model, quantized.model, onnx_path, held_images, dataset,
         Path(engine) if engine else None, progress=progress, batches=batches,
@@ -421,5 +427,5 @@ def validate(
         artifacts=None,
         op_census=res.get("op_census"),
     )
-    report["gates"] = evaluate_gates(report, gates)
+    report["gates"] = evaluate_gates(report, gates, labelled=dataset is not None, baseline=baseline)
     return Report.from_dict(report)

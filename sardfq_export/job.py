@@ -21,7 +21,7 @@ from sardfq_export.core.errors import MissingComponentError, UserInputError
 from sardfq_export.core.io import atomic_write_text, claim_output, sha256_file
 from sardfq_export.jobcache import StageCache, content_key
 from sardfq_export.validation.deploy import FP16_ENGINE, FP16_MODEL, FP32_MODEL, LATENCY_FORMAT, ORT_MODEL
-from sardfq_export.validation.gates import GateSpec
+from sardfq_export.validation.gates import Baseline, GateSpec, check_baseline, load_baseline
 from sardfq_export.validation.report import Report
 
 # Every artifact a job folder may hold (name in the manifest → path under --out).
@@ -106,13 +106,18 @@ def run(config: JobConfig | None = None, *, say: Callable[[str], None] | None = 
         )
     scheme = calibrators.get_scheme(cfg.scheme_name)
     scheme.assert_exportable()
+    baseline = (
+        load_baseline(cfg.gates.baseline) if cfg.gates.baseline else None
+    )  # read before --out is touched
     out = Path(cfg.out).expanduser()
     # issue 14: pre-flight (writable, free space) and the exclusive lock on --out, before any work
     with claim_output(out, folder=True, say=say):
-        return _run_locked(cfg, scheme, out, say)
+        return _run_locked(cfg, scheme, out, say, baseline)
 
 
-def _run_locked(cfg: JobConfig, scheme, out: Path, say: Callable[[str], None]) -> Report:
+def _run_locked(
+    cfg: JobConfig, scheme, out: Path, say: Callable[[str], None], baseline: Baseline | None = None
+) -> Report:
     from dataclasses import replace
 
     from sardfq_export import calibrators
@@ -130,6 +135,9 @@ def _run_locked(cfg: JobConfig, scheme, out: Path, say: Callable[[str], None]) -
         from sardfq_export.data import load_dataset
 
         dataset = load_dataset(cfg.data, loaded.data_config, split="test", limit=cfg.limit)
+    if baseline is not None:  # another model, or other data: refused before any work (exit 2)
+        check_baseline(baseline, model=loaded.name, labelled=dataset is not None,
+                       n_images=len(dataset) if dataset is not None else None)  # fmt: skip
     model_key = calibrators.model_fingerprint(loaded.model)
 
     # 1. calibration images (+ held-out images for label-free fidelity)
@@ -213,7 +221,7 @@ def _run_locked(cfg: JobConfig, scheme, out: Path, say: Callable[[str], None]) -
     if engine is not None and engine.get("missing"):
         # No TensorRT here: report the lint, hand over the ONNX + build command, then exit 4.
         report = _finish(cache, loaded, quantized, cfg, calibration, {}, export_rec,
-                         {"engine": engine, **_quant_extras(quant_rec)})  # fmt: skip
+                         {"engine": engine, **_quant_extras(quant_rec)}, baseline)  # fmt: skip
         exc = MissingComponentError(engine["message"])
         exc.report = report
         raise exc
@@ -244,7 +252,7 @@ def _run_locked(cfg: JobConfig, scheme, out: Path, say: Callable[[str], None]) -
         cache.save()
     return _finish(
         cache, loaded, quantized, cfg, calibration, val, export_rec,
-        {**({"engine": engine} if engine else {}), **_quant_extras(quant_rec)},
+        {**({"engine": engine} if engine else {}), **_quant_extras(quant_rec)}, baseline,
     )  # fmt: skip
 
 
@@ -292,7 +300,7 @@ def _build_engine(out: Path, onnx_path: Path, loaded) -> dict:
 
 
 def _finish(cache: StageCache, loaded, quantized, cfg: JobConfig, calibration: dict, val: dict,
-            export_rec: dict, extra: dict | None) -> Report:  # fmt: skip
+            export_rec: dict, extra: dict | None, baseline: Baseline | None = None) -> Report:  # fmt: skip
     """Gates, report.json/md, the receiver README and the manifest: the job's last step."""
     from sardfq_export.validation.gates import evaluate_gates
     from sardfq_export.validation.manifest import collect_artifacts, write_manifest
@@ -318,7 +326,7 @@ def _finish(cache: StageCache, loaded, quantized, cfg: JobConfig, calibration: d
         num_classes=loaded.num_classes,
         **(extra or {}),
     )
-    report["gates"] = evaluate_gates(report, cfg.gates)
+    report["gates"] = evaluate_gates(report, cfg.gates, labelled=bool(cfg.data), baseline=baseline)
     atomic_write_text(out / "README.md", render_readme(report, api.preprocessing(loaded), loaded.input_size))
     names = {name: name for name in ARTIFACTS}
     report["artifacts"] = collect_artifacts(out, names)

@@ -23,7 +23,7 @@ def evaluate(
 
     Images are decoded batch by batch (``num_workers`` processes, default: the dataset's choice);
     ``limit`` evaluates only that many images (``LabelledDataset.limited``'s rule)."""
-    from tqdm.auto import tqdm
+    from sardfq_export.core.progress import progress_bar
 
     dataset = dataset.limited(limit)
     n = len(dataset)
@@ -31,7 +31,7 @@ def evaluate(
     # no small tensor kept per batch (kept between the forwards' large freed blocks, those pin
     # glibc's heap, and the process grows batch after batch).
     predictions, correct, done = None, None, 0
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=n, desc=desc, unit="img", disable=not progress, leave=False)
     for images, labels in dataset.loader(batch_size, num_workers):
         logits = runner(images)
         if predictions is None:

@@ -246,16 +246,40 @@ def render_markdown(report: dict) -> str:
             f"{len(lint.get('violations', []))} violation(s), {len(lint.get('warnings', []))} warning(s).",
         ]
         lines += [f"- {v}" for v in lint.get("violations", [])] + [""]
-    gates = report.get("gates")
-    if gates and gates.get("checks"):
-        lines += ["## Gates", "", "| gate | value | threshold | result |", "|---|---|---|---|"]
-        for c in gates["checks"]:
-            lines.append(
-                f"| {c['name']} | {_num(c['value'], '.4g') if isinstance(c['value'], float) else c['value']} | "
-                f"{c['threshold']} | {'pass' if c['passed'] else '**FAIL**'} |"
-            )
-        lines.append("")
+    lines += _gates_markdown(report.get("gates"))
     return "\n".join(lines) + "\n"
+
+
+def _gates_markdown(gates: dict | None) -> list[str]:
+    """The gates: each check with its number (the report field it reads), threshold and source."""
+    if not gates or not (gates.get("checks") or gates.get("skipped")):
+        return []
+    lines = ["## Gates", ""]
+    defaults, base = gates.get("defaults") or {}, gates.get("baseline")
+    if defaults:
+        if not defaults.get("enabled"):
+            state = "off (--no-default-gates)"
+        elif not defaults.get("thresholds"):
+            state = "none for this scheme"
+        elif defaults.get("labelled"):
+            state = "on (labelled data: the top-1 drop)"
+        else:
+            state = "on (no labelled data: agreement and logit cosine with FP32 on the held-out images)"
+        lines.append(f"Default gates for `{defaults.get('scheme')}`: {state}.")
+    if base:
+        lines.append(f"Baseline: `{base['path']}` (model {base.get('model')}, scheme {base.get('scheme')}).")
+    lines += ["", "| gate | reads | value | threshold | source | result |", "|---|---|---|---|---|---|"]
+    for c in gates.get("checks", []):
+        value = _num(c["value"], ".4g") if isinstance(c["value"], float) else c["value"]
+        result = "pass" if c["passed"] else "**FAIL**" + (f" ({c['note']})" if c.get("note") else "")
+        lines.append(
+            f"| {c['name']} | `{c.get('metric', '')}` | {value} | {c['threshold']} | {c.get('source', 'user')} "
+            f"| {result} |"
+        )
+    for c in gates.get("skipped", []):
+        lines.append(f"| {c['name']} | | | | baseline | skipped: {c['note']} |")
+    lines.append("")
+    return lines
 
 
 def write_report(out_dir: str | Path, report: dict) -> tuple[Path, Path]:
@@ -405,8 +429,14 @@ def render_summary(report: dict, out: str | Path) -> str:
     if census:
         lines.append(f"  ORT kernels: {census['int8_gemm']} int8 GEMMs, {census['int4_gemm']} INT4 GEMMs")
     lint = report.get("lint") or {}
+    by_source: dict[str, int] = {}
+    for c in gates["checks"]:
+        by_source[c.get("source", "user")] = by_source.get(c.get("source", "user"), 0) + 1
+    sources = ", ".join(f"{n} {src}" for src, n in sorted(by_source.items()))
     lines.append(
         f"  lint: {'passed' if lint.get('passed') else 'FAILED'}; gates: "
-        f"{'passed' if gates['passed'] else 'FAILED'} ({len(gates['checks'])} checks)"
+        f"{'passed' if gates['passed'] else 'FAILED'} ({len(gates['checks'])} checks"
+        + (f": {sources}" if sources else "")
+        + ")"
     )
     return "\n".join(lines)

@@ -90,6 +90,15 @@ def _stopped(exc: BaseException) -> int:
     return 130
 
 
+def _one_line(exc: click.ClickException) -> str:
+    """click's message (for a range error it names the valid range) and where the help is, one line."""
+    msg = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        msg += f" (see '{ctx.command_path} --help')"
+    return msg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting (so tests can call it)."""
     from sardfq_export.cli.app import cli
@@ -110,8 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # bad usage (a value out of range...): one line, exit 2
+        click.echo(f"error: {_one_line(exc)}", err=True)
         return 2
     except click.exceptions.Abort as exc:  # click turns KeyboardInterrupt (and Terminated) into Abort
         if isinstance(exc.__cause__, KeyboardInterrupt):

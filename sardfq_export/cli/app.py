@@ -7,7 +7,7 @@ import click
 
 from sardfq_export import __version__
 from sardfq_export.cli import LazyGroup
-from sardfq_export.cli.options import model_options, output_options, recipe_options
+from sardfq_export.cli.options import gate_options, model_options, output_options, recipe_options
 
 TARGETS = ("onnx", "onnxruntime", "tensorrt")  # sardfq_export.api.TARGETS (kept import-light here)
 
@@ -55,18 +55,7 @@ TARGETS = ("onnx", "onnxruntime", "tensorrt")  # sardfq_export.api.TARGETS (kept
     "--data", default=None, metavar="D", help="Real labelled data for accuracy: 'fashion-mnist' or DIR."
 )
 @click.option("--out", type=click.Path(file_okay=False), default="sardfq-out", show_default=True)
-@click.option(
-    "--max-top1-drop", type=float, default=None, help="Gate: fail (exit 3) if top-1 drops more (points)."
-)
-@click.option(
-    "--min-agreement",
-    type=float,
-    default=None,
-    help="Gate: minimum deployed-vs-fake-quant top-1 agreement (0-1).",
-)
-@click.option(
-    "--min-speedup", type=float, default=None, help="Gate: minimum deployed/reference latency speedup."
-)
+@gate_options
 @click.option("--resume", is_flag=True, help="Reuse finished stages and checkpoints in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out made with different settings.")
 @output_options
@@ -89,33 +78,34 @@ def run_main_job(**opts) -> None:
 
     from sardfq_export.core.errors import MissingComponentError
     from sardfq_export.job import JobConfig, run
-    from sardfq_export.validation.gates import GateSpec, enforce
+    from sardfq_export.validation.gates import enforce
     from sardfq_export.validation.report import render_summary
 
-    quiet = bool(opts["quiet"] or opts["as_json"])
+    # --quiet drops the progress bars and keeps the stage lines; --json keeps stderr for errors.
+    progress = not (opts["quiet"] or opts["as_json"])
     t0 = time.perf_counter()
 
     def say(msg: str) -> None:
-        if not quiet:
+        if not opts["as_json"]:
             click.echo(f"[{time.perf_counter() - t0:6.1f}s] {msg}", err=True)
 
     if opts["threads"]:
         import torch
 
         torch.set_num_threads(opts["threads"])  # ONNX Runtime sessions take torch's thread count
-    from sardfq_export.cli.options import model_settings, recipe_config
+    from sardfq_export.cli.options import gate_spec, model_settings, recipe_config
 
     quant = recipe_config(opts)
     cfg = JobConfig(
         model=opts["model"], checkpoint=opts["checkpoint"], random_init=opts["random_init"],
         scheme=opts["scheme"], bits=int(opts["bits"] or 8), target=opts["target"], calib=opts["calib"],
         num_images=opts["num_images"], iters=opts["iters"], seed=opts["seed"], data=opts["data"],
-        out=opts["out"], gates=GateSpec(opts["max_top1_drop"], opts["min_agreement"], opts["min_speedup"]),
+        out=opts["out"], gates=gate_spec(opts),
         quantize=quant,
         model_settings=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                                     for k, v in model_settings().items())),  # fmt: skip
         limit=opts["limit"],
-        resume=opts["resume"], overwrite=opts["overwrite"], progress=not quiet,
+        resume=opts["resume"], overwrite=opts["overwrite"], progress=progress,
     )  # fmt: skip
     try:
         report = run(cfg, say=say)

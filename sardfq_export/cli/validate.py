@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sardfq_export.cli.options import model_options, output_options
+from sardfq_export.cli.options import gate_options, gate_spec, model_options, output_options
 from sardfq_export.core.errors import UserInputError
 
 
@@ -47,9 +47,7 @@ from sardfq_export.core.errors import UserInputError
 @click.option(
     "--out", type=click.Path(file_okay=False), default=None, help="Write report.json / report.md here."
 )
-@click.option("--max-top1-drop", type=float, default=None)
-@click.option("--min-agreement", type=float, default=None)
-@click.option("--min-speedup", type=float, default=None)
+@gate_options
 @output_options
 def validate(
     model,
@@ -64,20 +62,19 @@ def validate(
     batches,
     threads,
     out,
-    max_top1_drop,
-    min_agreement,
-    min_speedup,
     quiet,
     as_json,
+    **gate_opts,
 ):
     """Fidelity, accuracy, latency and gates of a deployed model (exit 3 when a gate fails)."""
     from sardfq_export import api
     from sardfq_export.calibrators import load_quantized_model
     from sardfq_export.core.calibset import CalibSet
-    from sardfq_export.validation.gates import GateSpec, enforce
+    from sardfq_export.validation.gates import enforce
     from sardfq_export.validation.report import render_summary, write_report
 
-    if max_top1_drop is not None and not data:
+    gates = gate_spec(gate_opts)
+    if gates.max_top1_drop is not None and not data:
         raise UserInputError("--max-top1-drop needs --data")
     try:
         batch_sizes = tuple(int(b) for b in batches.split(","))
@@ -91,13 +88,13 @@ def validate(
     q = api.Quantized(qmodel, loaded, api.QuantizeConfig(scheme=qmodel.scheme.name),
                       {"calib": {"images": images or "gaussian noise"}})  # fmt: skip
 
-    def say(msg: str) -> None:
-        if not (quiet or as_json):
+    def say(msg: str) -> None:  # --quiet drops the progress bars, not these lines
+        if not as_json:
             click.echo(msg, err=True)
 
     report = api.validate(
         q, onnx_path, data=data, held_images=CalibSet.load(images) if images else None, engine=engine,
-        gates=GateSpec(max_top1_drop, min_agreement, min_speedup), limit=limit, batches=batch_sizes,
+        gates=gates, limit=limit, batches=batch_sizes,
         progress=not (quiet or as_json), say=say,
     )  # fmt: skip
     if out:

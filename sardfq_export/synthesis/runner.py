@@ -242,9 +242,9 @@ def synthesize(
     grids = token_grids(model, family, (c, h, w), dev) if apa_idx else []
     check_every = 1 if dev.type == "cpu" else 10
 
-    from tqdm.auto import tqdm
+    from sardfq_export.core.progress import progress_bar
 
-    bar = tqdm(
+    bar = progress_bar(
         total=len(order) * iters,
         initial=start_batch * iters + start_iter,
         disable=not progress or iters == 0 or rank != 0,
