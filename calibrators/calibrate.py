@@ -2,8 +2,7 @@
 
 Activation methods (per-tensor, symmetric): ``minmax`` (max |x| seen), ``percentile`` (the p-th
 percentile of |x|, default 99.99), ``mse`` (the clip that minimizes the quantization MSE of the
-observed distribution), ``output`` (``mse`` first, then each Linear's input clip re-chosen for
-the Linear's output error: calibrators.output_ranges). Statistics are streamed into a symmetric histogram whose range doubles
+observed distribution). Statistics are streamed into a symmetric histogram whose range doubles
 when needed (pairs of bins merge exactly), so any number of batches fits in constant memory.
 Weight methods: ``minmax`` (max |w| per channel/block) or ``mse`` (per channel/block search of
 the clip ratio). The data source is a callable ``forward_loop(model)`` or an iterable of image
@@ -22,7 +21,7 @@ from sardfq_export.calibrators.scheme import PerBlock
 
 from sardfq_export.core.errors import UserInputError
 
-ACT_METHODS = ("minmax", "percentile", "mse", "output")
+ACT_METHODS = ("minmax", "percentile", "mse")
 WEIGHT_METHODS = ("minmax", "mse")
 DataSource = Callable[[nn.Module], None] | Iterable
 
@@ -126,11 +125,11 @@ def _run_data(model: nn.Module, data: DataSource, progress: bool, desc: str) -> 
     if callable(data) and not isinstance(data, torch.Tensor) and not hasattr(data, "batches"):
         data(model)
         return -1
-    from tqdm.auto import tqdm
+    from sardfq_export.core.progress import progress_bar
 
     device = next(model.parameters()).device
     seen = 0
-    for batch in tqdm(iter_batches(data), desc=desc, unit="batch", disable=not progress, leave=False):
+    for batch in progress_bar(iter_batches(data), desc=desc, unit="batch", disable=not progress, leave=False):
         model(batch.to(device))
         seen += int(batch.shape[0])
     if seen == 0:
@@ -186,7 +185,6 @@ def calibrate(
             weight_qs.add(id(m.weight_quantizer))
             if m.weight_quantizer.enabled:
                 calibrate_weight(m.weight_quantizer, m.weight, weight_method)
-    hist_method = "mse" if method == "output" else method
     acts = [
         m for m in qmodel.modules()
         if isinstance(m, TensorQuantizer) and id(m) not in weight_qs and m.enabled
@@ -194,19 +192,15 @@ def calibrate(
     seen = 0
     if acts:
         for q in acts:
-            q.collector = HistogramCollector(num_bins, histogram=hist_method != "minmax")
+            q.collector = HistogramCollector(num_bins, histogram=method != "minmax")
         try:
             with torch.no_grad():
-                seen = _run_data(qmodel, data, progress, f"calibrate ({hist_method})")
+                seen = _run_data(qmodel, data, progress, f"calibrate ({method})")
             for q in acts:
-                q.set_amax(q.collector.compute_amax(hist_method, q, percentile))
+                q.set_amax(q.collector.compute_amax(method, q, percentile))
         finally:
             for q in acts:
                 q.collector = None
-        if method == "output":
-            from sardfq_export.calibrators.output_ranges import output_aware_ranges
-
-            output_aware_ranges(qmodel, data, progress=progress)
     qmodel.train(was_training)
     summary = {
         "method": method,

@@ -89,11 +89,10 @@ recipe_options = _stack(
     click.option(
         "--range",
         "range_method",
-        type=click.Choice(["auto", "minmax", "percentile", "mse", "output"]),
+        type=click.Choice(["auto", "minmax", "percentile", "mse"]),
         default="auto",
         show_default=True,
-        help="Activation range method (auto: minmax for 8-bit activations, mse for 4-bit; output: each "
-        "Linear's input clip chosen for its output error).",
+        help="Activation range method (auto: minmax for 8-bit activations, mse for 4-bit).",
     ),
     click.option("--weight-range", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True),
     click.option(
@@ -159,3 +158,39 @@ def load_from_options(model: str | None, checkpoint: str | None, random_init: bo
     if note and not quiet:
         click.echo(f"note: {note}", err=True)
     return loaded
+
+
+def _threshold(name: str, metavar: str, help: str) -> Callable:
+    """A gate threshold option, range-checked by click (exit 2, one line naming the valid range)."""
+    from sardfq_export.validation.gates import THRESHOLDS
+
+    valid, flag, _what = THRESHOLDS[name]
+    kind = click.FloatRange(min=valid.lo, max=valid.hi, min_open=valid.lo_open)
+    return click.option(flag, name, type=kind, default=None, metavar=metavar, help=f"{help}.")  # + the range
+
+
+# Gates (the main job and `validate`): thresholds, the per-scheme defaults, the --baseline regression.
+gate_options = _stack(
+    _threshold("max_top1_drop", "P", "Gate: fail (exit 3) if deployed top-1 drops more than P points (needs --data)"),
+    _threshold("min_agreement", "A", "Gate: minimum deployed-vs-fake-quant top-1 agreement"),
+    _threshold("min_speedup", "S", "Gate: minimum deployed speed-up over the same runtime in float"),
+    _threshold("min_fp32_agreement", "A", "Gate: minimum fake-quant-vs-FP32 top-1 agreement on held-out images"),
+    _threshold("min_fp32_cosine", "C", "Gate: minimum deployed-vs-FP32 logit cosine on held-out images"),
+    click.option("--no-default-gates", "no_default_gates", is_flag=True,
+                 help="Do not apply the scheme's default gates (top-1 drop with --data, else agreement and "
+                 "cosine with FP32; and the lint) to thresholds left unset."),
+    click.option("--baseline", type=click.Path(), default=None, metavar="PATH",
+                 help="report.json (or its folder) of an earlier run of the same model: fail on regressions."),
+    _threshold("max_regression", "P", "With --baseline: points of deployed top-1 it may lose (default 0.5)"),
+    _threshold("max_agreement_regression", "A",
+               "With --baseline: deployed-vs-FP32 agreement it may lose (default 0.005)"),
+    _threshold("min_speedup_ratio", "R", "With --baseline: minimum speed-up as a fraction of the baseline's (default 0.8)"),
+)  # fmt: skip
+
+
+def gate_spec(opts: dict):
+    """The GateSpec the gate options describe."""
+    from sardfq_export.validation.gates import THRESHOLDS, GateSpec
+
+    return GateSpec(defaults=not opts["no_default_gates"], baseline=opts["baseline"],
+                    **{name: opts[name] for name in THRESHOLDS})  # fmt: skip

@@ -1,7 +1,7 @@
 """``sardfq-export quantize``: build, calibrate (and optionally fine-tune) a fake-quant model.
 
     sardfq-export quantize [--model M] --calib real:DIR|real:fashion-mnist|FILE --num-images N
-                           --scheme S [--range minmax|percentile|mse|output] [--finetune none|recon|kd|recon+kd]
+                           --scheme S [--range auto|minmax|percentile|mse] [--finetune none|recon|kd|recon+kd]
                            --out DIR
 
 Writes ``DIR/quantized/`` (scales, scheme, base-model reference); ``sardfq-export eval --model DIR``
