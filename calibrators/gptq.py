@@ -51,7 +51,9 @@ def _input_hessian(qmodel: nn.Module, lin: QuantLinear, data, batch_size: int) -
     count = [0]
 
     def hook(m, args):
-        x = m.input_quantizer(args[0].detach()).reshape(-1, m.in_features).double()
+        x = args[0].detach()
+        smooth = m._buffers.get("input_smooth")  # what F.linear sees: smoothed, then quantized
+        x = m.input_quantizer(x * smooth if smooth is not None else x).reshape(-1, m.in_features).double()
         h.addmm_(x.T, x)
         count[0] += x.shape[0]
         raise _Stop  # nothing after this layer is needed
@@ -132,7 +134,7 @@ def gptq_weights(
     summary: layers re-rounded and the mean relative output-error reduction on the calibration
     inputs (``tr((W−Q) H (W−Q)ᵀ)`` of GPTQ over round-to-nearest's).
     """
-    from tqdm.auto import tqdm
+    from sardfq_export.core.progress import progress_bar
 
     layers = [
         (n, m) for n, m in qmodel.named_modules()
@@ -143,7 +145,7 @@ def gptq_weights(
     was_training = qmodel.training
     qmodel.eval()
     ratios, tokens = [], 0
-    for name, lin in tqdm(layers, desc="gptq", unit="layer", disable=not progress, leave=False):
+    for name, lin in progress_bar(layers, desc="gptq", unit="layer", disable=not progress, leave=False):
         h, tokens = _input_hessian(qmodel, lin, data, batch_size)
         if tokens == 0:
             raise UserInputError("GPTQ rounding saw no calibration images")

@@ -58,7 +58,15 @@ class QuantLinear(nn.Linear):
         m.weight_quantizer = _weight_quantizer(m.weight, scheme, where)
         return m
 
+    def add_input_smoothing(self) -> None:
+        """A per-input-channel factor applied before the input quantizer (explicit SmoothQuant),
+        ones until calibrators.smooth sets it (x·1 is exact: the float function is unchanged)."""
+        self.register_buffer("input_smooth", torch.ones(self.in_features, device=self.weight.device))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        smooth = self._buffers.get("input_smooth")
+        if smooth is not None:
+            x = x * smooth
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
 

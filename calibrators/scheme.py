@@ -75,6 +75,10 @@ class Scheme:
     quantize_head: bool = False  # classifier head(s) input + weight
     log2_softmax: bool = False  # post-softmax probabilities with a log2 quantizer (not deployable)
     smoothquant_alpha: float | None = None  # SmoothQuant migration strength, folded into weights
+    # With smoothquant_alpha: also smooth the MLP's second Linear, whose input (post-GELU) has no
+    # affine op to fold into: an explicit per-channel Mul before its input quantizer (a pointwise
+    # op TensorRT fuses into the GELU kernel; one Mul in ONNX Runtime).
+    smooth_explicit: bool = False
     # Linears left in float (timm module-name globs, e.g. "blocks.11.mlp.fc2"): mixed precision
     # that TensorRT runs as is (a float GEMM between Q/DQ ones). Saved with the scheme.
     keep_fp: tuple[str, ...] = ()
@@ -99,6 +103,8 @@ class Scheme:
             raise UserInputError("a weight-only scheme cannot quantize attention matmuls or residuals")
         if self.log2_softmax and not self.quantize_attn_matmuls:
             raise UserInputError("log2_softmax needs quantize_attn_matmuls")
+        if self.smooth_explicit and self.smoothquant_alpha is None:
+            raise UserInputError("smooth_explicit needs smoothquant_alpha")
         if self.smoothquant_alpha is not None and not 0.0 < self.smoothquant_alpha < 1.0:
             raise UserInputError(f"smoothquant_alpha must be in (0, 1), got {self.smoothquant_alpha}")
 

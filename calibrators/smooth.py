@@ -34,9 +34,11 @@ def smooth_quant(qmodel: nn.Module, data, alpha: float = 0.5, progress: bool = F
     from sardfq_export.calibrators.calibrate import _run_data
 
     pairs = _pairs(qmodel)
+    explicit = [(n, m) for n, m in qmodel.named_modules()
+                if isinstance(m, QuantLinear) and m._buffers.get("input_smooth") is not None]  # fmt: skip
     amax: dict[str, torch.Tensor] = {}
     hooks = []
-    for _, _, lin_name, lin in pairs:
+    for lin_name, lin in [(p[2], p[3]) for p in pairs] + explicit:
 
         def hook(m, args, n=lin_name):
             x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
@@ -60,5 +62,12 @@ def smooth_quant(qmodel: nn.Module, data, alpha: float = 0.5, progress: bool = F
         changed |= {f"{ln_name}.weight", f"{lin_name}.weight"} | (
             {f"{ln_name}.bias"} if ln.bias is not None else set()
         )
+    for lin_name, lin in explicit:  # no op to fold into: the factor stays as an explicit Mul
+        a = amax[lin_name].clamp(min=1e-5)
+        w = lin.weight.abs().amax(0).clamp(min=1e-5)
+        s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+        lin.input_smooth.copy_(1.0 / s)
+        lin.weight.mul_(s[None, :])
+        changed |= {f"{lin_name}.weight", f"{lin_name}.input_smooth"}
     mark_modified(qmodel, changed)
-    return len(pairs)
+    return len(pairs) + len(explicit)

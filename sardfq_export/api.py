@@ -49,6 +49,12 @@ class QuantizeConfig:
     # w8a8 0.9 → 1.7: at 8 bits the 32-image Hessian overfits).
     weight_rounding: str = "auto"
     keep_fp: tuple[str, ...] = ()  # Linears left float (timm module-name globs): mixed precision
+    # SmoothQuant migration strength (0-1) folded into LayerNorm→Linear pairs; None: off.
+    smoothquant: float | None = None
+    # With smoothquant: also the MLP's second Linear, through an explicit per-channel Mul before
+    # its input quantizer (TensorRT fuses it into the GELU; DINOv2 w8a8: held-out logit error
+    # 0.0040 → 0.0026, docs/dinov2-accuracy.md).
+    smooth_fc2: bool = False
     # Leave the fewest most-sensitive Linears float for this top-1 agreement with the float model
     # on held-out images (0-1); None: off.
     auto_keep_fp: float | None = None
@@ -215,7 +221,11 @@ def _scheme_of(cfg: QuantizeConfig):
     from sardfq_export import calibrators
 
     scheme = calibrators.get_scheme(cfg.scheme)
-    return replace(scheme, keep_fp=cfg.keep_fp) if cfg.keep_fp else scheme
+    if cfg.smooth_fc2 and cfg.smoothquant is None:
+        raise UserInputError("smooth_fc2 (--smooth-fc2) needs smoothquant (--smoothquant ALPHA)")
+    return scheme.with_options(
+        keep_fp=cfg.keep_fp or None, smoothquant_alpha=cfg.smoothquant, smooth_explicit=cfg.smooth_fc2 or None
+    )
 
 
 def resolved_recipe(cfg: QuantizeConfig, scheme) -> dict:

@@ -58,7 +58,7 @@ def test_quantize_with_gptq_marks_weights_and_survives_save_and_load(tmp_path):
     model = tiny_vit()
     loaded = LoadedModel(model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    plain = sx.quantize(loaded, images, scheme="w4a16", progress=False)
+    plain = sx.quantize(loaded, images, scheme="w4a16", weight_rounding="nearest", progress=False)
     q = sx.quantize(loaded, images, scheme="w4a16", weight_rounding="gptq", progress=False)
     g = q.summary["gptq"]
     assert g["layers"] == 8 and g["tokens"] == 16 * 17 and g["mean_output_error_ratio"] < 1.0
@@ -187,38 +187,46 @@ def test_quantize_auto_keep_fp_rebuilds_with_those_layers_float():
     assert len(q.summary["sensitivity"]["layers"]) == 8  # measured before the choice: every layer
 
 
-# --- output-aware activation ranges (--range output) ---------------------------------------------
-def test_output_clip_keeps_an_outlier_channel_its_weights_carry():
-    from sardfq_export.calibrators.output_ranges import best_output_clip
-
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(4096, 64, generator=gen) * 0.1
-    x[:2, 7] = 8.0  # one channel with two values 80× the others' spread
-    uniform = best_output_clip(x, torch.ones(64), -128, 127)
-    carried = best_output_clip(x, torch.ones(64).index_fill_(0, torch.tensor([7]), 1000.0), -128, 127)
-    assert uniform < 0.8 * 8.0  # counted like every other value, the two are clipped
-    assert carried >= float(x[:, 7].max()) * 0.97  # weighted by its weights: kept (to the grid step)
-
-
-def test_range_output_rechooses_linear_input_clips_for_the_weighted_error():
-    from sardfq_export.calibrators.output_ranges import _layer_inputs
+# --- explicit SmoothQuant on the MLP's second Linear --------------------------------------------
+def test_explicit_smoothing_keeps_the_function_exports_and_reloads(tmp_path):
+    from sardfq_export.exporters.onnx_export import export_onnx
+    from sardfq_export.exporters.ort import create_session
 
     model = tiny_vit(embed_dim=64)
-    cal = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(6))
-    q_out, q_mse = calibrators.quantize_model(model, "w8a8"), calibrators.quantize_model(model, "w8a8")
-    calibrators.calibrate(q_out, cal, method="output", progress=False)
-    calibrators.calibrate(q_mse, cal, method="mse", progress=False)
-    changed = [
-        n for (n, a), (_, b) in zip(q_out.named_modules(), q_mse.named_modules(), strict=True)
-        if isinstance(a, calibrators.QuantLinear) and not torch.equal(a.input_quantizer.scale, b.input_quantizer.scale)
-    ]  # fmt: skip
-    assert len(changed) >= 6  # most of the 8 Linears get another clip
-    # the first Linear sees the same inputs in both: its weighted error is no worse (grid: 1%)
-    lin_o, lin_m = q_out.blocks[0].attn.qkv, q_mse.blocks[0].attn.qkv
-    x = _layer_inputs(q_mse, lin_m, cal, 32, torch.Generator().manual_seed(0))
-    col = lin_m.weight_quantizer.fake_quant(lin_m.weight).pow(2).sum(0)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # an outlier channel entering fc2, as in real ViTs
+        model.blocks[0].mlp.fc1.weight[5] *= 40
+    cal, held = torch.randn(16, 3, 32, 32, generator=gen), torch.randn(8, 3, 32, 32, generator=gen)
+    scheme = calibrators.get_scheme("w8a8").with_options(smoothquant_alpha=0.5, smooth_explicit=True)
+    q = calibrators.quantize_model(model, scheme)
+    calibrators.calibrate(q, cal, method="minmax", progress=False)
+    fc2 = q.blocks[0].mlp.fc2
+    assert not torch.equal(fc2.input_smooth, torch.ones(fc2.in_features))
+    calibrators.set_quantizers_enabled(q, False)  # smoothing alone keeps the float function
+    with torch.no_grad():
+        torch.testing.assert_close(q(held), model(held), rtol=1e-4, atol=1e-4)
+    calibrators.set_quantizers_enabled(q, True)
+    res = export_onnx(q, tmp_path / "m.onnx", (3, 32, 32))
+    assert res.lint.passed, res.lint.violations
+    got = torch.from_numpy(create_session(tmp_path / "m.onnx").run(None, {"input": held.numpy()})[0])
+    with torch.no_grad():
+        want = q(held)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    calibrators.save_quantized(q, tmp_path / "q", {"name": "tiny"})
+    back = calibrators.load_quantized(tmp_path / "q", model)
+    with torch.no_grad():
+        assert torch.equal(back(held), want)
 
-    def weighted(q):
-        return float((x - q.fake_quant(x)).pow(2).sum(0) @ col)
 
-    assert weighted(lin_o.input_quantizer) <= 1.01 * weighted(lin_m.input_quantizer)
+def test_quantize_config_smoothquant_and_smooth_fc2():
+    import sardfq_export as sx
+    from sardfq_export.models import LoadedModel
+
+    model = tiny_vit(embed_dim=64)
+    loaded = LoadedModel(model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
+    cal = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    q = sx.quantize(loaded, cal, scheme="w8a8", smoothquant=0.5, smooth_fc2=True, progress=False)
+    assert q.scheme.smoothquant_alpha == 0.5 and q.scheme.smooth_explicit
+    assert all(not torch.equal(b.mlp.fc2.input_smooth, torch.ones(64 * 4)) for b in q.model.blocks)
+    with pytest.raises(sx.UserInputError, match="needs smoothquant"):
+        sx.quantize(loaded, cal, scheme="w8a8", smooth_fc2=True, progress=False)

@@ -110,6 +110,17 @@ recipe_options = _stack(
         help="Leave these Linears float (timm module-name globs, repeatable), e.g. --keep-fp 'blocks.11.mlp.fc2'.",
     ),
     click.option(
+        "--smoothquant",
+        type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+        metavar="ALPHA",
+        help="SmoothQuant: move activation outliers into the weights (LayerNorm→Linear pairs), strength ALPHA.",
+    ),
+    click.option(
+        "--smooth-fc2",
+        is_flag=True,
+        help="With --smoothquant: also the MLP's second Linear, via an explicit per-channel Mul (TensorRT fuses it).",
+    ),
+    click.option(
         "--auto-keep-fp",
         type=click.FloatRange(0.0, 1.0, min_open=True),
         metavar="AGREEMENT",
@@ -132,7 +143,8 @@ def recipe_config(opts: dict, **fields):
 
     return QuantizeConfig(range=opts["range_method"], weight_range=opts["weight_range"],
                           weight_rounding=opts["weight_rounding"], keep_fp=tuple(opts["keep_fp"]),
-                          auto_keep_fp=opts["auto_keep_fp"],
+                          auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
+                          smooth_fc2=opts["smooth_fc2"],
                           finetune=opts["finetune"], **fields)  # fmt: skip
 
 
