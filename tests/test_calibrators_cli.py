@@ -189,6 +189,12 @@ def test_reference_model_acceptance(reference):
         qmodel = sx.quantize(reference, cal, scheme=scheme, progress=False).model
         drops[scheme] = fp - top1(qmodel)
         assert drops[scheme] <= limit, (scheme, drops)
-    plain = sx.quantize(reference, cal, scheme="w4a4", progress=False).model
-    recon = sx.quantize(reference, cal, scheme="w4a4", finetune="recon", progress=False).model
-    assert top1(recon) > top1(plain)
+    # Reconstruction improves a round-to-nearest model (measured 88.31 → 88.67). GPTQ rounding (the
+    # default for 4-bit weights since the real-ViT issue) gets there without fine-tuning (88.52;
+    # recon on top of it measured 88.44: no further gain on this model, docs/dinov2-accuracy.md).
+    plain = top1(sx.quantize(reference, cal, scheme="w4a4", weight_rounding="nearest", progress=False).model)
+    recon = sx.quantize(
+        reference, cal, scheme="w4a4", weight_rounding="nearest", finetune="recon", progress=False
+    )
+    assert top1(recon.model) > plain
+    assert top1(sx.quantize(reference, cal, scheme="w4a4", progress=False).model) > plain
