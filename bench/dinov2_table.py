@@ -206,8 +206,9 @@ def latency_cell(loaded, x) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.onnx.export(loaded.model, x[:1], str(tmp / "fp32.onnx"), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}}, opset_version=17, dynamo=False)  # fmt: skip
+        from sardfq_export.exporters import export_float_onnx
+
+        export_float_onnx(loaded.model, tmp / "fp32.onnx", tuple(x.shape[1:]))
         q = sx.quantize(loaded, x[:32], scheme="w8a8", progress=False)
         sx.export(q, tmp / "int8.onnx", target="onnxruntime")
         # ORT's own optimizations on the float graph (attention/LayerNorm/GELU fusions): its best FP32

@@ -24,7 +24,6 @@ import importlib
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,23 +38,10 @@ CALIB_BATCH = 32  # images per calibration forward (both peers)
 
 
 def export_fp32_onnx(model: torch.nn.Module, path: Path, input_size) -> Path:
-    """The float model through ``torch.onnx`` (TorchScript exporter, opset 17), input ``input``,
-    output ``logits``, dynamic batch."""
-    model = model.eval()
-    device = next(model.parameters()).device
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, *input_size, device=device),),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
-    return path
+    """The float model as ONNX, traced exactly like our exports (exporters.export_float_onnx)."""
+    from sardfq_export.exporters import export_float_onnx
+
+    return export_float_onnx(model.eval(), path, tuple(input_size))
 
 
 def _calibration_reader(images: np.ndarray, batch: int):
