@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune", default="none")
     ap.add_argument("--smoothquant", type=float, default=None)
     ap.add_argument("--smooth-fc2", action="store_true")
+    ap.add_argument("--keep-fp", nargs="*", default=[])
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-calib")
     ap.add_argument("--log", type=Path)
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     q = sx.quantize(loaded, cal, scheme=a.scheme, range=a.range, weight_range=a.weight_range,
                     weight_rounding=a.rounding, finetune=a.finetune, seed=a.seed, smoothquant=a.smoothquant,
-                    smooth_fc2=a.smooth_fc2, progress=False)  # fmt: skip
+                    smooth_fc2=a.smooth_fc2, keep_fp=tuple(a.keep_fp), progress=False)  # fmt: skip
     t_q = time.perf_counter() - t0
     fq_top1, fq_logits = top1(q.model, x, y)
     gen = torch.Generator().manual_seed(1)
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     row = {
         "model": a.model, "calib": a.calib, "num_images": a.num_images, "iters": a.iters, "seed": a.seed,
         "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding,
-        "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
+        "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
         "drop_points": round(100 * (fp_top1 - fq_top1), 2),
         "agreement_vs_fp32": float((fq_logits.argmax(1) == fp_logits.argmax(1)).float().mean()),
         "noise_flip_rate": flips, "calib_seconds": round(t_cal, 1), "quantize_seconds": round(t_q, 1),
