@@ -141,6 +141,21 @@ class Cache:
     def key(cell: dict) -> str:
         return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
 
+    def adopt(self, published: Path) -> int:
+        """Take the finished cells of the committed table (``--json``) into an empty or partial
+        cache: they were measured by this command (their key covers the cell and RECIPE_VERSION),
+        so a fresh machine resumes the table instead of measuring them again."""
+        if not published.exists():
+            return 0
+        new = [r for r in json.loads(published.read_text()).get("rows", []) if r.get("key") not in self.rows]
+        if new:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as fh:
+                for row in new:
+                    fh.write(json.dumps(row) + "\n")
+                    self.rows[row["key"]] = row
+        return len(new)
+
     def get(self, cell: dict) -> dict | None:
         return self.rows.get(self.key(cell))
 
@@ -390,6 +405,8 @@ def main(argv=None) -> int:
     loaded = sx.load_model(MODEL)
     x, y = test_set(loaded, a.limit)
     cache = Cache(a.cache)
+    if adopted := cache.adopt(a.json):
+        print(f"resumed {adopted} finished cells from {a.json}", flush=True)
     cells = plan(a.seeds, a.limit, a.iters, a.num_images)
     meta = {"limit": a.limit, "iters": a.iters, "num_images": a.num_images, "seeds": a.seeds,
             "machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} torch threads"}  # fmt: skip
