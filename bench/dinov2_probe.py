@@ -23,17 +23,17 @@ import sardfq_export as sx
 from sardfq_export.data import load_raw, preprocess
 
 
-def calib_set(model, kind: str, n: int, seed: int, cache: Path, iters: int | None):
+def calib_set(model, kind: str, n: int, seed: int, cache: Path, iters: int | None, bf16: bool = False):
     """A calibration set by kind (noise / real / sardfq / psaq), cached on disk by its recipe."""
     from sardfq_export.core.calibset import CalibSet
 
     if kind == "real":
         cal, _ = sx.calibration_set("real:fashion-mnist", model, n, seed=seed, progress=False)
         return cal
-    path = cache / f"{kind}-n{n}-s{seed}-it{iters}.safetensors"
+    path = cache / f"{kind}-n{n}-s{seed}-it{iters}{'-bf16' if bf16 else ''}.safetensors"
     if path.exists():
         return CalibSet.load(path)
-    cal = sx.synthesize(model, method=kind, num_images=n, seed=seed, iters=iters, progress=True)
+    cal = sx.synthesize(model, method=kind, num_images=n, seed=seed, iters=iters, bf16=bf16, progress=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     cal.save(path)
     return cal
@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoothquant", type=float, default=None)
     ap.add_argument("--smooth-fc2", action="store_true")
     ap.add_argument("--keep-fp", nargs="*", default=[])
+    ap.add_argument("--bf16", action="store_true", help="synthesize under bf16 autocast")
+    ap.add_argument("--deployed", action="store_true", help="also export and run the ONNX Runtime graph")
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-calib")
     ap.add_argument("--log", type=Path)
@@ -69,9 +71,20 @@ def main(argv=None) -> int:
     raw = load_raw("fashion-mnist", "test")
     x = preprocess(raw.images[: a.limit], loaded.data_config)
     y = torch.as_tensor(raw.labels[: a.limit]).long()
-    fp_top1, fp_logits = top1(loaded.model, x, y)
+    from sardfq_export import calibrators
+
+    fp_path = (
+        a.cache / f"fp32-logits-{calibrators.model_fingerprint(loaded.model)['weights'][:12]}-{a.limit}.pt"
+    )
+    if fp_path.exists():  # minutes per probe on 2 cores otherwise
+        fp_logits = torch.load(fp_path)
+        fp_top1 = float((fp_logits.argmax(1) == y).float().mean())
+    else:
+        fp_top1, fp_logits = top1(loaded.model, x, y)
+        fp_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(fp_logits, fp_path)
     t0 = time.perf_counter()
-    cal = calib_set(loaded, a.calib, a.num_images, a.seed, a.cache, a.iters)
+    cal = calib_set(loaded, a.calib, a.num_images, a.seed, a.cache, a.iters, a.bf16)
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
     q = sx.quantize(loaded, cal, scheme=a.scheme, range=a.range, weight_range=a.weight_range,
@@ -83,8 +96,21 @@ def main(argv=None) -> int:
     noisy = x[:500] + 1e-6 * torch.randn(x[:500].shape, generator=gen)
     _, noisy_logits = top1(q.model, noisy, y[:500])
     flips = float((noisy_logits.argmax(1) != fq_logits[:500].argmax(1)).float().mean())
+    deployed = {}
+    if a.deployed:  # the ONNX Runtime graph the main job deploys, on the same images
+        import tempfile
+
+        from dinov2_table import logits_of, ort_runner
+
+        with tempfile.TemporaryDirectory() as tmp:
+            res = sx.export(q, Path(tmp) / "model.onnx", target="onnxruntime")
+            dep_logits = logits_of(ort_runner(Path(res.path), Path(tmp)), x)
+        deployed = {
+            "deployed_top1": float((dep_logits.argmax(1) == y).float().mean()),
+            "deployed_vs_fakequant": float((dep_logits.argmax(1) == fq_logits.argmax(1)).float().mean()),
+        }
     row = {
-        "model": a.model, "calib": a.calib, "num_images": a.num_images, "iters": a.iters, "seed": a.seed,
+        "model": a.model, "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": a.num_images, "iters": a.iters, "seed": a.seed,
         "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding,
         "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
         "drop_points": round(100 * (fp_top1 - fq_top1), 2),
