@@ -271,7 +271,9 @@ def _gates_markdown(gates: dict | None) -> list[str]:
     lines += ["", "| gate | reads | value | threshold | source | result |", "|---|---|---|---|---|---|"]
     for c in gates.get("checks", []):
         value = _num(c["value"], ".4g") if isinstance(c["value"], float) else c["value"]
-        result = "pass" if c["passed"] else "**FAIL**" + (f" ({c['note']})" if c.get("note") else "")
+        note = f" ({c['note']})" if c.get("note") else ""
+        # a pass shows its note only where it carries the rule (the agreement floor's confidence bound)
+        result = ("pass" + (note if "upper_bound" in c else "")) if c["passed"] else "**FAIL**" + note
         lines.append(
             f"| {c['name']} | `{c.get('metric', '')}` | {value} | {c['threshold']} | {c.get('source', 'user')} "
             f"| {result} |"
