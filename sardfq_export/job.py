@@ -18,7 +18,7 @@ from pathlib import Path
 from sardfq_export import __version__, api
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.errors import MissingComponentError, UserInputError
-from sardfq_export.core.io import atomic_write_text, claim_output, sha256_file
+from sardfq_export.core.io import MIN_FREE_MB, atomic_write_text, check_min_free_mb, claim_output, sha256_file
 from sardfq_export.jobcache import StageCache, content_key
 from sardfq_export.validation.deploy import FP16_ENGINE, FP16_MODEL, FP32_MODEL, LATENCY_FORMAT, ORT_MODEL
 from sardfq_export.validation.gates import Baseline, GateSpec, check_baseline, load_baseline
@@ -54,6 +54,7 @@ class JobConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    min_free_mb: float = MIN_FREE_MB  # refuse (exit 2) before any work when --out's disk has less free
 
     @property
     def scheme_name(self) -> str:
@@ -104,6 +105,7 @@ def run(config: JobConfig | None = None, *, say: Callable[[str], None] | None = 
         raise UserInputError(
             "--max-top1-drop needs real labelled data: pass --data fashion-mnist or --data DIR"
         )
+    check_min_free_mb(cfg.min_free_mb)
     scheme = calibrators.get_scheme(cfg.scheme_name)
     scheme.assert_exportable()
     baseline = (
@@ -111,7 +113,7 @@ def run(config: JobConfig | None = None, *, say: Callable[[str], None] | None = 
     )  # read before --out is touched
     out = Path(cfg.out).expanduser()
     # issue 14: pre-flight (writable, free space) and the exclusive lock on --out, before any work
-    with claim_output(out, folder=True, say=say):
+    with claim_output(out, folder=True, say=say, min_free_mb=cfg.min_free_mb):
         return _run_locked(cfg, scheme, out, say, baseline)
 
 

@@ -33,12 +33,14 @@ from conftest import needs_reference, tiny_vit
 
 from sardfq_export.cli import Terminated, main, sigterm_raises
 from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.errors import UserInputError
 from sardfq_export.core.io import (
     LOCK_NAME,
     OutputLockedError,
     claim_output,
     hold_lock,
     is_temp_name,
+    preflight_output,
     sha256_file,
 )
 from sardfq_export.jobcache import STATE_FILE
@@ -216,8 +218,7 @@ def test_unusable_out_is_refused_before_any_work(case, tmp_path, capsys, monkeyp
     afile.write_text("x")
     out = {"proc": "/proc/sardfq-test/out", "parent_is_file": str(afile / "sub"),
            "no_space": str(tmp_path / "new" / "deep"), "unwritable": str(tmp_path / "ro")}.get(case)  # fmt: skip
-    if case == "no_space":
-        monkeypatch.setenv("SARDFQ_MIN_FREE_MB", str(10**12))
+    more = ["--min-free-mb", str(10**12)] if case == "no_space" else []  # more than any disk has free
     if case == "unwritable":
         if os.geteuid() == 0:
             pytest.skip("root writes into read-only folders")
@@ -227,13 +228,38 @@ def test_unusable_out_is_refused_before_any_work(case, tmp_path, capsys, monkeyp
         if case == "synthesize_proc"
         else [*JOB, "--out", out]
     )
-    assert main([*args, "--quiet"]) == 2
+    assert main([*args, *more, "--quiet"]) == 2
     err = capsys.readouterr().err
     (line,) = _error_lines(err)
     assert _not_stage_lines(err) == [line] and line.startswith("error: --out ")
     assert {"proc": "cannot create", "parent_is_file": "is a file, not a folder", "no_space": "MB free",
             "synthesize_proc": "cannot create", "unwritable": "not writable"}[case] in line  # fmt: skip
     assert not (tmp_path / "new").exists()  # nothing created
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "lots"])
+@pytest.mark.parametrize("command", ["job", "synthesize"])
+def test_min_free_mb_is_range_checked_before_any_work(command, value, tmp_path, capsys):
+    out = tmp_path / "new" / ("o" if command == "job" else "c.safetensors")
+    args = [*JOB, "--out", str(out)] if command == "job" else ["synthesize", "--out", str(out)]
+    assert main([*args, "--min-free-mb", value, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    (line,) = _error_lines(err)
+    assert _not_stage_lines(err) == [line] and "Traceback" not in err
+    # click's range/type check, or the library's (nan, inf pass click's FloatRange)
+    assert "Invalid value for '--min-free-mb'" in line or "--min-free-mb (MB that must be free" in line, line
+    assert not (tmp_path / "new").exists()  # refused before anything was created
+
+
+def test_min_free_mb_sets_the_floor_and_the_env_switch_is_gone(tmp_path, monkeypatch):
+    free_mb = shutil.disk_usage(tmp_path).free / 1e6
+    with pytest.raises(UserInputError, match=r"MB free on that disk.*--min-free-mb"):
+        preflight_output(tmp_path / "a", folder=True, min_free_mb=free_mb * 10)
+    assert not (tmp_path / "a").exists()
+    preflight_output(tmp_path / "b", folder=True, min_free_mb=0)  # 0: no free-space check
+    monkeypatch.setenv("SARDFQ_MIN_FREE_MB", str(10**12))  # no process-global switch (STYLE.md)
+    preflight_output(tmp_path / "c", folder=True)
+    assert (tmp_path / "b").is_dir() and (tmp_path / "c").is_dir()
 
 
 def test_lock_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path):
