@@ -293,6 +293,52 @@ def test_lock_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path):
     assert len(notes) == 1 and f"pid {child.pid} " in notes[0] and "no longer running" in notes[0]
 
 
+def test_a_second_synthesize_into_the_same_file_exits_2_naming_the_first(tmp_path, capsys):
+    """Two ``synthesize`` runs to one file silently replaced each other; the second is refused before
+    any work (the lock beside the file), a file next to it is not locked."""
+    target = tmp_path / "c.safetensors"
+    with hold_lock(target, folder=False):  # what a running synthesize holds
+        assert main(["synthesize", "--out", str(target), "--num-images", "1", "--iters", "1", "--quiet"]) == 2
+        (line,) = _error_lines(capsys.readouterr().err)
+        assert "in use by another sardfq-export job" in line and f"pid {os.getpid()} " in line
+        assert str(target) in line and not target.exists()
+        other = tmp_path / "d.safetensors"
+        with claim_output(other, folder=False):
+            pass
+
+
+def test_temporary_names_are_unique_per_process_and_artifacts_are_0644(tmp_path):
+    """``<name>.tmp`` was shared by every process; mkstemp's files were 0600 (model.onnx was too)."""
+    from sardfq_export.core import io
+
+    a, b = io._make_temp(tmp_path / "model.onnx"), io._make_temp(tmp_path / "model.onnx")
+    assert a != b and all(is_temp_name(p.name) and f".{os.getpid()}." in p.name for p in (a, b))
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from sardfq_export.core import io; "
+         "print(io._make_temp(Path(sys.argv[1]) / 'model.onnx').name)", str(tmp_path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert child.stdout.strip() not in (a.name, b.name) and ".model.onnx." in child.stdout
+    old = os.umask(0o077)  # even under a strict umask: artifacts are for other people
+    try:
+        f = io.atomic_write_bytes(tmp_path / "model.onnx", b"x")
+        with io.atomic_dir(tmp_path / "quantized") as d:
+            (d / "state.safetensors").write_bytes(b"y")
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "quantized" / "state.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "quantized").stat().st_mode & 0o777 == 0o755
+
+
+def test_the_manifest_records_the_installed_version_not_null():
+    """Run from a checkout the manifest said ``"sardfq-export": null``."""
+    from sardfq_export import __version__
+    from sardfq_export.validation.manifest import tool_versions
+
+    assert tool_versions()["sardfq-export"] == __version__ and __version__
+
+
 def test_second_job_exits_2_naming_the_first_and_sigterm_saves_the_checkpoint(tmp_path):
     out = tmp_path / "J"
     first = Proc(
