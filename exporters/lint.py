@@ -129,7 +129,13 @@ class _Linter:
     def run(self) -> LintReport:
         opset = opset_of(self.model)
         qdq = [n for n in self.graph.node if n.op_type in QDQ_OPS]
-        has_int4 = any(t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in self.consts.values())
+        int4_types = (TensorProto.INT4, TensorProto.UINT4)
+        has_int4 = any(t.data_type in int4_types for t in self.consts.values())
+        # INT4 weights: the distinct INT4 constants a DQ dequantizes (not their zero-points, and an
+        # Identity alias of a constant is the same tensor)
+        int4 = {id(self.consts[n.input[0]]) for n in qdq
+                if n.op_type == "DequantizeLinear" and n.input[0] in self.consts
+                and self.consts[n.input[0]].data_type in int4_types}  # fmt: skip
         if opset < MIN_OPSET:
             self.error(
                 "opset",
@@ -154,7 +160,7 @@ class _Linter:
             "opset": opset,
             "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in qdq),
             "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in qdq),
-            "int4_tensors": int(has_int4),
+            "int4_tensors": len(int4),  # INT4 weights (the blocked weights of a W4 export)
         }
         return self.report
 

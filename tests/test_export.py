@@ -160,6 +160,8 @@ def test_w4a16_exports_int4_blocked_weights_that_ort_runs(tmp_path):
     int4 = [t for t in model.graph.initializer if t.data_type == TensorProto.INT4]
     assert len(int4) == 2 * N_LINEARS  # codes + zero-points
     assert op_census(tmp_path / "m.onnx")["int4_gemm"] == N_LINEARS
+    # the lint counts INT4 weights (one per blocked Linear), not "has INT4" (it said 1) nor zero-points
+    assert lint_model(model).stats["int4_tensors"] == res.weights["int4-blocked"] == N_LINEARS
 
 
 def test_metadata_and_checker(w8a8):
