@@ -27,6 +27,8 @@ from sardfq_export.exporters.onnx_graph import (
     to_array,
 )
 
+from sardfq_export.core.errors import UserInputError
+
 MIN_OPSET = 17  # LayerNormalization as one op (a decomposed one overflows in FP16)
 MIN_OPSET_INT4 = 21  # INT4 types and blocked DequantizeLinear
 INT4_BLOCKS = (64, 128)
@@ -127,7 +129,13 @@ class _Linter:
     def run(self) -> LintReport:
         opset = opset_of(self.model)
         qdq = [n for n in self.graph.node if n.op_type in QDQ_OPS]
-        has_int4 = any(t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in self.consts.values())
+        int4_types = (TensorProto.INT4, TensorProto.UINT4)
+        has_int4 = any(t.data_type in int4_types for t in self.consts.values())
+        # INT4 weights: the distinct INT4 constants a DQ dequantizes (not their zero-points, and an
+        # Identity alias of a constant is the same tensor)
+        int4 = {id(self.consts[n.input[0]]) for n in qdq
+                if n.op_type == "DequantizeLinear" and n.input[0] in self.consts
+                and self.consts[n.input[0]].data_type in int4_types}  # fmt: skip
         if opset < MIN_OPSET:
             self.error(
                 "opset",
@@ -152,7 +160,7 @@ class _Linter:
             "opset": opset,
             "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in qdq),
             "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in qdq),
-            "int4_tensors": int(has_int4),
+            "int4_tensors": len(int4),  # INT4 weights (the blocked weights of a W4 export)
         }
         return self.report
 
@@ -344,10 +352,31 @@ class _Linter:
             self.warn("one-sided", node, "only one input of this MatMul has Q/DQ: TensorRT runs it in float")
 
 
+def load_onnx_file(path: str | Path) -> onnx.ModelProto:
+    """``path`` as an ONNX model, or a one-line :class:`UserInputError` naming the file.
+
+    Protobuf parses an empty file (and some other bytes) as an empty model without complaint: a
+    model with neither a graph node nor an opset is refused here rather than linted as "opset 0".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path} does not exist (or is not a file)")
+    size = path.stat().st_size
+    if size == 0:
+        raise UserInputError(f"{path} is empty (0 bytes): not an ONNX model; re-export it")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf parse errors: the file's fault
+        raise UserInputError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
+    if not model.opset_import and not model.graph.node:
+        raise UserInputError(f"{path} is not an ONNX model (no graph, no opset in its {size} bytes)")
+    return model
+
+
 def lint_model(model: onnx.ModelProto | str | Path) -> LintReport:
-    """Check ``model`` (a ModelProto or a path) against TensorRT's Q/DQ rules."""
+    """Check ``model`` (a ModelProto or a path: see :func:`load_onnx_file`) against TensorRT's Q/DQ rules."""
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
+        model = load_onnx_file(model)
     return _Linter(model).run()
 
 

@@ -18,16 +18,21 @@ from pathlib import Path
 from sardfq_export import __version__, api
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.errors import MissingComponentError, UserInputError
-from sardfq_export.core.io import atomic_write_text, claim_output, sha256_file
+from sardfq_export.core.io import MIN_FREE_MB, atomic_write_text, check_min_free_mb, claim_output, sha256_file
 from sardfq_export.jobcache import StageCache, content_key
 from sardfq_export.validation.deploy import FP16_ENGINE, FP16_MODEL, FP32_MODEL, LATENCY_FORMAT, ORT_MODEL
 from sardfq_export.validation.gates import Baseline, GateSpec, check_baseline, load_baseline
+from sardfq_export.validation.plots import PLOT_FILES
 from sardfq_export.validation.report import Report
 
 # Every artifact a job folder may hold (name in the manifest → path under --out).
 ARTIFACTS = ("model.onnx", ORT_MODEL, FP32_MODEL, "calib.safetensors", "calib.json", "holdout.safetensors",
-             "samples.png", "sensitivity.png", "quantized", "model.engine", "model.build.log", "build_engine.sh",
-             FP16_MODEL, FP16_ENGINE, "README.md")  # fmt: skip
+             "samples.png", "quantized", "model.engine", "model.build.log", "build_engine.sh",
+             FP16_MODEL, FP16_ENGINE, "README.md", *PLOT_FILES.values())  # fmt: skip
+# Always this run's own (rewritten or checked by a stage every run); any other name in ARTIFACTS
+# belongs to this run only when its result names it, and is removed as stale otherwise (_stale).
+OWN_ARTIFACTS = ("model.onnx", "calib.safetensors", "calib.json", "holdout.safetensors", "samples.png",
+                 "quantized", "README.md")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class JobConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    min_free_mb: float = MIN_FREE_MB  # refuse (exit 2) before any work when --out's disk has less free
 
     @property
     def scheme_name(self) -> str:
@@ -104,6 +110,7 @@ def run(config: JobConfig | None = None, *, say: Callable[[str], None] | None = 
         raise UserInputError(
             "--max-top1-drop needs real labelled data: pass --data fashion-mnist or --data DIR"
         )
+    check_min_free_mb(cfg.min_free_mb)
     scheme = calibrators.get_scheme(cfg.scheme_name)
     scheme.assert_exportable()
     baseline = (
@@ -111,7 +118,7 @@ def run(config: JobConfig | None = None, *, say: Callable[[str], None] | None = 
     )  # read before --out is touched
     out = Path(cfg.out).expanduser()
     # issue 14: pre-flight (writable, free space) and the exclusive lock on --out, before any work
-    with claim_output(out, folder=True, say=say):
+    with claim_output(out, folder=True, say=say, min_free_mb=cfg.min_free_mb):
         return _run_locked(cfg, scheme, out, say, baseline)
 
 
@@ -159,6 +166,7 @@ def _run_locked(
         )  # fmt: skip
         cal.save(calib_file)
         held.save(held_file)
+        (out / "samples.png").unlink(missing_ok=True)  # an earlier set's picture must not stay if this fails
         _draw_samples(out / "samples.png", cal, loaded, say)
         rec = {"method": cal.meta.get("method", cfg.calib), "num_images": len(cal), "holdout": len(held),
                "iters": cal.meta.get("iters", iters), "wall_time_s": cal.meta.get("wall_time_s")}  # fmt: skip
@@ -221,7 +229,8 @@ def _run_locked(
     if engine is not None and engine.get("missing"):
         # No TensorRT here: report the lint, hand over the ONNX + build command, then exit 4.
         report = _finish(cache, loaded, quantized, cfg, calibration, {}, export_rec,
-                         {"engine": engine, **_quant_extras(quant_rec)}, baseline)  # fmt: skip
+                         {"engine": engine, **_quant_extras(quant_rec)}, baseline, cal.meta.get("loss_curve"),
+                         say)  # fmt: skip
         exc = MissingComponentError(engine["message"])
         exc.report = report
         raise exc
@@ -242,7 +251,12 @@ def _run_locked(
         )  # fmt: skip
         return res, res
 
-    val, _ = cache.stage("validate", val_key, validate, lambda rec: rec)
+    # A finished validation is reused only while the files it names (model.ort.onnx, the float
+    # baseline) are still there: another target's run in between removes them as stale.
+    prev = cache.record("validate")
+    keys = ("deployed_model", "reference_model", "reference_engine")
+    named = [out / prev[k] for k in keys if isinstance(prev.get(k), str)]
+    val, _ = cache.stage("validate", val_key, validate, lambda rec: rec, named)
     if val.get("accuracy"):  # the float model's accuracy depends only on the model and the data
         acc = val["accuracy"]
         cache.state.setdefault("fp32_accuracy", {})[fp32_key] = {
@@ -253,6 +267,7 @@ def _run_locked(
     return _finish(
         cache, loaded, quantized, cfg, calibration, val, export_rec,
         {**({"engine": engine} if engine else {}), **_quant_extras(quant_rec)}, baseline,
+        cal.meta.get("loss_curve"), say,
     )  # fmt: skip
 
 
@@ -299,11 +314,49 @@ def _build_engine(out: Path, onnx_path: Path, loaded) -> dict:
             "build_s": res.build_s, "sha256": sha256_file(res.engine)}  # fmt: skip
 
 
+def _stale(report: dict) -> list[str]:
+    """The names in ARTIFACTS this run did not make: left by an earlier run with other settings
+    (another --target, a TensorRT host, a run with --data...) and removed before the manifest."""
+    mine = set(OWN_ARTIFACTS)
+    keys = ("deployed_model", "reference_model", "reference_engine")
+    mine.update(v for k, v in report.items() if k in keys and isinstance(v, str))
+    engine = report.get("engine") or {}
+    if engine.get("missing"):
+        mine.add(engine.get("script") or "build_engine.sh")
+    elif engine:
+        mine.update(v for v in (engine.get("path"), engine.get("log")) if v)
+    mine.update((report.get("plots") or {}).values())
+    return [name for name in ARTIFACTS if name not in mine]
+
+
+def _remove_stale(out: Path, report: dict, say: Callable[[str], None]) -> list[str]:
+    import shutil
+
+    removed = []
+    for name in _stale(report):
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        say(f"removed {', '.join(removed)}: left by an earlier run with other settings")
+    return removed
+
+
 def _finish(cache: StageCache, loaded, quantized, cfg: JobConfig, calibration: dict, val: dict,
-            export_rec: dict, extra: dict | None, baseline: Baseline | None = None) -> Report:  # fmt: skip
-    """Gates, report.json/md, the receiver README and the manifest: the job's last step."""
+            export_rec: dict, extra: dict | None, baseline: Baseline | None = None,
+            loss_curve: list | None = None, say: Callable[[str], None] | None = None) -> Report:  # fmt: skip
+    """Gates, plots, report.json/md, the receiver README and the manifest: the job's last step.
+
+    Artifacts an earlier run left that this one did not make are removed from the folder first, so
+    that the report and manifest list exactly this run's files."""
     from sardfq_export.validation.gates import evaluate_gates
     from sardfq_export.validation.manifest import collect_artifacts, write_manifest
+    from sardfq_export.validation.plots import draw_report_plots
     from sardfq_export.validation.report import build_report, render_readme, write_report
 
     out = cache.out
@@ -320,6 +373,8 @@ def _finish(cache: StageCache, loaded, quantized, cfg: JobConfig, calibration: d
         artifacts=None,
         op_census=val.get("op_census"),
         deployed_model=val.get("deployed_model"),
+        reference_model=val.get("reference_model"),
+        **({"reference_engine": val["reference_engine"]} if val.get("reference_engine") else {}),
         runtime_settings=val.get("runtime_settings"),
         export={k: export_rec.get(k) for k in ("opset", "weights", "scheme")},
         model_source=loaded.source,
@@ -327,6 +382,8 @@ def _finish(cache: StageCache, loaded, quantized, cfg: JobConfig, calibration: d
         **(extra or {}),
     )
     report["gates"] = evaluate_gates(report, cfg.gates, labelled=bool(cfg.data), baseline=baseline)
+    report["plots"] = draw_report_plots(out, report, loss_curve, say)
+    _remove_stale(out, report, say or (lambda _m: None))
     atomic_write_text(out / "README.md", render_readme(report, api.preprocessing(loaded), loaded.input_size))
     names = {name: name for name in ARTIFACTS}
     report["artifacts"] = collect_artifacts(out, names)

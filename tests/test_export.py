@@ -160,6 +160,8 @@ def test_w4a16_exports_int4_blocked_weights_that_ort_runs(tmp_path):
     int4 = [t for t in model.graph.initializer if t.data_type == TensorProto.INT4]
     assert len(int4) == 2 * N_LINEARS  # codes + zero-points
     assert op_census(tmp_path / "m.onnx")["int4_gemm"] == N_LINEARS
+    # the lint counts INT4 weights (one per blocked Linear), not "has INT4" (it said 1) nor zero-points
+    assert lint_model(model).stats["int4_tensors"] == res.weights["int4-blocked"] == N_LINEARS
 
 
 def test_metadata_and_checker(w8a8):
@@ -543,6 +545,26 @@ def test_lint_command_exit_codes(w8a8, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert out["passed"] is False and any("zero-point" in v for v in out["violations"])
     assert main(["lint", str(tmp_path / "missing.onnx")]) == 2
+
+
+def test_lint_of_an_empty_or_non_onnx_file_is_one_line_naming_it(tmp_path, capsys):
+    """A 0-byte file parses as an empty ModelProto: it was linted as "opset 0" (exit 2 on a violation)."""
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    assert main(["lint", str(empty)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and str(empty) in err[0] and "empty (0 bytes)" in err[0], err
+    assert "opset" not in captured.out + captured.err and "Traceback" not in captured.err
+    assert main(["lint", str(empty), "--json"]) == 2 and capsys.readouterr().out == ""
+    # bytes protobuf also takes for an empty model (an unknown varint field): no graph, no opset
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x00")  # field 1 (ir_version) = 0
+    assert main(["lint", str(junk)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(junk) in err[0] and "not an ONNX model" in err[0], err
+    with pytest.raises(UserInputError, match="empty"):
+        lint_model(empty)  # the API says the same
 
 
 # --- TensorRT without TensorRT ------------------------------------------------------------------------

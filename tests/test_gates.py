@@ -11,6 +11,7 @@ from sardfq_export.validation.gates import (
     BASELINE_DEFAULTS,
     DEFAULT_GATES,
     GateSpec,
+    agreement_upper_bound,
     check_baseline,
     enforce,
     evaluate_gates,
@@ -24,8 +25,8 @@ from sardfq_export.core.errors import GateFailedError, UserInputError
 HEALTHY_FIDELITY = {"n": 32, "agreement_vs_fp32": 1.0, "agreement_vs_fakequant": 1.0,
                     "cosine_vs_fakequant": 0.999999, "cosine_vs_fp32": 0.9999,
                     "fakequant_agreement_vs_fp32": 1.0, "fakequant_cosine_vs_fp32": 0.9999}  # fmt: skip
-# The DINOv2 ViT-S/14 at w4a8 that lost 26 points: fake-quant agreement with FP32 ≈ 0.70.
-DISASTER_FIDELITY = {**HEALTHY_FIDELITY, "agreement_vs_fp32": 0.70, "fakequant_agreement_vs_fp32": 0.70,
+# The DINOv2 ViT-S/14 at w4a8 that lost 26 points: fake-quant agreement with FP32 ≈ 0.70 (2,000 images).
+DISASTER_FIDELITY = {**HEALTHY_FIDELITY, "n": 2000, "agreement_vs_fp32": 0.70, "fakequant_agreement_vs_fp32": 0.70,
                      "cosine_vs_fp32": 0.85, "fakequant_cosine_vs_fp32": 0.85}  # fmt: skip
 
 
@@ -150,6 +151,60 @@ def test_a_disaster_fails_by_default_and_a_healthy_run_passes():
     assert not evaluate_gates(_report("w4a8", accuracy=_accuracy(35.0)), GateSpec())["passed"]
     assert not evaluate_gates(_report("w4a16", accuracy=_accuracy(23.0)), GateSpec())["passed"]
     assert evaluate_gates(_report("w4a16", accuracy=_accuracy(0.3)), GateSpec())["passed"]
+
+
+def _fid(agreeing: int, n: int) -> dict:
+    return {**HEALTHY_FIDELITY, "n": n, "fakequant_agreement_vs_fp32": agreeing / n}
+
+
+def test_agreement_upper_bound_is_the_exact_clopper_pearson_bound():
+    # closed forms: k = n-1 → 1 - p^n = α; k = 0 → (1-p)^n = α (α = 0.05)
+    for n in (1, 8, 32, 500):
+        assert agreement_upper_bound(n - 1, n) == pytest.approx(0.95 ** (1 / n), abs=1e-9)
+        assert agreement_upper_bound(0, n) == pytest.approx(1 - 0.05 ** (1 / n), abs=1e-9)
+    assert agreement_upper_bound(22, 32) == pytest.approx(0.8196154951639503, abs=1e-9)  # scipy beta.ppf
+    assert agreement_upper_bound(1400, 2000) == pytest.approx(0.7168799233146594, abs=1e-9)
+    assert agreement_upper_bound(8, 8) == 1.0
+
+
+def test_default_agreement_floor_does_not_fail_a_tiny_holdout_on_one_flip():
+    # 7 of 8 held-out images agree: 87.5% < the w8a8 floor 0.90, but one flip on 8 images is chance
+    gates = evaluate_gates(_report("w8a8", fidelity=_fid(7, 8)), GateSpec(), labelled=False)
+    check = _by_name(gates)["min_fp32_agreement"]
+    assert gates["passed"] and check["passed"] and check["value"] == 0.875 and check["threshold"] == 0.9
+    assert (
+        check["n"] == 8 and check["agreeing"] == 7 and check["upper_bound"] == pytest.approx(0.95 ** (1 / 8))
+    )
+    assert check["fails_at_or_below"] == 5  # what 8 images can show: 5 of 8 or fewer agreeing
+    assert "within chance" in check["note"] and "95% upper confidence bound" in check["note"]
+    assert "95% upper confidence bound" in render_markdown(_report("w8a8", gates=gates))  # the rule is shown
+    # the same on 32 images (3 flips, 90.6% → passes; the literal floor would pass too) and on 2,000
+    # images at 89.5%: chance too (bound ≥ 0.90)
+    assert evaluate_gates(_report("w8a8", fidelity=_fid(29, 32)), GateSpec(), labelled=False)["passed"]
+    assert evaluate_gates(_report("w8a8", fidelity=_fid(1790, 2000)), GateSpec(), labelled=False)["passed"]
+
+
+def test_default_agreement_floor_still_fails_a_real_disaster():
+    for agreeing, n, scheme in ((5, 8, "w8a8"), (16, 32, "w8a8"), (21, 32, "w4a8"), (1400, 2000, "w4a8"),
+                                (1700, 2000, "w8a8")):  # fmt: skip
+        gates = evaluate_gates(_report(scheme, fidelity=_fid(agreeing, n)), GateSpec(), labelled=False)
+        check = _by_name(gates)["min_fp32_agreement"]
+        assert not gates["passed"] and not check["passed"], (agreeing, n)
+        assert check["upper_bound"] < check["threshold"], (agreeing, n)
+        with pytest.raises(GateFailedError) as err:
+            enforce(gates)
+        assert "95% upper bound" in str(err.value) and f"{agreeing}/{n}" in str(err.value)
+    # one more agreeing image than the largest failing count passes: the boundary is exact
+    check = _by_name(evaluate_gates(_report("w8a8", fidelity=_fid(6, 8)), GateSpec(), labelled=False))
+    assert check["min_fp32_agreement"]["passed"]
+
+
+def test_a_user_agreement_floor_is_literal():
+    gates = evaluate_gates(
+        _report("w8a8", fidelity=_fid(7, 8)), GateSpec(min_fp32_agreement=0.9), labelled=False
+    )
+    check = _by_name(gates)["min_fp32_agreement"]
+    assert check["source"] == "user" and not check["passed"] and "upper_bound" not in check
 
 
 def test_an_unmeasured_default_gate_fails_and_says_why():

@@ -178,6 +178,9 @@ def test_export_and_validate_subcommands(job, tmp_path, capsys):
     assert main([*args, "--min-agreement", "0.5", "--out", str(tmp_path / "v")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["fidelity"]["n"] == 8 and (tmp_path / "v" / "report.json").exists()
+    # validate --out draws the plots it has numbers for next to report.md, which embeds them
+    assert report["plots"] == {"latency": "latency.png"} and (tmp_path / "v" / "latency.png").is_file()
+    assert "](latency.png)" in (tmp_path / "v" / "report.md").read_text()
     assert main([*args, "--min-speedup", "1e6"]) == 3
 
 

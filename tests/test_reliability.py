@@ -33,12 +33,14 @@ from conftest import needs_reference, tiny_vit
 
 from sardfq_export.cli import Terminated, main, sigterm_raises
 from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.errors import UserInputError
 from sardfq_export.core.io import (
     LOCK_NAME,
     OutputLockedError,
     claim_output,
     hold_lock,
     is_temp_name,
+    preflight_output,
     sha256_file,
 )
 from sardfq_export.jobcache import STATE_FILE
@@ -216,8 +218,7 @@ def test_unusable_out_is_refused_before_any_work(case, tmp_path, capsys, monkeyp
     afile.write_text("x")
     out = {"proc": "/proc/sardfq-test/out", "parent_is_file": str(afile / "sub"),
            "no_space": str(tmp_path / "new" / "deep"), "unwritable": str(tmp_path / "ro")}.get(case)  # fmt: skip
-    if case == "no_space":
-        monkeypatch.setenv("SARDFQ_MIN_FREE_MB", str(10**12))
+    more = ["--min-free-mb", str(10**12)] if case == "no_space" else []  # more than any disk has free
     if case == "unwritable":
         if os.geteuid() == 0:
             pytest.skip("root writes into read-only folders")
@@ -227,13 +228,38 @@ def test_unusable_out_is_refused_before_any_work(case, tmp_path, capsys, monkeyp
         if case == "synthesize_proc"
         else [*JOB, "--out", out]
     )
-    assert main([*args, "--quiet"]) == 2
+    assert main([*args, *more, "--quiet"]) == 2
     err = capsys.readouterr().err
     (line,) = _error_lines(err)
     assert _not_stage_lines(err) == [line] and line.startswith("error: --out ")
     assert {"proc": "cannot create", "parent_is_file": "is a file, not a folder", "no_space": "MB free",
             "synthesize_proc": "cannot create", "unwritable": "not writable"}[case] in line  # fmt: skip
     assert not (tmp_path / "new").exists()  # nothing created
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "lots"])
+@pytest.mark.parametrize("command", ["job", "synthesize"])
+def test_min_free_mb_is_range_checked_before_any_work(command, value, tmp_path, capsys):
+    out = tmp_path / "new" / ("o" if command == "job" else "c.safetensors")
+    args = [*JOB, "--out", str(out)] if command == "job" else ["synthesize", "--out", str(out)]
+    assert main([*args, "--min-free-mb", value, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    (line,) = _error_lines(err)
+    assert _not_stage_lines(err) == [line] and "Traceback" not in err
+    # click's range/type check, or the library's (nan, inf pass click's FloatRange)
+    assert "Invalid value for '--min-free-mb'" in line or "--min-free-mb (MB that must be free" in line, line
+    assert not (tmp_path / "new").exists()  # refused before anything was created
+
+
+def test_min_free_mb_sets_the_floor_and_the_env_switch_is_gone(tmp_path, monkeypatch):
+    free_mb = shutil.disk_usage(tmp_path).free / 1e6
+    with pytest.raises(UserInputError, match=r"MB free on that disk.*--min-free-mb"):
+        preflight_output(tmp_path / "a", folder=True, min_free_mb=free_mb * 10)
+    assert not (tmp_path / "a").exists()
+    preflight_output(tmp_path / "b", folder=True, min_free_mb=0)  # 0: no free-space check
+    monkeypatch.setenv("SARDFQ_MIN_FREE_MB", str(10**12))  # no process-global switch (STYLE.md)
+    preflight_output(tmp_path / "c", folder=True)
+    assert (tmp_path / "b").is_dir() and (tmp_path / "c").is_dir()
 
 
 def test_lock_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path):
@@ -265,6 +291,52 @@ def test_lock_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path):
     with hold_lock(out, folder=True, say=notes.append):
         pass
     assert len(notes) == 1 and f"pid {child.pid} " in notes[0] and "no longer running" in notes[0]
+
+
+def test_a_second_synthesize_into_the_same_file_exits_2_naming_the_first(tmp_path, capsys):
+    """Two ``synthesize`` runs to one file silently replaced each other; the second is refused before
+    any work (the lock beside the file), a file next to it is not locked."""
+    target = tmp_path / "c.safetensors"
+    with hold_lock(target, folder=False):  # what a running synthesize holds
+        assert main(["synthesize", "--out", str(target), "--num-images", "1", "--iters", "1", "--quiet"]) == 2
+        (line,) = _error_lines(capsys.readouterr().err)
+        assert "in use by another sardfq-export job" in line and f"pid {os.getpid()} " in line
+        assert str(target) in line and not target.exists()
+        other = tmp_path / "d.safetensors"
+        with claim_output(other, folder=False):
+            pass
+
+
+def test_temporary_names_are_unique_per_process_and_artifacts_are_0644(tmp_path):
+    """``<name>.tmp`` was shared by every process; mkstemp's files were 0600 (model.onnx was too)."""
+    from sardfq_export.core import io
+
+    a, b = io._make_temp(tmp_path / "model.onnx"), io._make_temp(tmp_path / "model.onnx")
+    assert a != b and all(is_temp_name(p.name) and f".{os.getpid()}." in p.name for p in (a, b))
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from sardfq_export.core import io; "
+         "print(io._make_temp(Path(sys.argv[1]) / 'model.onnx').name)", str(tmp_path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert child.stdout.strip() not in (a.name, b.name) and ".model.onnx." in child.stdout
+    old = os.umask(0o077)  # even under a strict umask: artifacts are for other people
+    try:
+        f = io.atomic_write_bytes(tmp_path / "model.onnx", b"x")
+        with io.atomic_dir(tmp_path / "quantized") as d:
+            (d / "state.safetensors").write_bytes(b"y")
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "quantized" / "state.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "quantized").stat().st_mode & 0o777 == 0o755
+
+
+def test_the_manifest_records_the_installed_version_not_null():
+    """Run from a checkout the manifest said ``"sardfq-export": null``."""
+    from sardfq_export import __version__
+    from sardfq_export.validation.manifest import tool_versions
+
+    assert tool_versions()["sardfq-export"] == __version__ and __version__
 
 
 def test_second_job_exits_2_naming_the_first_and_sigterm_saves_the_checkpoint(tmp_path):

@@ -272,6 +272,39 @@ def test_samples_png_shows_attention_next_to_prior(tmp_path):
     assert with_attn.size[0] > plain.size[0]
 
 
+def test_samples_png_captions_each_image_with_its_class(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sardfq_export.core.calibset import CalibSet
+    from sardfq_export.synthesis.samples import captions, save_samples
+
+    model = tiny_vit()
+    names = tuple(f"name{i}" for i in range(10))
+    loaded = _loaded(model)
+    loaded.data_config["label_names"] = names
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        top1 = model(images).argmax(-1)
+    other = (top1[1] + 1) % 10
+    labels = torch.stack([top1[0], other, top1[2], top1[3]])  # image 1 synthesized for another class
+    calib = CalibSet(images=images, labels=labels, meta={"method": "sardfq", "seed": 0})
+    caps = captions(calib, loaded)
+    assert caps[0] == (f"{int(top1[0])} name{int(top1[0])}", True)
+    assert caps[1] == (f"{int(other)} name{int(other)} (top-1 {int(top1[1])} name{int(top1[1])})", False)
+    # no model names: the class index; no labels: the teacher's top-1
+    assert captions(calib, _loaded(model))[2] == (f"class {int(top1[2])}", True)
+    unlabelled = CalibSet(images=images, meta={"method": "noise"})
+    assert captions(unlabelled, loaded)[3] == (f"top-1 {int(top1[3])} name{int(top1[3])}", True)
+    # drawn: a caption strip under each image (dark text pixels there, red for the mismatch)
+    png = Image.open(save_samples(tmp_path / "s.png", calib, loaded, cell=84)).convert("RGB")
+    pix = np.asarray(png)
+    strip = pix[30 + 84 + 1 : 30 + 84 + 13, 4 : 4 + 84]  # under the first image
+    assert (strip.sum(-1) < 300).any()
+    strip1 = pix[30 + 84 + 1 : 30 + 84 + 13, 4 + 89 : 4 + 89 + 84]  # under the second: red text
+    assert (strip1[..., 0].astype(int) - strip1[..., 1] > 80).any()
+
+
 def test_cli_synthesize_deit_tiny_224_and_refuses_overwrite(tmp_path):
     out = tmp_path / "calib.safetensors"
     args = [

@@ -63,14 +63,18 @@ def validate_deployment(
     if engine_path:
         deployed = TensorRTRunner(str(engine_path))
         reference, baseline_note = _tensorrt_fp16_baseline(float_model, onnx_path, input_size, batches, say)
+        if reference is not None:  # the files the baseline was built from and runs (the job's artifacts)
+            result["reference_model"], result["reference_engine"] = FP16_MODEL, FP16_ENGINE
         reference = reference or fp32  # without an FP16 engine, PyTorch eager stays the reference
     else:
         ort_cfg = OrtConfig(threads=threads)
         ort_path, run_cfg = write_deployment_graph(onnx_path, Path(onnx_path).with_name(ORT_MODEL), ort_cfg)
         result["deployed_model"] = ort_path.name
         deployed = OrtRunner(create_session(ort_path, run_cfg), name="onnxruntime")
-        result["op_census"] = op_census(ort_path, run_cfg)
         result["runtime_settings"] = describe(ort_cfg)
+        # The census ran model.ort.onnx, whose attention is already folded (run_cfg only skips
+        # folding it twice): its settings are the deployment's, as runtime_settings says.
+        result["op_census"] = op_census(ort_path, run_cfg) | {"settings": result["runtime_settings"]}
         census = result["op_census"]
         say(
             f"op census of {ort_path.name}: {census['int8_gemm']} int8 GEMMs, {census['int4_gemm']} INT4 "

@@ -6,7 +6,8 @@ Every check in ``report.json``'s ``gates.checks`` says where its threshold came 
 - ``default``: the scheme's row of :data:`DEFAULT_GATES`, for every threshold the user left unset
   (``--no-default-gates`` / ``GateSpec(defaults=False)`` turns them off), so that a broken model
   fails without any flag: with labelled data a maximum top-1 drop, without it a label-free floor on
-  agreement and logit cosine with the FP32 model on the held-out synthetic images;
+  agreement and logit cosine with the FP32 model on the held-out synthetic images (the default
+  agreement floor is tested on its 95% upper confidence bound: :func:`agreement_upper_bound`);
 - ``baseline``: regression against the ``report.json`` of an earlier run of the same model
   (``--baseline``): deployed top-1, agreement with FP32, latency speed-up.
 
@@ -41,6 +42,11 @@ LABELLED_DEFAULTS = ("max_top1_drop",)  # applied when the run has real labelled
 LABEL_FREE_DEFAULTS = ("min_fp32_agreement", "min_fp32_cosine")  # applied when it has none
 # --baseline thresholds when not set: top-1 points, agreement (0-1), speed-up ratio to the baseline's
 BASELINE_DEFAULTS = {"max_regression": 0.5, "max_agreement_regression": 0.005, "min_speedup_ratio": 0.8}
+# The default agreement floor is applied to a one-sided upper confidence bound of the agreement (a
+# count of k agreeing images out of n), not to k/n itself: on 8 held-out images one flip is 87.5%,
+# below a 0.90 floor by chance alone. The default check fails only when the hold-out shows, at this
+# confidence, that the agreement is below the floor (Clopper-Pearson, exact for a binomial count).
+AGREEMENT_CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,86 @@ def _check(name: str, value, threshold, ok: bool, source: str, metric: str, note
     return out
 
 
+def _binomial_pmf(n: int, p: float) -> list[float]:
+    """P(X = i) for i = 0..n, X ~ Binomial(n, p) (log-space recurrence: no overflow at large n)."""
+    if p <= 0.0 or p >= 1.0:
+        return [float(i == (n if p >= 1.0 else 0)) for i in range(n + 1)]
+    step = math.log(p) - math.log1p(-p)
+    logs = [n * math.log1p(-p)]
+    for i in range(n):
+        logs.append(logs[-1] + math.log((n - i) / (i + 1)) + step)
+    return [math.exp(v) for v in logs]
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    return min(1.0, sum(_binomial_pmf(n, p)[: k + 1]))
+
+
+def agreement_upper_bound(k: int, n: int, confidence: float = AGREEMENT_CONFIDENCE) -> float:
+    """The one-sided ``confidence`` upper bound (Clopper-Pearson) of an agreement seen on k of n images:
+    the largest p with P(X <= k | n, p) >= 1 - confidence (1.0 when k == n)."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
+    if k == n:
+        return 1.0
+    lo, hi = k / n, 1.0
+    for _ in range(50):  # bisection: P(X <= k | p) falls as p grows
+        mid = (lo + hi) / 2
+        if _binomial_cdf(k, n, mid) > 1.0 - confidence:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def largest_failing_count(n: int, floor: float, confidence: float = AGREEMENT_CONFIDENCE) -> int:
+    """The largest agreeing count k of n whose upper bound is below ``floor`` (-1: none can be).
+
+    The bound of k is below the floor exactly when P(X <= k | n, floor) < 1 - confidence (the
+    one-sided exact binomial test of "agreement >= floor"), so one pass over the pmf finds it.
+    """
+    total, last = 0.0, -1
+    for k, mass in enumerate(_binomial_pmf(n, floor)):
+        total += mass
+        if total >= 1.0 - confidence:
+            break
+        last = k
+    return last
+
+
+def _agreement_floor_check(fid: dict, threshold: float, source: str) -> dict:
+    """``min_fp32_agreement``: a user threshold applies to the agreement as measured; the scheme's
+    default applies to its upper confidence bound on ``fidelity.n`` images (see AGREEMENT_CONFIDENCE),
+    so a handful of held-out images cannot fail a healthy model on one flip, while an agreement far
+    below the floor still fails."""
+    key = "fakequant_agreement_vs_fp32"
+    v, n = fid.get(key), fid.get("n")
+    if v is None or source != "default" or not n:
+        return _min_check("min_fp32_agreement", fid, key, threshold, source, "fidelity")
+    n = int(n)
+    k = int(round(v * n))
+    upper = agreement_upper_bound(k, n)
+    fails_at = largest_failing_count(n, threshold)  # what the gate can detect on this many images
+    level = f"{AGREEMENT_CONFIDENCE:.0%}"
+    rule = (f"default floor on the {level} upper confidence bound of {k}/{n} agreeing images "
+            f"(fails at {fails_at}/{n} or fewer)" if fails_at >= 0
+            else f"default floor on the {level} upper confidence bound: {n} images cannot show an agreement "
+                 "below it, use more held-out images (--num-images)")  # fmt: skip
+    ok = k > fails_at  # (the same as upper >= threshold, without the bisection's rounding)
+    if ok and v < threshold:
+        note = f"{v:.4g} < {threshold:g} on {n} images is within chance ({level} upper bound {upper:.4g}); {rule}"
+    elif not ok:
+        note = f"{level} upper bound {upper:.4g} < {threshold:g}: {rule}"
+    else:
+        note = rule
+    out = _check("min_fp32_agreement", v, threshold, ok, source, f"fidelity.{key}", note)
+    out.update(
+        n=n, agreeing=k, upper_bound=upper, confidence=AGREEMENT_CONFIDENCE, fails_at_or_below=fails_at
+    )
+    return out
+
+
 def _min_check(name: str, section: dict, key: str, threshold: float, source: str, section_name: str):
     v = section.get(key)
     return _check(name, v, threshold, v is not None and v >= threshold, source, f"{section_name}.{key}",
@@ -231,9 +317,7 @@ def evaluate_gates(
         checks.append(_min_check("min_agreement", fid, "agreement_vs_fakequant", thr, src, "fidelity"))
     thr, src = threshold("min_fp32_agreement")
     if thr is not None:
-        checks.append(
-            _min_check("min_fp32_agreement", fid, "fakequant_agreement_vs_fp32", thr, src, "fidelity")
-        )
+        checks.append(_agreement_floor_check(fid, thr, src))
     thr, src = threshold("min_fp32_cosine")
     if thr is not None:
         checks.append(_min_check("min_fp32_cosine", fid, "cosine_vs_fp32", thr, src, "fidelity"))

@@ -167,11 +167,17 @@ def _latency_markdown(lat: dict) -> list[str]:
 def render_markdown(report: dict) -> str:
     """A one-page summary for people."""
     lines = [f"# sardfq-export report: {report['model']} → {report['target']} ({report['scheme']})", ""]
+    plots = report.get("plots") or {}  # key → PNG next to report.md (validation.plots)
+
+    def image(key: str, alt: str) -> list[str]:
+        return [f"![{alt}]({plots[key]})", ""] if plots.get(key) else []
+
     cal = report.get("calibration") or {}
     lines += [
         f"Calibration: {cal.get('method')}, {cal.get('num_images')} images, "
         f"{cal.get('iters')} iterations, seed {cal.get('seed')}.",
         "",
+        *image("synthesis_loss", "synthesis loss curve"),
     ]
     acc = report.get("accuracy")
     if acc:
@@ -188,6 +194,7 @@ def render_markdown(report: dict) -> str:
             "",
             f"Top-1 drop FP32 → deployed: **{_num(acc.get('top1_drop'))} points**.",
             "",
+            *image("accuracy", "top-1 per stage: FP32, fake-quant, deployed"),
         ]
     fid = report.get("fidelity")
     if fid:
@@ -216,8 +223,9 @@ def render_markdown(report: dict) -> str:
             "",
             f"Each quantized layer alone (the rest float), {sens['images']} images: relative logit error "
             f"and top-1 agreement with the float model. Whole model: {_num(sens['all']['rel_error'], '.2e')}, "
-            f"agreement {_pct(sens['all']['agreement'])}. Chart: `sensitivity.png`.",
+            f"agreement {_pct(sens['all']['agreement'])}.",
             "",
+            *image("sensitivity", "per-layer sensitivity"),
             "| layer | rel. error | agreement |",
             "|---|---|---|",
             *(f"| {r['name']} | {r['rel_error']:.2e} | {_pct(r['agreement'])} |" for r in sens["layers"][:8]),
@@ -227,7 +235,7 @@ def render_markdown(report: dict) -> str:
             lines += [f"Left float (mixed precision): {', '.join(f'`{k}`' for k in kept)}.", ""]
     lat = report.get("latency")
     if lat:
-        lines += _latency_markdown(lat)
+        lines += _latency_markdown(lat) + image("latency", "latency: deployed vs float, p50 with min–p95")
     census = report.get("op_census")
     if census:
         lines += [
@@ -271,7 +279,9 @@ def _gates_markdown(gates: dict | None) -> list[str]:
     lines += ["", "| gate | reads | value | threshold | source | result |", "|---|---|---|---|---|---|"]
     for c in gates.get("checks", []):
         value = _num(c["value"], ".4g") if isinstance(c["value"], float) else c["value"]
-        result = "pass" if c["passed"] else "**FAIL**" + (f" ({c['note']})" if c.get("note") else "")
+        note = f" ({c['note']})" if c.get("note") else ""
+        # a pass shows its note only where it carries the rule (the agreement floor's confidence bound)
+        result = ("pass" + (note if "upper_bound" in c else "")) if c["passed"] else "**FAIL**" + note
         lines.append(
             f"| {c['name']} | `{c.get('metric', '')}` | {value} | {c['threshold']} | {c.get('source', 'user')} "
             f"| {result} |"

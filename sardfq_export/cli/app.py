@@ -7,7 +7,13 @@ import click
 
 from sardfq_export import __version__
 from sardfq_export.cli import LazyGroup
-from sardfq_export.cli.options import gate_options, model_options, output_options, recipe_options
+from sardfq_export.cli.options import (
+    gate_options,
+    min_free_option,
+    model_options,
+    output_options,
+    recipe_options,
+)
 
 TARGETS = ("onnx", "onnxruntime", "tensorrt")  # sardfq_export.api.TARGETS (kept import-light here)
 
@@ -58,6 +64,7 @@ TARGETS = ("onnx", "onnxruntime", "tensorrt")  # sardfq_export.api.TARGETS (kept
 @gate_options
 @click.option("--resume", is_flag=True, help="Reuse finished stages and checkpoints in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out made with different settings.")
+@min_free_option
 @output_options
 @click.pass_context
 def cli(ctx: click.Context, **opts) -> None:
@@ -105,7 +112,7 @@ def run_main_job(**opts) -> None:
         model_settings=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                                     for k, v in model_settings().items())),  # fmt: skip
         limit=opts["limit"],
-        resume=opts["resume"], overwrite=opts["overwrite"], progress=progress,
+        resume=opts["resume"], overwrite=opts["overwrite"], progress=progress, min_free_mb=opts["min_free_mb"],
     )  # fmt: skip
     try:
         report = run(cfg, say=say)

@@ -148,6 +148,17 @@ def recipe_config(opts: dict, **fields):
                           finetune=opts["finetune"], **fields)  # fmt: skip
 
 
+# The commands that claim an output (the main job's --out, synthesize's --out file): the free-space
+# floor of the pre-flight check (sardfq_export.core.io.preflight_output).
+min_free_option = click.option(
+    "--min-free-mb",
+    type=click.FloatRange(min=0),
+    default=200.0,
+    show_default=True,
+    metavar="MB",
+    help="Refuse to start (exit 2) when --out's disk has less free; 0: no free-space check.",
+)
+
 output_options = _stack(
     click.option("--quiet", is_flag=True, help="No progress bars."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (for CI)."),

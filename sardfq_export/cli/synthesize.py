@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from sardfq_export.cli.options import load_from_options, model_options, output_options
+from sardfq_export.cli.options import load_from_options, min_free_option, model_options, output_options
 from sardfq_export.core.errors import UserInputError
 from sardfq_export.core.io import claim_output
 
@@ -73,6 +73,7 @@ METHOD_NAMES = ("sardfq", "psaq", "noise")  # mirrors synthesis.METHODS (kept im
     help="Where to draw samples.png (default: beside --out).",
 )
 @click.option("--no-samples", is_flag=True, help="Do not draw samples.png.")
+@min_free_option
 @output_options
 def synthesize(
     model,
@@ -96,6 +97,7 @@ def synthesize(
     overwrite,
     samples,
     no_samples,
+    min_free_mb,
     quiet,
     as_json,
 ):
@@ -114,7 +116,9 @@ def synthesize(
     rank, world = init_from_env(None if device == "auto" else device)
     if rank == 0:  # before any work: --out writable, room on its disk, no other job writing it
         quiet_say = (lambda _m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
-        click.get_current_context().with_resource(claim_output(Path(out), folder=False, say=quiet_say))
+        click.get_current_context().with_resource(
+            claim_output(Path(out), folder=False, say=quiet_say, min_free_mb=min_free_mb)
+        )
     loaded = load_from_options(model, checkpoint, random_init)
     if iters is None:  # a model may bring its own default (the reference model: 200)
         iters = loaded.extra.get("synthesis_iters")

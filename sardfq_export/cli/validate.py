@@ -71,6 +71,7 @@ def validate(
     from sardfq_export.calibrators import load_quantized_model
     from sardfq_export.core.calibset import CalibSet
     from sardfq_export.validation.gates import enforce
+    from sardfq_export.validation.plots import draw_report_plots
     from sardfq_export.validation.report import render_summary, write_report
 
     gates = gate_spec(gate_opts)
@@ -97,10 +98,12 @@ def validate(
         gates=gates, limit=limit, batches=batch_sizes,
         progress=not (quiet or as_json), say=say,
     )  # fmt: skip
-    if out:
-        write_report(out, report.to_dict())
+    result = report.to_dict()
+    if out:  # report.json, report.md and the plots it embeds (latency, accuracy with --data)
+        result["plots"] = draw_report_plots(out, result, say=say)
+        write_report(out, result)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), default=str))
+        click.echo(json.dumps(result, default=str))
     elif not quiet:
-        click.echo(render_summary(report.to_dict(), Path(onnx_path).parent))
+        click.echo(render_summary(result, Path(onnx_path).parent))
     enforce(report.gates)

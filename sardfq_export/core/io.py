@@ -11,7 +11,8 @@ A full disk (ENOSPC / EDQUOT, also as reported by safetensors' Rust writer) whil
 artifact becomes :class:`DiskFullError`: one line naming the file, exit 2.
 
 :func:`claim_output` is what a command does before any work: it checks that ``--out`` can be
-created and written and that the disk has room (one line, exit 2, otherwise), then holds an
+created and written and that the disk has room (``--min-free-mb``, default 200 MB; one line, exit 2,
+otherwise), then holds an
 exclusive ``fcntl.flock`` lock on it (``DIR/.sardfq-lock`` for a folder, ``.NAME.sardfq-lock``
 beside a file) until the command ends. The kernel drops the lock when its process dies, so a
 lock left by a killed process is simply taken over; the lock file records pid, host and start
@@ -39,7 +40,7 @@ from sardfq_export.core.errors import UserInputError
 
 FILE_MODE = 0o644
 LOCK_NAME = ".sardfq-lock"
-MIN_FREE_MB = 200  # the pre-flight floor; SARDFQ_MIN_FREE_MB overrides it
+MIN_FREE_MB = 200.0  # the pre-flight floor (MB free on --out's disk); --min-free-mb sets another
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # safetensors (Rust) reports I/O errors as text: "... I/O error: No space left on device (os error 28)"
 _DISK_FULL_TEXT = re.compile(
@@ -232,20 +233,25 @@ def sweep_stale_temps(folder: str | Path, names: Callable[[str], bool] | None = 
     return removed
 
 
-def min_free_bytes() -> int:
-    try:
-        return int(float(os.environ.get("SARDFQ_MIN_FREE_MB", MIN_FREE_MB)) * 1e6)
-    except ValueError:
-        return MIN_FREE_MB * 1_000_000
+def check_min_free_mb(value) -> float:
+    """``--min-free-mb`` as a float ≥ 0 (0: no free-space check), or a one-line UserInputError."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 <= value < float("inf")):
+        raise UserInputError(
+            f"--min-free-mb (MB that must be free on --out's disk) must be ≥ 0, got {value!r}"
+        )
+    return float(value)
 
 
-def preflight_output(target: str | Path, *, folder: bool, option: str = "--out") -> list[Path]:
-    """Check, before any work, that ``target`` can be written and its disk has room.
+def preflight_output(
+    target: str | Path, *, folder: bool, option: str = "--out", min_free_mb: float = MIN_FREE_MB
+) -> list[Path]:
+    """Check, before any work, that ``target`` can be written and its disk has ``min_free_mb`` free.
 
     ``folder``: ``target`` is a folder (created here) rather than a file (whose folder is created
     here). Returns the folders this call created (innermost last), for :func:`claim_output` to
     remove again if they stay empty. One-line :class:`UserInputError` otherwise.
     """
+    need = check_min_free_mb(min_free_mb) * 1e6
     target = Path(target).expanduser()
     where = target if folder else target.parent
     if folder and target.exists() and not target.is_dir():
@@ -284,12 +290,12 @@ def preflight_output(target: str | Path, *, folder: bool, option: str = "--out")
         raise UserInputError(
             f"{option} {target}: {where} is not writable ({exc.strerror or exc}): choose another {option}"
         ) from None
-    free, need = _free_bytes(where), min_free_bytes()
+    free = _free_bytes(where)
     if free is not None and free < need:
         _remove_empty(created)
         raise UserInputError(
             f"{option} {target}: only {free / 1e6:.0f} MB free on that disk, sardfq-export needs at least "
-            f"{need / 1e6:.0f} MB (SARDFQ_MIN_FREE_MB): free space or choose another {option}"
+            f"{need / 1e6:.0f} MB (--min-free-mb): free space or choose another {option}"
         )
     return created
 
@@ -397,7 +403,7 @@ def hold_lock(target: str | Path, *, folder: bool, option: str = "--out",
 
 @contextmanager
 def claim_output(target: str | Path, *, folder: bool, option: str = "--out",
-                 say: Callable[[str], None] | None = None) -> Iterator[Path]:  # fmt: skip
+                 say: Callable[[str], None] | None = None, min_free_mb: float = MIN_FREE_MB) -> Iterator[Path]:  # fmt: skip
     """Pre-flight checks, then the exclusive lock of ``target`` for the block (see the module doc).
 
     Temporaries left by killed runs are removed once the lock is held; folders created here are
@@ -405,7 +411,7 @@ def claim_output(target: str | Path, *, folder: bool, option: str = "--out",
     """
     say = say or (lambda _m: None)
     target = Path(target).expanduser()
-    created = preflight_output(target, folder=folder, option=option)
+    created = preflight_output(target, folder=folder, option=option, min_free_mb=min_free_mb)
     try:
         with hold_lock(target, folder=folder, option=option, say=say):
             if folder:

@@ -68,10 +68,71 @@ def attention_vs_prior(
     return attn.view(-1, *grid), prior.view(-1, *grid), idx + 1
 
 
+def label_names(loaded) -> list[str] | None:
+    """The model's class names: its data config's or timm's ``pretrained_cfg["label_names"]``, else
+    ImageNet's (first synonym) for a timm ImageNet classifier; None when it has none."""
+    if loaded is None:
+        return None
+    cfg = getattr(loaded.model, "pretrained_cfg", None) or {}
+    names = loaded.data_config.get("label_names") or cfg.get("label_names")
+    if names:
+        return [str(n) for n in names]
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(loaded.model)
+        if subset:
+            info = ImageNetInfo(subset)
+            return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+    except Exception:  # names are a nicety: never fail a picture over them
+        pass
+    return None
+
+
+def _class_name(c: int, names) -> str:
+    return f"{c} {names[c]}" if names is not None and 0 <= c < len(names) else f"class {c}"
+
+
+@torch.no_grad()
+def captions(calib: CalibSet, loaded=None, n: int | None = None) -> list[tuple[str, bool]]:
+    """One caption per image (the first ``n``): the class it was synthesized for (``labels``) with
+    its name when the model has ``label_names``, else the teacher's top-1; ``(text, agrees)``,
+    where ``agrees`` is False when the teacher's top-1 is another class (named in the text)."""
+    n = len(calib) if n is None else min(n, len(calib))
+    names = label_names(loaded) or calib.meta.get("label_names")
+    top1 = None
+    if loaded is not None and n:
+        model = loaded.model
+        dev = next(model.parameters()).device
+        top1 = torch.cat([model(b.to(dev)).argmax(-1).cpu() for b in calib.images[:n].split(32)]).tolist()
+    labels = calib.labels[:n].tolist() if calib.labels is not None else None
+    out = []
+    for i in range(n):
+        if labels is None:
+            out.append((f"top-1 {_class_name(top1[i], names)}" if top1 is not None else "", True))
+        elif top1 is None or top1[i] == labels[i]:
+            out.append((_class_name(labels[i], names), True))
+        else:
+            out.append((f"{_class_name(labels[i], names)} (top-1 {_class_name(top1[i], names)})", False))
+    return out
+
+
+def _fit(draw, text: str, width: int) -> str:
+    """``text`` cut (with an ellipsis) to ``width`` pixels in the default font."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
 def save_samples(
     path: str | Path, calib: CalibSet, loaded=None, max_images: int = 32, cell: int | None = None
 ) -> Path:
-    """Write the grid to ``path``; with ``loaded`` and an APA run, add attention | prior per image."""
+    """Write the grid to ``path``; with ``loaded`` and an APA run, add attention | prior per image.
+
+    Each image is captioned with its class (:func:`captions`): red when the teacher's top-1 differs.
+    """
     from PIL import Image, ImageDraw
 
     n = min(len(calib), max_images)
@@ -92,19 +153,30 @@ def save_samples(
                 rgb = _colormap((m / vmax).numpy())
                 group.append(Image.fromarray(rgb).resize((cell, cell), Image.NEAREST))
         tiles.append(group)
+    caps = captions(calib, loaded, n)
+    what = "synthesized for" if calib.labels is not None else "given by the teacher's top-1"
+    legend = f"caption: the class each image was {what}" + (
+        "; red: the teacher's top-1 is another class" if any(not ok for _, ok in caps) else ""
+    )
     per_group = len(tiles[0]) if tiles else 1
     cols = max(1, (12 if show_apa else 8) // per_group)
     rows = -(-n // cols)
-    gap, top = 4, 18
+    gap, top, label_h = 4, 30, 13
     gw = per_group * cell + (per_group - 1) + gap
-    canvas = Image.new("RGB", (cols * gw + gap, top + rows * (cell + gap) + gap), (255, 255, 255))
+    row_h = cell + label_h + gap
+    canvas = Image.new("RGB", (cols * gw + gap, top + rows * row_h + gap), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.text((gap, 3), title, fill=(0, 0, 0))
+    draw.text((gap, 15), legend, fill=(80, 80, 80))
     for i, group in enumerate(tiles):
         r, c = divmod(i, cols)
-        x0, y0 = gap + c * gw, top + r * (cell + gap)
+        x0, y0 = gap + c * gw, top + r * row_h
         for j, im in enumerate(group):
             canvas.paste(im, (x0 + j * (cell + 1), y0))
+        text, ok = caps[i]
+        draw.text(
+            (x0 + 1, y0 + cell + 1), _fit(draw, text, gw - gap - 2), fill=(0, 0, 0) if ok else (192, 57, 43)
+        )
     path = Path(path)
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
