@@ -217,3 +217,22 @@ def test_main_job_with_psaq2_exports_and_validates_the_distilled_student(tmp_pat
     assert not list(out.glob("*.ckpt"))
     assert main(args[:-1] + ["--quiet"]) == 0  # a rerun reuses every stage
     assert "synthesize: up to date" in capsys.readouterr().err
+
+
+def test_the_distilled_int4_student_exports_as_plain_qdq_blocks(tmp_path):
+    """w4a16 (TensorRT's INT4 weight-only blocks): the distilled weights export as INT4 blocks, lint
+    clean, and ONNX Runtime computes the fake-quant student (test_export's parity criterion)."""
+    import torch.nn.functional as F
+    from sardfq_export.exporters.ort import create_session
+
+    loaded = _loaded(tiny_vit())
+    res = sx.psaq2(loaded, scheme="w4a16", num_images=4, adaptive=SMALL, progress=False)
+    assert res.quantized.summary["psaq2"]["student_steps_total"] == 8
+    exported = sx.export(res.quantized, tmp_path / "model.onnx", target="onnxruntime")
+    assert exported.lint.passed and exported.weights == {"int4-blocked": 8}  # 2 blocks x qkv, proj, fc1, fc2
+    sess = create_session(tmp_path / "model.onnx")
+    x = res.calib.images
+    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    with torch.no_grad():
+        want = res.quantized.model(x)
+    assert float(F.cosine_similarity(got.double(), want.double(), dim=1).min()) >= 0.999
