@@ -224,6 +224,7 @@ def teacher_student(
     callback: Callable[[int], None] | None = None,
     progress: bool = True,
     desc: str = "psaq2",
+    keep_checkpoint: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Run PSAQ-ViT V2's schedule; returns ``(images, summary)``; ``student`` is trained in place.
 
@@ -235,8 +236,10 @@ def teacher_student(
     with the prior alone, e.g. held-out images the student must not see). ``index_offset``: the
     image index of ``images[0]`` (τ is drawn per batch from its first image's index).
     ``checkpoint``: where the resumable state lives while the run is unfinished (removed at the
-    end); ``identity``: what must match to resume from it. ``callback(steps_done)`` runs after
-    every step (tests use it to interrupt). ``config`` must be resolved.
+    end, unless ``keep_checkpoint``: then it holds the finished state, and a resumed call returns
+    at once; for a caller with several runs, which removes them when all are done);
+    ``identity``: what must match to resume from it. ``callback(steps_done)`` runs after every
+    step (tests use it to interrupt). ``config`` must be resolved.
     """
     from sardfq_export.core.progress import progress_bar
 
@@ -417,7 +420,9 @@ def teacher_student(
         "rounds": _phase_ends(hist.cpu(), steps, cfg),
         "wall_time_s": round(wall_before + time.monotonic() - t0, 3),
     }
-    if ckpt is not None and ckpt.exists():
+    if keep_checkpoint:
+        save()
+    elif ckpt is not None and ckpt.exists():
         ckpt.unlink()
     return out, summary
 

@@ -408,24 +408,26 @@ def psaq2(
                 loaded.model), "scheme": scheme.to_dict(), "recipe": cfg.to_dict(), "prior": teacher.settings(),
                 "seed": seed}  # fmt: skip
     ckpt = Path(out) if out is not None else None
+    held_ckpt = ckpt.with_name(ckpt.name + ".holdout.ckpt") if ckpt else None
+    clip = teacher.clip if teacher.cfg.clip else None
     t0 = time.perf_counter()
+    held = None
+    if holdout:  # first, and its finished state kept until the end: a resume never redoes it
+        held_images, held_run = teacher_student(
+            None, teacher, teacher.start_images(range(num_images, num_images + holdout)), acfg, clip=clip,
+            index_offset=num_images, checkpoint=held_ckpt, identity=identity, resume=resume, progress=progress,
+            desc="psaq2 held-out (prior only)", keep_checkpoint=True,
+        )  # fmt: skip
+        held = _teacher_set(loaded, held_images, {**_meta(loaded, acfg, teacher, seed, held_run),
+                                                  "holdout": "warm-up only: the prior, no student"})  # fmt: skip
     images, run = teacher_student(
-        student, teacher, teacher.start_images(range(num_images)), acfg,
-        clip=teacher.clip if teacher.cfg.clip else None,
+        student, teacher, teacher.start_images(range(num_images)), acfg, clip=clip,
         prepare=lambda qm, x: _calibrate(qm, x, cfg, scheme, progress),
         checkpoint=ckpt.with_name(ckpt.name + ".ckpt") if ckpt else None, identity=identity,
         resume=resume, callback=callback, progress=progress,
     )  # fmt: skip
-    held = None
-    if holdout:
-        held_images, held_run = teacher_student(
-            None, teacher, teacher.start_images(range(num_images, num_images + holdout)), acfg,
-            clip=teacher.clip if teacher.cfg.clip else None, index_offset=num_images,
-            checkpoint=ckpt.with_name(ckpt.name + ".holdout.ckpt") if ckpt else None, identity=identity,
-            resume=resume, progress=progress, desc="psaq2 held-out (prior only)",
-        )  # fmt: skip
-        held = _teacher_set(loaded, held_images, {**_meta(loaded, acfg, teacher, seed, held_run),
-                                                  "holdout": "warm-up only: the prior, no student"})  # fmt: skip
+    if held_ckpt is not None:
+        held_ckpt.unlink(missing_ok=True)
     meta = _meta(loaded, acfg, teacher, seed, run)
     cal = _teacher_set(loaded, images, meta)
     summary = dict(run["prepare"] or {})

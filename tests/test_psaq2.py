@@ -149,11 +149,12 @@ def test_interrupted_and_resumed_equals_uninterrupted(stop_at, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         _run(loaded, tmp_path, "b", holdout=2, callback=interrupt)
-    ckpt = tmp_path / "b.safetensors.ckpt"
-    assert ckpt.exists()
+    ckpt, held_ckpt = tmp_path / "b.safetensors.ckpt", tmp_path / "b.safetensors.holdout.ckpt"
+    assert ckpt.exists() and held_ckpt.exists()  # the held-out run (first) finished: kept, not redone
     resumed = _run(loaded, tmp_path, "b", holdout=2, resume=True)
     _assert_same(resumed, full)
-    assert torch.equal(resumed.holdout.images, full.holdout.images) and not ckpt.exists()
+    assert torch.equal(resumed.holdout.images, full.holdout.images)
+    assert not ckpt.exists() and not held_ckpt.exists()
     with pytest.raises(KeyboardInterrupt):
         _run(loaded, tmp_path, "c", callback=interrupt)
     with pytest.raises(UserInputError, match="other settings"):
