@@ -181,7 +181,7 @@ def test_sigterm_saves_at_the_step_end_and_resume_is_bit_exact(tmp_path):
     _assert_same(_run(loaded, tmp_path, "b", resume=True), full)
 
 
-def test_quantize_takes_psaq2_and_synthesis_refuses_it():
+def test_quantize_takes_psaq2_and_synthesis_refuses_it(tmp_path):
     loaded = _loaded(tiny_vit())
     q = sx.quantize(loaded, "psaq2", scheme="w8a8", num_images=2, progress=False, adaptive=SMALL)
     assert q.summary["psaq2"]["method"] == "psaq2" and q.summary["calib"]["method"] == "psaq2"
@@ -191,6 +191,8 @@ def test_quantize_takes_psaq2_and_synthesis_refuses_it():
         sx.calibration_set("psaq3", loaded, 2)
     with pytest.raises(UserInputError, match="auto-keep-fp"):
         sx.psaq2(loaded, auto_keep_fp=0.9, num_images=2, progress=False)
+    # the quantize command refuses it: the main job saves and resumes the images and the model
+    assert main(["quantize", "--calib", "psaq2", "--out", str(tmp_path / "q"), "--quiet"]) == 2
 
 
 @pytest.mark.slow
