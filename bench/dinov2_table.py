@@ -1,5 +1,5 @@
 """The real-ViT table: DINOv2 ViT-S/14 (112 px) quantized from noise / PSAQ-ViT / SARDFQ / real
-images × schemes × seeds, fake-quant and deployed (ONNX Runtime) top-1 on the Fashion-MNIST test
+images, and PSAQ-ViT V2's distilled students (``psaq2``), × schemes × seeds, fake-quant and deployed (ONNX Runtime) top-1 on the Fashion-MNIST test
 set, the SARDFQ ablation, the peers (ONNX Runtime quantize_static, NVIDIA ModelOpt) on the same
 model and images, and ONNX Runtime INT8 vs FP32 latency, all from one command:
 
@@ -30,7 +30,10 @@ from sardfq_export.data import load_raw, preprocess
 
 CMD = "nice bash tools/dev.sh python bench/dinov2_table.py"
 MODEL = "dinov2_s14_fmnist"
-CALIBS = ("sardfq", "real", "psaq", "noise")
+CALIBS = ("sardfq", "real", "psaq", "psaq2", "noise")
+# PSAQ-ViT V2 cells carry their schedule in the cell (and so in its cache key): a new default
+# measures them again, without touching the other calibs' finished cells.
+PSAQ2 = "psaq2"
 # The product's recipe per row (QuantizeConfig fields); "recon" rows add block reconstruction.
 RECIPES = {
     "w8a8": {"scheme": "w8a8"},  # GPTQ at 8 bits overfits 32 images: measured worse (bench/dinov2_probe.py)
@@ -169,9 +172,15 @@ class Cache:
 
 
 def run_ours(loaded, cell: dict, x, y, fp_logits, cache_dir: Path, iters: int, n: int) -> dict:
-    cal = calibration(loaded, cell["calib"], cell["seed"], n, iters, cache_dir, cell.get("synth"))
     t0 = time.perf_counter()
-    q = sx.quantize(loaded, cal, seed=cell["seed"], progress=False, **cell["recipe"])
+    if cell["calib"] == PSAQ2:  # V2 makes the student itself (per recipe), with its own images
+        adapted = sx.psaq2(loaded, adaptive=sx.AdaptiveConfig.from_dict(cell["schedule"]), num_images=n,
+                           seed=cell["seed"], progress=True, **cell["recipe"])  # fmt: skip
+        q, cal = adapted.quantized, adapted.calib
+    else:
+        cal = calibration(loaded, cell["calib"], cell["seed"], n, iters, cache_dir, cell.get("synth"))
+        t0 = time.perf_counter()
+        q = sx.quantize(loaded, cal, seed=cell["seed"], progress=False, **cell["recipe"])
     quant_s = time.perf_counter() - t0
     fq = logits_of(q.model, x)
     with tempfile.TemporaryDirectory() as tmp:
@@ -336,7 +345,7 @@ def write_doc(doc: Path, json_out: Path, cache: Cache, meta: dict, seeds: list[i
 
 
 # --- main ----------------------------------------------------------------------------------------------
-def plan(seeds: list[int], limit: int, iters: int, n: int) -> list[dict]:
+def plan(seeds: list[int], limit: int, iters: int, n: int, schedule: dict | None = None) -> list[dict]:
     """Every cell, cheapest-first so that a partial run already answers something: real and noise
     calibration (no synthesis) and the peers at the first seed, latency, then the synthetic sources
     at the first seed, then the other seeds, then the SARDFQ ablation (each synthesis is the cost)."""
@@ -344,7 +353,8 @@ def plan(seeds: list[int], limit: int, iters: int, n: int) -> list[dict]:
     cells = [{"kind": "fp32", **common}]
 
     def ours(calib, seed):
-        return [{"kind": "ours", "row": row, "recipe": recipe, "calib": calib, "seed": seed, **common}
+        extra = {"schedule": sx.AdaptiveConfig.from_dict(schedule or {}).to_dict()} if calib == PSAQ2 else {}
+        return [{"kind": "ours", "row": row, "recipe": recipe, "calib": calib, "seed": seed, **common, **extra}
                 for row, recipe in RECIPES.items()]  # fmt: skip
 
     def peers(calibs, seed):
@@ -382,6 +392,8 @@ def plan(seeds: list[int], limit: int, iters: int, n: int) -> list[dict]:
     for seed in rest:
         for calib in ("sardfq", "psaq"):
             cells += ours(calib, seed) + peers((calib,), seed)
+    for seed in seeds:  # PSAQ-ViT V2 after the cells that existed before it (their order is kept)
+        cells += ours(PSAQ2, seed)
     for seed in seeds:
         for name, synth in ABLATION.items():
             cells.append({"kind": "ours", "row": "w4a8", "recipe": RECIPES["w4a8"], "calib": "sardfq",
@@ -400,6 +412,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=Path("docs/dinov2-results.json"))
     ap.add_argument("--only", help="run only cells whose kind/row/calib/peer contains this text")
     ap.add_argument("--max-cells", type=int, help="stop after this many new cells")
+    ap.add_argument("--psaq2", nargs="*", default=[], metavar="K=V",
+                    help="PSAQ-ViT V2 schedule fields other than AdaptiveConfig's defaults (e.g. rounds=2 for a "
+                    "smoke run; they are part of the cells' keys)")  # fmt: skip
     a = ap.parse_args(argv)
 
     loaded = sx.load_model(MODEL)
@@ -407,7 +422,10 @@ def main(argv=None) -> int:
     cache = Cache(a.cache)
     if adopted := cache.adopt(a.json):
         print(f"resumed {adopted} finished cells from {a.json}", flush=True)
-    cells = plan(a.seeds, a.limit, a.iters, a.num_images)
+    import ast
+
+    schedule = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in a.psaq2)}
+    cells = plan(a.seeds, a.limit, a.iters, a.num_images, schedule)
     meta = {"limit": a.limit, "iters": a.iters, "num_images": a.num_images, "seeds": a.seeds,
             "machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} torch threads"}  # fmt: skip
     fp_logits = None

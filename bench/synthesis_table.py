@@ -5,7 +5,8 @@
 For each seed, 32 calibration images from noise / PSAQ-ViT / SARDFQ synthesis and 32 real
 Fashion-MNIST *train* images; for each scheme (w8a8, w4a8, w4a4, and w4a4 followed by SARDFQ's
 block reconstruction) the fake-quant model is calibrated on them and evaluated on the real
-Fashion-MNIST *test* set (10k). Then the SARDFQ ablation (APA / MSR / SL on/off). Writes
+Fashion-MNIST *test* set (10k). The ``psaq2`` row (PSAQ-ViT V2) is the student V2 distills for the
+scheme (ranges on its warm-up images, then the teacher-student rounds), evaluated the same way. Then the SARDFQ ablation (APA / MSR / SL on/off). Writes
 docs/synthesis-results.md (mean ± std over seeds, the exact command, settings, timings) and a
 JSON of every number. Resumable: synthetic sets and per-(set, scheme) results are cached in --work.
 """
@@ -32,7 +33,7 @@ from sardfq_export.models import load_model  # noqa: E402
 from sardfq_export.synthesis import SynthConfig, synthesize  # noqa: E402
 
 NOTES_MARK = "<!-- notes: kept when the table is regenerated -->"
-METHODS = ("noise", "psaq", "sardfq", "real")
+METHODS = ("noise", "psaq", "psaq2", "sardfq", "real")
 ABLATION = [  # (APA, MSR, SL); (1, 1, 1) is the main SARDFQ run
     (a, m, s) for a, m, s in itertools.product((0, 1), repeat=3)
 ]
@@ -48,7 +49,11 @@ def parse() -> argparse.Namespace:
         "--iters", type=int, default=None, help="synthesis iterations (default: the methods' 1000)"
     )
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast during synthesis")
+    ap.add_argument(
+        "--psaq2-rounds", type=int, default=None, help="PSAQ-ViT V2 rounds (default: AdaptiveConfig's)"
+    )
     ap.add_argument("--schemes", nargs="+", default=["w8a8", "w4a8", "w4a4"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), help="rows to run (default: all)")
     ap.add_argument("--recon", nargs="*", default=["w4a4"], help="schemes also run with block reconstruction")
     ap.add_argument("--range", default="mse", help="activation range method of calibrators.calibrate")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True)
@@ -167,6 +172,34 @@ class Bench:
         self.save()
         return acc
 
+    def run_psaq2(self, seed: int, scheme: str) -> float | None:
+        """top-1 of PSAQ-ViT V2's distilled student for ``scheme`` (cached like the other cells).
+
+        Same ranges as the other rows (``--range`` for activations, min-max weights, nearest
+        rounding); ``+recon`` reconstructs blocks on V2's images afterwards."""
+        import sardfq_export as sx
+
+        a = self.args
+        tag = f"psaq2-s{seed}-r{a.psaq2_rounds}-bf{int(a.bf16)}"
+        rkey = f"{tag}|{scheme}|{a.range}|n{len(self.test_y)}"
+        if rkey in self.results:
+            return self.results[rkey]
+        if a.cache_only:
+            return None
+        base, _, recon = scheme.partition("+")
+        t = time.monotonic()
+        print(f"psaq2 {tag} {scheme}", flush=True)
+        adapted = sx.psaq2(self.loaded, scheme=base, range=a.range, weight_range="minmax", weight_rounding="nearest",
+                           finetune="recon" if recon else "none", seed=seed, num_images=a.num_images,
+                           iters=a.psaq2_rounds, synth=SynthConfig(bf16=a.bf16), progress=False,
+                           out=a.work / f"{tag}-{scheme}.safetensors", resume=True)  # fmt: skip
+        acc = self.top1(adapted.quantized.model)
+        self.synth_times[f"{tag}-{scheme}"] = adapted.calib.meta["wall_time_s"]
+        print(f"{rkey}: {acc:.2f}  ({time.monotonic() - t:.0f} s)", flush=True)
+        self.results[rkey] = acc
+        self.save()
+        return acc
+
 
 def fmt(values: list[float], expected: int | None = None) -> str:
     if not values:
@@ -191,7 +224,7 @@ def main() -> None:
     # Cheap schemes for every seed first, reconstruction after: a stopped run leaves a complete table.
     for pass_schemes in (list(args.schemes), [f"{s}+recon" for s in args.recon]):
         for seed in args.seeds:
-            for m in METHODS:
+            for m in (m for m in METHODS if m in args.methods):
                 cache: dict[str, CalibSet] = {}
 
                 def get(m=m, seed=seed, cache=cache):
@@ -200,7 +233,10 @@ def main() -> None:
                     return cache["c"]
 
                 for s in pass_schemes:
-                    v = b.run(f"{m}-s{seed}-i{args.iters}-bf{int(args.bf16)}", get, s)
+                    if m == "psaq2":  # V2 makes the quantized model itself, not a calibration set
+                        v = b.run_psaq2(seed, s)
+                    else:
+                        v = b.run(f"{m}-s{seed}-i{args.iters}-bf{int(args.bf16)}", get, s)
                     if v is not None:
                         main_rows[m][s].append(v)
     if args.samples:
@@ -250,6 +286,10 @@ def write_doc(args, b: Bench, fp_top1, schemes, main_rows, abl_rows, elapsed) ->
         f"{'; bf16 autocast' if args.bf16 else ''}; `real` = {args.num_images} random Fashion-MNIST *train* images",
         f"- quantization: `calibrators.quantize_model` + `calibrate(method={args.range!r})`; `+recon` adds "
         "`calibrators.reconstruct_blocks` (block-wise MSE to the FP model, 100 it/block, lr 4e-5)",
+        "- `psaq2` (PSAQ-ViT V2): not a calibration set but the student `sx.psaq2` distills per scheme "
+        "(same ranges, calibrated on its warm-up images, then its teacher-student rounds: "
+        f"{args.psaq2_rounds if args.psaq2_rounds is not None else 'the default'}; schedule in "
+        "`calibrators.adaptive.AdaptiveConfig`); `+recon` reconstructs blocks on its images afterwards",
         f"- machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
         f"total wall time {elapsed / 60:.1f} min",
         "",

@@ -6,11 +6,13 @@ round-half-to-even, per-channel weights, per-tensor activations, INT4 blocks of 
     qmodel = quantize_model(float_model, "w8a8")          # instrumented copy, float untouched
     calibrate(qmodel, calib_images, method="mse")          # scales frozen as buffers
     reconstruct_blocks(qmodel, float_model, calib_images)  # optional: SARDFQ stage 2
+    teacher_student(qmodel, teacher, images, AdaptiveConfig().resolve(family), prepare=...)  # PSAQ-ViT V2
     save_quantized(qmodel, out_dir, {"name": ...})         # later: load_quantized(out_dir, float_model)
 
 Imports only sardfq_export.core and sardfq_export.models (the layering test checks it).
 """
 
+from sardfq_export.calibrators.adaptive import AdaptiveConfig, discrepancy, teacher_student
 from sardfq_export.calibrators.calibrate import (
     ACT_METHODS,
     WEIGHT_METHODS,
@@ -52,7 +54,7 @@ __all__ = [
     "QuantAttention", "QuantConv2d", "QuantLinear", "QuantWindowAttention",
     "is_quantized_dir", "load_quantized", "load_quantized_model", "model_fingerprint", "read_meta", "save_quantized",
     "TensorQuantizer", "gptq_round", "gptq_weights", "fidelity_to_float", "keep_fp_for_target", "layer_sensitivity",
-    "distill",
+    "distill", "AdaptiveConfig", "discrepancy", "teacher_student",
     "reconstruct_blocks",
     "smooth_quant", "SCHEMES", "PerBlock", "PerChannel", "PerTensor", "Scheme", "get_scheme",
 ]  # fmt: skip

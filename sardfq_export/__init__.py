@@ -10,7 +10,8 @@ from sardfq_export._version import __version__
 # public name → the module that defines it
 _API = {
     "load_model": "api", "synthesize": "api", "quantize": "api", "export": "api", "validate": "api",
-    "load_quantized": "api", "calibration_set": "api",
+    "load_quantized": "api", "calibration_set": "api", "psaq2": "api", "Adapted": "api",
+    "AdaptiveConfig": "api",
     "QuantizeConfig": "api", "Quantized": "api", "SynthConfig": "api", "ExportConfig": "api",
     "GateSpec": "api", "Report": "api", "LoadedModel": "api", "CalibSet": "api",
     "run": "job", "JobConfig": "job",

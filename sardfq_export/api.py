@@ -20,15 +20,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from sardfq_export.calibrators.adaptive import AdaptiveConfig
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.errors import UserInputError
 from sardfq_export.exporters.onnx_export import ExportConfig, ExportResult
 from sardfq_export.models import LoadedModel
 from sardfq_export.synthesis.config import SynthConfig
+from sardfq_export.synthesis.sources import ADAPTIVE_CALIBS as _ADAPTIVE_CALIBS
 from sardfq_export.validation.gates import GateSpec
 from sardfq_export.validation.report import Report
 
 FINETUNES = ("none", "recon", "kd", "recon+kd")
+# Calibration specs that train the quantized model together with their images (not synthesis
+# methods: the student is calibrators' fake-quant model): ``--calib psaq2`` = PSAQ-ViT V2.
+ADAPTIVE_CALIBS = _ADAPTIVE_CALIBS
 ROUNDINGS = ("auto", "nearest", "gptq")
 
 
@@ -243,19 +248,36 @@ def _build(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme, prog
 
     torch.manual_seed(cfg.seed)
     qmodel = calibrators.quantize_model(loaded.model, scheme)
+    summary = _calibrate(qmodel, cal.images, cfg, scheme, progress)
+    _finetune(qmodel, loaded, cal, cfg, summary, progress)
+    return qmodel, summary
+
+
+def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: QuantizeConfig, scheme, progress: bool) -> dict:
+    """Ranges and weight rounding of an instrumented model, as the recipe says: the summary."""
+    from sardfq_export import calibrators
+
     recipe = resolved_recipe(cfg, scheme)
     summary: dict = {
         "resolved": recipe,
         "calibration": calibrators.calibrate(
             qmodel,
-            cal.images,
+            images,
             method=recipe["range"],
             weight_method=recipe["weight_range"],
             progress=progress,
         ),
     }
     if recipe["weight_rounding"] == "gptq":
-        summary["gptq"] = calibrators.gptq_weights(qmodel, cal.images, progress=progress)
+        summary["gptq"] = calibrators.gptq_weights(qmodel, images, progress=progress)
+    return summary
+
+
+def _finetune(qmodel: nn.Module, loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, summary: dict,
+              progress: bool) -> None:  # fmt: skip
+    """The recipe's fine-tuning (recon / kd) of a calibrated model, its summaries added to ``summary``."""
+    from sardfq_export import calibrators
+
     tune = {k: v for k, v in (("iters", cfg.iters), ("lr", cfg.lr)) if v is not None}
     if cfg.finetune in ("recon", "recon+kd"):
         rec = calibrators.reconstruct_blocks(qmodel, loaded.model, cal.images, seed=cfg.seed, progress=progress,
@@ -266,7 +288,6 @@ def _build(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme, prog
     if cfg.finetune in ("kd", "recon+kd"):
         kw = tune if cfg.finetune == "kd" else {}  # after recon, KD keeps its own defaults
         summary["kd"] = calibrators.distill(qmodel, loaded.model, cal, seed=cfg.seed, progress=progress, **kw)
-    return qmodel, summary
 
 
 def quantize(
@@ -277,6 +298,7 @@ def quantize(
     num_images: int = 32,
     holdout: CalibSet | torch.Tensor | None = None,
     progress: bool = True,
+    adaptive: AdaptiveConfig | None = None,
     **overrides,
 ) -> Quantized:
     """Build the fake-quant copy of ``model``, set its ranges on ``calib`` and optionally fine-tune it.
@@ -285,7 +307,8 @@ def quantize(
     normalized space, or a spec string (``"real:fashion-mnist"``, ``"sardfq"``, a file). The
     float model is untouched. Keyword arguments override fields of ``QuantizeConfig()``.
     ``holdout``: images the calibration did not see, for ``auto_keep_fp``'s fidelity measurement
-    (default: the calibration images themselves).
+    (default: the calibration images themselves). ``calib="psaq2"``: PSAQ-ViT V2 (:func:`psaq2`,
+    with ``adaptive`` as its schedule) builds the model and its images together.
     """
     import time
 
@@ -293,6 +316,10 @@ def quantize(
 
     loaded = as_loaded(model)
     cfg = _configure(config, QuantizeConfig, overrides)
+    if isinstance(calib, str) and calib in ADAPTIVE_CALIBS:
+        return psaq2(
+            loaded, cfg, adaptive=adaptive, num_images=num_images, seed=cfg.seed, progress=progress
+        ).quantized
     scheme = _scheme_of(cfg)
     cal, _ = calibration_set(calib, loaded, num_images, seed=cfg.seed, progress=progress)
     t0 = time.perf_counter()
@@ -318,6 +345,128 @@ def quantize(
     summary["calib"] = {"num_images": len(cal), **{k: v for k, v in cal.meta.items() if k != "loss_curve"}}
     qmodel.eval()
     return Quantized(qmodel, loaded, cfg, summary)
+
+
+@dataclass
+class Adapted:
+    """What PSAQ-ViT V2 makes: the distilled fake-quant model and the images it co-evolved with."""
+
+    quantized: Quantized  # the student: calibrated on the warmed-up images, then distilled
+    calib: CalibSet  # the final images (teacher probabilities as targets): usable as calibration data
+    holdout: CalibSet | None  # images with the prior alone (the student never saw them), or None
+
+
+def psaq2(
+    model: LoadedModel | nn.Module,
+    config: QuantizeConfig | None = None,
+    *,
+    adaptive: AdaptiveConfig | None = None,
+    synth: SynthConfig | None = None,
+    num_images: int = 32,
+    holdout: int = 0,
+    seed: int = 0,
+    iters: int | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    callback=None,
+    **overrides,
+) -> Adapted:
+    """PSAQ-ViT V2 (``--calib psaq2``): images and the quantized student evolve in turn, no labels.
+
+    The student is ``config``'s scheme, calibrated (ranges, rounding) on ``num_images`` images after
+    the prior-only warm-up, then distilled by :func:`calibrators.adaptive.teacher_student` against
+    images that keep maximizing its discrepancy under PSAQ-ViT's patch-similarity prior
+    (``synth``'s prior settings). ``adaptive``: the schedule (``iters`` overrides its ``rounds``).
+    ``holdout`` more images get the warm-up alone (for label-free fidelity on images the student
+    never saw). ``out``: a file path whose ``.ckpt`` / ``.holdout.ckpt`` siblings hold the resumable
+    state; ``resume``: continue from them bit-exactly. The recipe's ``finetune`` (recon / kd) runs
+    after V2, on its images. Keyword arguments override ``QuantizeConfig`` fields.
+    """
+    import time
+
+    from sardfq_export import calibrators
+    from sardfq_export.calibrators.adaptive import teacher_student
+    from sardfq_export.synthesis.prior import PatchSimilarityTeacher
+
+    loaded = as_loaded(model)
+    cfg = _configure(config, QuantizeConfig, overrides)
+    if cfg.auto_keep_fp is not None:
+        raise UserInputError(
+            "--auto-keep-fp does not combine with --calib psaq2 (its student is trained as built)"
+        )
+    acfg = (adaptive or AdaptiveConfig()).resolve(loaded.family)
+    if iters is not None:
+        acfg = replace(acfg, rounds=iters)
+    scheme = _scheme_of(cfg)
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = PatchSimilarityTeacher(loaded, replace(synth or SynthConfig(), seed=seed), dev)
+    torch.manual_seed(cfg.seed)
+    student = calibrators.quantize_model(loaded.model, scheme).to(dev)
+    identity = {"model": loaded.name, "source": loaded.source, "fingerprint": calibrators.model_fingerprint(
+                loaded.model), "scheme": scheme.to_dict(), "recipe": cfg.to_dict(), "prior": teacher.settings(),
+                "seed": seed}  # fmt: skip
+    ckpt = Path(out) if out is not None else None
+    held_ckpt = ckpt.with_name(ckpt.name + ".holdout.ckpt") if ckpt else None
+    clip = teacher.clip if teacher.cfg.clip else None
+    t0 = time.perf_counter()
+    held = None
+    if holdout:  # first, and its finished state kept until the end: a resume never redoes it
+        held_images, held_run = teacher_student(
+            None, teacher, teacher.start_images(range(num_images, num_images + holdout)), acfg, clip=clip,
+            index_offset=num_images, checkpoint=held_ckpt, identity=identity, resume=resume, progress=progress,
+            desc="psaq2 held-out (prior only)", keep_checkpoint=True,
+        )  # fmt: skip
+        held = _teacher_set(loaded, held_images, {**_meta(loaded, acfg, teacher, seed, held_run),
+                                                  "holdout": "warm-up only: the prior, no student"})  # fmt: skip
+    images, run = teacher_student(
+        student, teacher, teacher.start_images(range(num_images)), acfg, clip=clip,
+        prepare=lambda qm, x: _calibrate(qm, x, cfg, scheme, progress),
+        checkpoint=ckpt.with_name(ckpt.name + ".ckpt") if ckpt else None, identity=identity,
+        resume=resume, callback=callback, progress=progress,
+    )  # fmt: skip
+    if held_ckpt is not None:
+        held_ckpt.unlink(missing_ok=True)
+    meta = _meta(loaded, acfg, teacher, seed, run)
+    cal = _teacher_set(loaded, images, meta)
+    summary = dict(run["prepare"] or {})
+    record = {k: v for k, v in run.items() if k not in ("curve", "prepare")}
+    record["prior"] = teacher.settings()
+    summary["psaq2"] = record
+    info = getattr(student, "sardfq_quant", None)
+    if info is not None:  # quantized.json says how the student was trained
+        info["calibration"].setdefault("finetune", []).append(
+            {k: v for k, v in record.items() if k != "rounds"}
+        )
+    _finetune(student, loaded, cal, cfg, summary, progress)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["quant"] = calibrators.quant_summary(student)
+    summary["calib"] = {"num_images": len(cal), **{k: v for k, v in cal.meta.items() if k != "loss_curve"}}
+    student.eval()
+    return Adapted(Quantized(student, loaded, cfg, summary), cal, held)
+
+
+def _meta(loaded: LoadedModel, acfg: AdaptiveConfig, teacher, seed: int, run: dict) -> dict:
+    """A V2 image set's metadata: every schedule and prior setting, the loss curve, the wall time."""
+    import timm
+
+    return {"method": "psaq2", "seed": seed, "num_images": None, "iters": acfg.rounds,
+            "config": acfg.to_dict(), "prior": teacher.settings(), "model": loaded.name, "source": loaded.source,
+            "input_size": list(teacher.input_size), "loss_terms": run["columns"], "phases": run["phases"],
+            "loss_curve": run["curve"], "rounds": run["rounds"], "steps": run["steps"],
+            "wall_time_s": run["wall_time_s"], "device": str(teacher.device),
+            "mean": list(loaded.data_config["mean"]), "std": list(loaded.data_config["std"]),
+            "versions": {"torch": torch.__version__, "timm": timm.__version__}}  # fmt: skip
+
+
+def _teacher_set(loaded: LoadedModel, images: torch.Tensor, meta: dict) -> CalibSet:
+    """Label-free images with the teacher's own probabilities as targets (as for noise)."""
+    model = loaded.model
+    with torch.no_grad():
+        probs = torch.cat([model(b).float().softmax(-1).cpu() for b in images.split(32)])
+    return CalibSet(images=images.cpu(), targets=probs, labels=probs.argmax(-1), meta={**meta,
+                    "num_images": int(images.shape[0])})  # fmt: skip
 
 
 def load_quantized(path: str | Path) -> Quantized:

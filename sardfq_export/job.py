@@ -50,6 +50,7 @@ class JobConfig:
     num_images: int = 32
     holdout: int | None = None  # held-out images for label-free fidelity; None: num_images
     iters: int | None = None  # synthesis iterations; None: the model's own default, else the method's
+    adaptive: tuple = ()  # --calib psaq2: AdaptiveConfig fields as sorted (key, value) pairs (iters = rounds)
     seed: int = 0
     data: str | None = None  # real labelled data for accuracy
     limit: int | None = None  # evaluate only the first N images of ``data``
@@ -82,6 +83,8 @@ class JobConfig:
             "data": self.data,
             "limit": self.limit,
             "quantize": {k: v for k, v in self.quantize.to_dict().items() if k not in ("scheme", "seed")},
+            # only where used, so that folders of runs without psaq2 keep their settings
+            **({"psaq2": [list(kv) for kv in self.adaptive]} if self.adaptive else {}),
         }
 
 
@@ -151,43 +154,71 @@ def _run_locked(
     calib_src: object = cfg.calib
     if Path(cfg.calib).is_file():
         calib_src = {"file": str(Path(cfg.calib).resolve()), "sha256": sha256_file(Path(cfg.calib))}
-    iters = cfg.iters if cfg.iters is not None else loaded.extra.get("synthesis_iters")
+    # PSAQ-ViT V2 (--calib psaq2) trains the quantized student together with its images: its
+    # "synthesize" stage depends on the scheme and recipe too, and it writes quantized/ as well.
+    adaptive = cfg.calib in api.ADAPTIVE_CALIBS
+    qcfg = replace(cfg.quantize, scheme=scheme.name, seed=cfg.seed)
+    # --iters: synthesis iterations, or V2's rounds (another unit: the model's synthesis default is not one)
+    iters = cfg.iters if cfg.iters is not None or adaptive else loaded.extra.get("synthesis_iters")
+    student = {
+        "scheme": scheme.to_dict(),
+        "recipe": qcfg.to_dict(),
+        "psaq2": [list(kv) for kv in cfg.adaptive],
+    }
+    student = student if adaptive else {}
     synth_key = content_key({"model": model_key, "calib": calib_src, "n": n, "holdout": holdout,
-                             "iters": iters, "seed": cfg.seed, "v": __version__})  # fmt: skip
+                             "iters": iters, "seed": cfg.seed, "v": __version__, **student})  # fmt: skip
     calib_file, held_file = out / "calib.safetensors", out / "holdout.safetensors"
+    adapted: dict = {}  # the V2 student, handed from the synthesize stage to the quantize stage
 
     def synthesize() -> tuple[tuple[CalibSet, CalibSet], dict]:
         from sardfq_export.synthesis.config import SynthConfig
         from sardfq_export.synthesis.sources import resolve_calibration
 
-        cal, held = resolve_calibration(
-            cfg.calib, loaded, n, holdout, cfg.seed, synth_config=SynthConfig(iters=iters),
-            out=out / "synth.safetensors", resume=cfg.resume, progress=cfg.progress, say=say,
-        )  # fmt: skip
+        extra = {}
+        if adaptive:
+            from sardfq_export.calibrators.adaptive import AdaptiveConfig
+
+            res = api.psaq2(loaded, qcfg, adaptive=AdaptiveConfig.from_dict(dict(cfg.adaptive)), num_images=n,
+                            holdout=holdout, seed=cfg.seed, iters=iters,
+                            out=out / "psaq2.safetensors", resume=cfg.resume, progress=cfg.progress)  # fmt: skip
+            cal, held = res.calib, res.holdout if res.holdout is not None else res.calib
+            res.quantized.save(out, extra={"seed": cfg.seed})
+            adapted["q"] = res.quantized
+            extra = {"student": {k: v for k, v in res.quantized.summary.items() if k != "calib"}}
+        else:
+            cal, held = resolve_calibration(
+                cfg.calib, loaded, n, holdout, cfg.seed, synth_config=SynthConfig(iters=iters),
+                out=out / "synth.safetensors", resume=cfg.resume, progress=cfg.progress, say=say,
+            )  # fmt: skip
         cal.save(calib_file)
         held.save(held_file)
         (out / "samples.png").unlink(missing_ok=True)  # an earlier set's picture must not stay if this fails
         _draw_samples(out / "samples.png", cal, loaded, say)
         rec = {"method": cal.meta.get("method", cfg.calib), "num_images": len(cal), "holdout": len(held),
-               "iters": cal.meta.get("iters", iters), "wall_time_s": cal.meta.get("wall_time_s")}  # fmt: skip
+               "iters": cal.meta.get("iters", iters), "wall_time_s": cal.meta.get("wall_time_s"), **extra}  # fmt: skip
         return (cal, held), rec
 
+    synth_outputs = [calib_file, held_file] + ([out / "quantized" / "quantized.json"] if adaptive else [])
     (cal, held), synth_rec = cache.stage(
         "synthesize", synth_key, synthesize,
-        lambda _rec: (CalibSet.load(calib_file), CalibSet.load(held_file)), [calib_file, held_file],
+        lambda _rec: (CalibSet.load(calib_file), CalibSet.load(held_file)), synth_outputs,
     )  # fmt: skip
     calibration = {"method": synth_rec.get("method"), "num_images": n, "iters": synth_rec.get("iters"),
                    "seed": cfg.seed, "holdout": synth_rec.get("holdout")}  # fmt: skip
 
-    # 2. quantize (+ fine-tune)
-    qcfg = replace(cfg.quantize, scheme=scheme.name, seed=cfg.seed)
+    # 2. quantize (+ fine-tune); for psaq2: the student the synthesize stage trained and saved
     quant_key = content_key({"synth": synth_key, "calib_sha": sha256_file(calib_file), "scheme": scheme.to_dict(),
                              "recipe": qcfg.to_dict(), "v": __version__})  # fmt: skip
 
     def quantize() -> tuple[api.Quantized, dict]:
-        q = api.quantize(loaded, cal, qcfg, num_images=n, holdout=held, progress=cfg.progress)
-        q.save(out, extra={"seed": cfg.seed})
-        summary = {k: v for k, v in q.summary.items() if k != "calib"}
+        if adaptive:
+            q = adapted.get("q") or load_quantized({})
+            summary = dict(synth_rec.get("student") or {})
+        else:
+            q = api.quantize(loaded, cal, qcfg, num_images=n, holdout=held, progress=cfg.progress)
+            q.save(out, extra={"seed": cfg.seed})
+            summary = {k: v for k, v in q.summary.items() if k != "calib"}
         # Data-free per-layer sensitivity on the held-out synthetic images (report + chart).
         if "sensitivity" not in summary:  # (--auto-keep-fp measured it already, before its choice)
             say(f"sensitivity: each quantized layer alone on {len(held)} held-out images")
@@ -288,7 +319,7 @@ def _draw_samples(path: Path, cal: CalibSet, loaded, say: Callable[[str], None])
 
 def _quant_extras(quant_rec: dict) -> dict:
     """report.json's ``quantize`` (the recipe as run, mixed precision included) and ``sensitivity``."""
-    keys = ("recipe", "keep_fp", "gptq", "auto_keep_fp", "recon", "kd", "quant", "seconds")
+    keys = ("recipe", "keep_fp", "gptq", "auto_keep_fp", "recon", "kd", "psaq2", "quant", "seconds")
     return {"quantize": {k: quant_rec[k] for k in keys if k in quant_rec},
             "sensitivity": quant_rec.get("sensitivity")}  # fmt: skip
 

@@ -8,6 +8,7 @@ import click
 from sardfq_export import __version__
 from sardfq_export.cli import LazyGroup
 from sardfq_export.cli.options import (
+    adaptive_pairs,
     gate_options,
     min_free_option,
     model_options,
@@ -40,13 +41,26 @@ TARGETS = ("onnx", "onnxruntime", "tensorrt")  # sardfq_export.api.TARGETS (kept
     default="sardfq",
     show_default=True,
     metavar="C",
-    help="sardfq | psaq | noise | real:DIR | a calib.safetensors file.",
+    help="sardfq | psaq | psaq2 (PSAQ-ViT V2: distills the quantized model on images that co-evolve "
+    "with it) | noise | real:DIR | a calib.safetensors file.",
 )
 @click.option("--num-images", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
-    "--iters", type=click.IntRange(min=0), default=None, help="Synthesis iterations (default: the method's)."
+    "--iters",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Synthesis iterations (default: the method's); for psaq2 its rounds (default 40).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--psaq2",
+    "adaptive",
+    multiple=True,
+    metavar="K=V",
+    callback=adaptive_pairs,
+    help="With --calib psaq2: a schedule setting (repeatable): rounds, warmup_iters, image_steps, "
+    "student_steps, batch_size, image_lr, student_lr, temperature, disc_weight...",
+)
 @recipe_options
 @click.option(
     "--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N of --data."
@@ -107,6 +121,7 @@ def run_main_job(**opts) -> None:
         model=opts["model"], checkpoint=opts["checkpoint"], random_init=opts["random_init"],
         scheme=opts["scheme"], bits=int(opts["bits"] or 8), target=opts["target"], calib=opts["calib"],
         num_images=opts["num_images"], iters=opts["iters"], seed=opts["seed"], data=opts["data"],
+        adaptive=opts["adaptive"],
         out=opts["out"], gates=gate_spec(opts),
         quantize=quant,
         model_settings=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)

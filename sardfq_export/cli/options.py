@@ -36,17 +36,36 @@ def _img_size(ctx: click.Context, param: click.Parameter, value):
     return _keep(ctx, param, parts[0] if len(parts) == 1 else tuple(parts))
 
 
-def _kwargs(ctx: click.Context, param: click.Parameter, value):
+def _pairs(value, example: str) -> dict:
     out = {}
     for item in value:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"{item!r}: use KEY=VALUE (e.g. depth=12 or global_pool=avg)")
+            raise click.BadParameter(f"{item!r}: use KEY=VALUE (e.g. {example})")
         try:
             out[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             out[key] = raw  # a plain word (global_pool=avg) is a string
-    return _keep(ctx, param, out or None)
+    return out
+
+
+def _kwargs(ctx: click.Context, param: click.Parameter, value):
+    return _keep(ctx, param, _pairs(value, "depth=12 or global_pool=avg") or None)
+
+
+def adaptive_pairs(ctx: click.Context, param: click.Parameter, value) -> tuple:
+    """``--psaq2 K=V``: PSAQ-ViT V2 schedule fields (calibrators.adaptive.AdaptiveConfig), checked
+    here so that a typo is one line (exit 2) before any work; sorted (key, value) pairs."""
+    pairs = _pairs(value, "warmup_iters=50 or student_lr=2e-5")
+    if pairs:
+        from sardfq_export.calibrators.adaptive import AdaptiveConfig
+        from sardfq_export.core.errors import UserInputError
+
+        try:
+            AdaptiveConfig.from_dict(pairs)
+        except (UserInputError, TypeError) as exc:
+            raise click.BadParameter(str(exc)) from None
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in pairs.items()))
 
 
 MODEL_SETTINGS = "sardfq.model_settings"

@@ -72,6 +72,12 @@ def quantize(
             f"--calib {calib}: quantize takes real:DIR, real:fashion-mnist or a calib.safetensors file; "
             f"make one with 'sardfq-export synthesize --method {calib} --out calib.safetensors' (or run the main job)"
         )
+    if calib_kind(calib) == "adaptive":
+        # its images and its model are one run: the main job saves and resumes both
+        raise UserInputError(
+            f"--calib {calib} distills the model together with its images: run the main job "
+            f"('sardfq-export --calib {calib} ...'), which saves both and resumes"
+        )
     rank, world = init_from_env()  # under torchrun: fine-tuning runs data-parallel (calibrators.parallel)
     loaded = load_from_options(model, checkpoint, random_init)
     if loaded.extra.get("scheme") is not None:

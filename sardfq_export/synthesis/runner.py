@@ -15,8 +15,6 @@ only (:mod:`plan`), so K processes produce the same set as one with the same ``b
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.distributed import all_gather_object, barrier, rank_world
 from sardfq_export.core.errors import SardfqError, UserInputError
+from sardfq_export.core.interrupt import Interrupt as _Interrupt
 from sardfq_export.core.io import atomic_path
 from sardfq_export.synthesis.attention import block_infos, recording, token_grids
 from sardfq_export.synthesis.config import SynthConfig
@@ -71,59 +70,6 @@ def model_input_size(loaded) -> tuple[int, int, int]:
     if size is not None and isinstance(proj, torch.nn.Conv2d):
         return (proj.in_channels, int(size[0]), int(size[1]))
     return tuple(loaded.input_size)
-
-
-class _Interrupt:
-    """Ctrl-C or SIGTERM sets a flag; the loop saves a checkpoint at the end of the iteration, then
-    :meth:`deliver` lets the signal take its course: KeyboardInterrupt for Ctrl-C; for SIGTERM the
-    handler installed before (the CLI's raises ``Terminated``, exit 143; the default ends the
-    process). A second signal acts at once. A signal ignored before stays ignored."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self.signum: int | None = None
-        self._old: dict[int, object] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                old = signal.getsignal(sig)
-                if old is signal.SIG_IGN or old is None:  # None: installed outside Python; leave it
-                    continue
-                self._old[sig] = old
-                signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            self.deliver(signum)
-        self.requested = True
-        self.signum = signum
-
-    def deliver(self, signum: int | None = None) -> None:
-        """Raise (or end the process) the way the signal would have without us; never returns."""
-        signum = signum if signum is not None else self.signum
-        old = self._old.get(signum) if signum is not None else None
-        self._restore()
-        if signum == signal.SIGTERM:
-            if callable(old):
-                old(signum, None)  # e.g. the CLI's handler: raises Terminated (exit 143)
-            elif old == signal.SIG_DFL:
-                signal.raise_signal(signum)  # the default: the process ends here, its checkpoint saved
-        raise KeyboardInterrupt
-
-    def _restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None and self.requested:  # arrived after the loop's last check: honour it now
-            self.deliver()
-        self._restore()
-        return False
 
 
 def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:

@@ -3,6 +3,8 @@
 Every command and the API resolve a spec here, so ``real:DIR`` means the same images everywhere:
 
 - a synthesis method name (``sardfq``, ``psaq``, ``noise``): synthesize ``n + holdout`` images;
+- ``psaq2`` (PSAQ-ViT V2): not resolved here: it trains the quantized model together with its
+  images, so the API (``sx.psaq2``, ``sx.quantize(model, "psaq2")``) and the main job run it;
 - ``real:DIR`` / ``real:fashion-mnist``: the *train* split, shuffled by ``seed``; the first ``n``
   calibrate, the next ``holdout`` are held out (so ``quantize`` and the main job with the same
   ``--num-images`` and ``--seed`` calibrate on the same images);
@@ -19,20 +21,26 @@ import torch
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.errors import UserInputError
 
+# Specs whose images co-evolve with the quantized student (calibrators.adaptive), run by the API.
+ADAPTIVE_CALIBS = ("psaq2",)
+
 
 def calib_kind(spec: str) -> str:
-    """'real', 'file' or 'method' (a registered synthesis method); anything else is refused."""
+    """'real', 'file', 'method' (a registered synthesis method) or 'adaptive' (psaq2); else refused."""
     from sardfq_export.synthesis.methods import METHODS
 
     if spec.startswith("real:"):
         return "real"
     if spec in METHODS:
         return "method"
+    if spec in ADAPTIVE_CALIBS:
+        return "adaptive"
     path = Path(spec).expanduser()
     if path.is_file() or (path.is_dir() and (path / "calib.safetensors").is_file()):
         return "file"
     raise UserInputError(
-        f"--calib {spec!r}: use {', '.join(METHODS)}, real:DIR, real:fashion-mnist or a calib.safetensors file"
+        f"--calib {spec!r}: use {', '.join([*METHODS, *ADAPTIVE_CALIBS])}, real:DIR, real:fashion-mnist or a "
+        "calib.safetensors file"
     )
 
 
@@ -89,6 +97,11 @@ def resolve_calibration(
     from dataclasses import replace
 
     kind = calib_kind(spec)
+    if kind == "adaptive":
+        raise UserInputError(
+            f"--calib {spec} trains the quantized model together with its images: run the main job "
+            f"(sardfq-export --calib {spec}) or quantize with it (sx.quantize(model, {spec!r}))"
+        )
     if kind == "real":
         full = real_calibration(spec[len("real:") :], loaded.data_config, n, holdout, seed)
     elif kind == "file":
