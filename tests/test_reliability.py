@@ -333,8 +333,9 @@ def test_temporary_names_are_unique_per_process_and_artifacts_are_0644(tmp_path)
 
 def test_the_manifest_records_the_installed_version_not_null():
     """Run from a checkout the manifest said ``"sardfq-export": null``."""
-    from sardfq_export import __version__
     from sardfq_export.validation.manifest import tool_versions
+
+    from sardfq_export import __version__
 
     assert tool_versions()["sardfq-export"] == __version__ and __version__
 
