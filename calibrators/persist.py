@@ -186,6 +186,7 @@ def load_quantized_model(
     must then match the recorded fingerprint, else a one-line error).
     """
     from sardfq_export.models import ModelSettings, load_model
+    from sardfq_export.models.loading import with_preprocessing
     from sardfq_export.models.reference import REFERENCE_NAME
 
     meta = read_meta(path)
@@ -199,6 +200,8 @@ def load_quantized_model(
             checkpoint = base.get("checkpoint")
             random_init = random_init or bool(base.get("random_init"))
         loaded = load_model(model, checkpoint, pretrained=not random_init)  # random init is seeded there
+        # the preprocessing the model was quantized with travels with the folder, whoever names the model
+        loaded = with_preprocessing(loaded, (base.get("settings") or {}).get("preprocessing"))
     qmodel = load_quantized(path, loaded.model).eval()
     for p in qmodel.parameters():
         p.requires_grad_(False)

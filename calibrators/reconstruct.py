@@ -27,6 +27,7 @@ from sardfq_export.calibrators.instrument import block_names, mark_modified
 from sardfq_export.calibrators.modules import QUANT_WEIGHTED
 from sardfq_export.calibrators.parallel import all_reduce_grads, my_slice
 
+from sardfq_export.core.device import autocast
 from sardfq_export.core.distributed import rank_world
 from sardfq_export.core.errors import UserInputError
 
@@ -111,10 +112,13 @@ def reconstruct_blocks(
     batch_size: int = BATCH_SIZE,
     seed: int = 0,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict:
     """Block-wise output reconstruction of a calibrated ``qmodel`` against ``fp_model``.
 
     ``data``: a tensor of images, a CalibSet-like object (``.images``) or an iterable of batches.
+    Runs on ``qmodel``'s device; ``precision="bf16"``: the training forward under bf16 autocast
+    (targets, losses and the weights stay fp32).
     Returns per-block losses before/after (also kept in the saved model's calibration info).
     """
     from sardfq_export.core.progress import progress_bar
@@ -161,7 +165,9 @@ def reconstruct_blocks(
             trained = [p for _, p in params]
             for _ in range(iters):
                 idx, share = my_slice(_batch_indices(len(xq), batch_size, gen).to(device))
-                loss = F.mse_loss(unit(xq[idx]), y[idx]) / norm * share
+                with autocast(device, precision):
+                    pred = unit(xq[idx])
+                loss = F.mse_loss(pred.float(), y[idx]) / norm * share
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 all_reduce_grads(trained)
@@ -181,6 +187,7 @@ def reconstruct_blocks(
         bar.set_postfix(block=n, mse=f"{after:.3g}")
     bar.close()
     summary = {"finetune": "recon", "iters_per_block": iters, "lr": lr, "batch_size": batch_size,
+               "precision": precision,
                "seed": seed, "num_images": int(images.shape[0]), "processes": rank_world()[1],
                "blocks": report}  # fmt: skip
     info = getattr(qmodel, "sardfq_quant", None)
@@ -203,8 +210,11 @@ def distill(
     soft_target_weight: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict:
-    """End-to-end distillation: KL to the float teacher (+ soft targets of the calibration set)."""
+    """End-to-end distillation: KL to the float teacher (+ soft targets of the calibration set).
+
+    Runs on ``qmodel``'s device; ``precision="bf16"``: the student forward under bf16 autocast."""
     from sardfq_export.core.progress import progress_bar
 
     images, soft = _images_and_targets(data)
@@ -235,7 +245,9 @@ def distill(
     try:
         for _ in bar:
             idx, share = my_slice(_batch_indices(len(images), batch_size, gen).to(device))
-            logits = qmodel(images[idx])
+            with autocast(device, precision):
+                logits = qmodel(images[idx])
+            logits = logits.float()
             loss = F.kl_div(
                 F.log_softmax(logits / t, -1),
                 F.log_softmax(teacher[idx] / t, -1),
@@ -260,6 +272,7 @@ def distill(
     mark_modified(qmodel, {n for n, _ in params})
     curve = [float(v) for v in torch.stack(losses).cpu()] if losses else []
     summary = {"finetune": "kd", "iters": iters, "lr": lr, "batch_size": batch_size, "temperature": t,
+               "precision": precision,
                "soft_targets": soft is not None, "soft_target_weight": soft_target_weight, "seed": seed,
                "num_images": int(images.shape[0]), "loss_first": curve[0] if curve else None,
                "loss_last": curve[-1] if curve else None}  # fmt: skip

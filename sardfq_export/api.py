@@ -22,6 +22,14 @@ import torch.nn as nn
 
 from sardfq_export.calibrators.adaptive import AdaptiveConfig
 from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.device import (
+    PRECISIONS,
+    check_precision,
+    describe_device,
+    module_device,
+    on_device,
+    resolve_device,
+)
 from sardfq_export.core.errors import UserInputError
 from sardfq_export.exporters.onnx_export import ExportConfig, ExportResult
 from sardfq_export.models import LoadedModel
@@ -66,6 +74,9 @@ class QuantizeConfig:
     finetune: str = "none"  # none | recon (SARDFQ stage 2: block reconstruction) | kd | recon+kd
     iters: int | None = None  # fine-tuning iterations (per block for recon); None: the method's
     lr: float | None = None  # fine-tuning learning rate; None: the method's
+    # Fine-tuning (recon/kd) under bf16 autocast on the chosen device; fp32 until bench/
+    # precision_synthesis.py shows bf16 keeps calibration quality (the scales are fp32 either way).
+    precision: str = "fp32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,6 +89,8 @@ class QuantizeConfig:
             raise UserInputError(f"unknown finetune {self.finetune!r}: use one of {', '.join(FINETUNES)}")
         if self.auto_keep_fp is not None and not 0.0 < self.auto_keep_fp <= 1.0:
             raise UserInputError(f"auto_keep_fp is a top-1 agreement in (0, 1], got {self.auto_keep_fp}")
+        if self.precision not in PRECISIONS:
+            raise UserInputError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.weight_rounding not in ROUNDINGS:
             raise UserInputError(
                 f"unknown weight rounding {self.weight_rounding!r}: use one of {', '.join(ROUNDINGS)}"
@@ -151,7 +164,10 @@ def load_model(
         from sardfq_export.calibrators import is_quantized_dir, load_quantized_model
 
         if is_quantized_dir(name):
+            from sardfq_export.models.loading import with_preprocessing
+
             base, qmodel = load_quantized_model(name)
+            base = with_preprocessing(base, settings.get("preprocessing"))  # overrides on top of the saved
             extra = {"runner_name": "torch-fakequant", "scheme": qmodel.scheme.name,
                      "quantized_dir": str(Path(name).expanduser()), "float_model": base.model}  # fmt: skip
             return LoadedModel(qmodel, base.name, base.data_config, base.family,
@@ -183,7 +199,8 @@ def synthesize(
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    device: str | None = None,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
     **overrides,
 ) -> CalibSet:
     """Synthesize calibration images from ``model`` alone (no data).
@@ -191,11 +208,20 @@ def synthesize(
     ``config`` defaults to ``SynthConfig()`` (SARDFQ, 32 images); keyword arguments override its
     fields (``method="psaq"``, ``num_images=64``...). ``iters`` left unset takes the model's own
     default where it has one (the reference model: 200), else the method's (1000).
+    ``device``: ``auto`` (default: CUDA when present) | ``cpu`` | ``cuda[:N]``; the images come
+    back on the CPU and the model where it was. ``precision``: ``fp32`` | ``bf16`` (autocast of
+    the teacher forward; same as ``bf16=True``).
     """
     from sardfq_export.synthesis.runner import synthesize as run_synthesis
 
     loaded = as_loaded(model)
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise UserInputError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        overrides = {**overrides, "bf16": precision == "bf16"}
     cfg = _configure(config, SynthConfig, overrides)
+    device = resolve_device(device)
+    check_precision("bf16" if cfg.bf16 else "fp32", device)
     if cfg.iters is None and loaded.extra.get("synthesis_iters") is not None:
         cfg = replace(cfg, iters=loaded.extra["synthesis_iters"])
     return run_synthesis(loaded, cfg, out, resume=resume, progress=progress, device=device)
@@ -209,6 +235,7 @@ def calibration_set(
     holdout: int = 0,
     seed: int = 0,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> tuple[CalibSet, CalibSet | None]:
     """Resolve a calibration source (``sardfq``/``psaq``/``noise``, ``real:DIR``, a file, a set, a tensor)."""
     from sardfq_export.synthesis.sources import resolve_calibration
@@ -219,7 +246,9 @@ def calibration_set(
         if holdout and len(spec) > num_images:
             return spec.split(num_images)
         return (spec.split(num_images)[0] if len(spec) > num_images else spec), None
-    return resolve_calibration(str(spec), as_loaded(model), num_images, holdout, seed, progress=progress)
+    return resolve_calibration(
+        str(spec), as_loaded(model), num_images, holdout, seed, progress=progress, device=device
+    )
 
 
 def _scheme_of(cfg: QuantizeConfig):
@@ -281,13 +310,15 @@ def _finetune(qmodel: nn.Module, loaded: LoadedModel, cal: CalibSet, cfg: Quanti
     tune = {k: v for k, v in (("iters", cfg.iters), ("lr", cfg.lr)) if v is not None}
     if cfg.finetune in ("recon", "recon+kd"):
         rec = calibrators.reconstruct_blocks(qmodel, loaded.model, cal.images, seed=cfg.seed, progress=progress,
-                                             **tune)  # fmt: skip
+                                             precision=cfg.precision, **tune)  # fmt: skip
         summary["recon"] = {k: v for k, v in rec.items() if k != "blocks"} | {
             "final_mse": rec["blocks"][-1]["mse_after"]
         }
     if cfg.finetune in ("kd", "recon+kd"):
         kw = tune if cfg.finetune == "kd" else {}  # after recon, KD keeps its own defaults
-        summary["kd"] = calibrators.distill(qmodel, loaded.model, cal, seed=cfg.seed, progress=progress, **kw)
+        summary["kd"] = calibrators.distill(
+            qmodel, loaded.model, cal, seed=cfg.seed, progress=progress, precision=cfg.precision, **kw
+        )
 
 
 def quantize(
@@ -299,6 +330,7 @@ def quantize(
     holdout: CalibSet | torch.Tensor | None = None,
     progress: bool = True,
     adaptive: AdaptiveConfig | None = None,
+    device: str | torch.device | None = None,
     **overrides,
 ) -> Quantized:
     """Build the fake-quant copy of ``model``, set its ranges on ``calib`` and optionally fine-tune it.
@@ -308,20 +340,41 @@ def quantize(
     float model is untouched. Keyword arguments override fields of ``QuantizeConfig()``.
     ``holdout``: images the calibration did not see, for ``auto_keep_fp``'s fidelity measurement
     (default: the calibration images themselves). ``calib="psaq2"``: PSAQ-ViT V2 (:func:`psaq2`,
-    with ``adaptive`` as its schedule) builds the model and its images together.
+    with ``adaptive`` as its schedule) builds the model and its images together. ``device``: where
+    calibration, GPTQ and fine-tuning run (``auto``: CUDA when present); the result is on the float
+    model's device.
     """
-    import time
-
-    from sardfq_export import calibrators
-
     loaded = as_loaded(model)
     cfg = _configure(config, QuantizeConfig, overrides)
     if isinstance(calib, str) and calib in ADAPTIVE_CALIBS:
         return psaq2(
-            loaded, cfg, adaptive=adaptive, num_images=num_images, seed=cfg.seed, progress=progress
+            loaded,
+            cfg,
+            adaptive=adaptive,
+            num_images=num_images,
+            seed=cfg.seed,
+            progress=progress,
+            device=device,
         ).quantized
     scheme = _scheme_of(cfg)
-    cal, _ = calibration_set(calib, loaded, num_images, seed=cfg.seed, progress=progress)
+    dev = resolve_device(device)
+    check_precision(cfg.precision, dev)
+    cal, _ = calibration_set(calib, loaded, num_images, seed=cfg.seed, progress=progress, device=dev)
+    home = module_device(loaded.model)
+    with on_device(dev, loaded.model):
+        qmodel, summary = _quantize_on(loaded, cal, cfg, scheme, holdout, progress)
+        qmodel.to(home)  # what is returned and saved does not depend on the device that made it
+    summary["device"] = describe_device(dev)
+    qmodel.eval()
+    return Quantized(qmodel, loaded, cfg, summary)
+
+
+def _quantize_on(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme, holdout, progress: bool):
+    """:func:`quantize`'s work, on the device ``loaded.model`` is on: ``(qmodel, summary)``."""
+    import time
+
+    from sardfq_export import calibrators
+
     t0 = time.perf_counter()
     qmodel, summary = _build(loaded, cal, cfg, scheme, progress)
     if cfg.auto_keep_fp is not None:
@@ -343,8 +396,7 @@ def quantize(
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["quant"] = calibrators.quant_summary(qmodel)
     summary["calib"] = {"num_images": len(cal), **{k: v for k, v in cal.meta.items() if k != "loss_curve"}}
-    qmodel.eval()
-    return Quantized(qmodel, loaded, cfg, summary)
+    return qmodel, summary
 
 
 @dataclass
@@ -400,7 +452,7 @@ def psaq2(
     if iters is not None:
         acfg = replace(acfg, rounds=iters)
     scheme = _scheme_of(cfg)
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     teacher = PatchSimilarityTeacher(loaded, replace(synth or SynthConfig(), seed=seed), dev)
     torch.manual_seed(cfg.seed)
     student = calibrators.quantize_model(loaded.model, scheme).to(dev)
@@ -487,12 +539,14 @@ def export(
     *,
     target: str = "onnxruntime",
     metadata: dict | None = None,
+    device: str | torch.device | None = None,
     **overrides,
 ) -> ExportResult:
     """Write ``quantized`` as QDQ ONNX (linted against TensorRT's rules).
 
     ``target="tensorrt"`` stores unquantized ops in FP16 (TensorRT 11 takes precision from the
     ONNX) unless ``fp16`` is given; the engine itself is built by :func:`build_engine`.
+    ``device``: where the model is traced (``auto``: CUDA when present); the graph is the same.
     """
     from sardfq_export import __version__
     from sardfq_export.exporters.onnx_export import export_onnx
@@ -505,7 +559,8 @@ def export(
     base = quantized.base
     meta = {"model": base.name, "sardfq_export_version": __version__, "preprocessing": preprocessing(base),
             **(metadata or {})}  # fmt: skip
-    return export_onnx(quantized.model, path, tuple(base.input_size), cfg, metadata=meta)
+    with on_device(resolve_device(device), quantized.model):
+        return export_onnx(quantized.model, path, tuple(base.input_size), cfg, metadata=meta)
 
 
 # A deployment target: how its ONNX is written and whether a TensorRT engine is built.
@@ -518,9 +573,13 @@ TARGETS: dict[str, dict] = {
 
 
 def preprocessing(loaded: LoadedModel) -> dict:
-    """The model's preprocessing as plain JSON values (recorded in the ONNX and the receiver README)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in loaded.data_config.items()
-            if k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")}  # fmt: skip
+    """The model's preprocessing as plain JSON values (recorded in the ONNX, report.json and the
+    receiver README); ``overrides``: what was set over the model's own config (--interpolation...)."""
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in loaded.data_config.items()
+           if k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")}  # fmt: skip
+    overrides = loaded.data_config.get("overrides") or {}
+    out["overrides"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in overrides.items()}
+    return out
 
 
 def validate(
@@ -535,6 +594,7 @@ def validate(
     batches: tuple[int, ...] = (1, 32),
     progress: bool = True,
     say=None,
+    device: str | torch.device | None = None,
 ) -> Report:
     """Run the deployed model (ONNX Runtime, or a TensorRT ``engine``) against PyTorch: a :class:`Report`.
 
@@ -543,6 +603,8 @@ def validate(
     evaluated into ``report.gates`` (never raised here: see ``report.passed``), with the scheme's
     default thresholds where ``gates`` leaves one unset (``GateSpec(defaults=False)``: none) and
     ``gates.baseline``'s regression checks (another model's baseline: ``UserInputError``).
+    ``device``: where the PyTorch references run (``auto``: CUDA when present), for fidelity,
+    accuracy and their latency column; recorded in ``report["runtime"]``.
     """
     from sardfq_export.exporters.lint import lint_model
     from sardfq_export.validation.deploy import validate_deployment
@@ -569,10 +631,12 @@ def validate(
     if baseline is not None:  # refused before the validation runs
         check_baseline(baseline, model=base.name, labelled=dataset is not None,
                        n_images=len(dataset) if dataset is not None else None)  # fmt: skip
-    res = validate_deployment(
-        say or (lambda _msg: None), base.model, quantized.model, onnx_path, held_images, dataset,
-        Path(engine) if engine else None, progress=progress, batches=batches,
-    )  # fmt: skip
+    dev = resolve_device(device)
+    with on_device(dev, base.model, quantized.model):
+        res = validate_deployment(
+            say or (lambda _msg: None), base.model, quantized.model, onnx_path, held_images, dataset,
+            Path(engine) if engine else None, progress=progress, batches=batches,
+        )  # fmt: skip
     report = build_report(
         model=base.name,
         scheme=quantized.scheme.name,
@@ -585,6 +649,16 @@ def validate(
         gates=None,
         artifacts=None,
         op_census=res.get("op_census"),
+        runtime=runtime_record(dev),
+        preprocessing=preprocessing(base),
     )
     report["gates"] = evaluate_gates(report, gates, labelled=dataset is not None, baseline=baseline)
     return Report.from_dict(report)
+
+
+def runtime_record(device: torch.device, precision: str | None = None) -> dict:
+    """report.json's ``runtime``: where torch ran, its threads and (when it applies) the precision."""
+    rec = {"device": str(device), "device_name": describe_device(device), "threads": torch.get_num_threads()}
+    if precision is not None:
+        rec["precision"] = precision
+    return rec

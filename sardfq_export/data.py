@@ -596,6 +596,30 @@ class LabelledDataset(Dataset):
         return images, labels
 
 
+def split_source(spec: str | Path, split: str) -> Path:
+    """What ``load_dataset(spec, ..., split=split)`` reads: the IDX image file or the image folder
+    (after the train/val choice), resolved; the same errors as ``load_dataset``."""
+    folder = _resolve_folder(spec)
+    idx = _idx_files(folder, split)
+    if idx is not None:
+        return idx[0].resolve()
+    return _split_folder(folder, split).resolve()
+
+
+def check_disjoint(calib_spec: str | Path, data_spec: str | Path) -> tuple[Path, Path]:
+    """(calibration source, evaluation source) of ``--calib real:CALIB`` and ``--data DATA``; the
+    same files, or one folder inside the other, is a one-line error: calibrating on the images the
+    accuracy is measured on would overstate it."""
+    calib, data = split_source(calib_spec, "train"), split_source(data_spec, "test")
+    if calib == data or calib in data.parents or data in calib.parents:
+        raise UserInputError(
+            f"--calib real:{calib_spec} would calibrate on {calib}, the images --data {data_spec} evaluates on "
+            f"({data}): use a folder with train/ and val/ sub-folders (calibration takes train/, evaluation "
+            "val/), or two different folders"
+        )
+    return calib, data
+
+
 def load_dataset(
     spec: str | Path, data_config: dict, split: str = "test", limit: int | None = None
 ) -> LabelledDataset:

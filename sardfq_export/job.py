@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sardfq_export import __version__, api
 from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.device import check_precision, on_device, resolve_device
 from sardfq_export.core.errors import MissingComponentError, UserInputError
 from sardfq_export.core.io import MIN_FREE_MB, atomic_write_text, check_min_free_mb, claim_output, sha256_file
 from sardfq_export.jobcache import StageCache, content_key
@@ -48,12 +49,16 @@ class JobConfig:
     target: str = "onnxruntime"
     calib: str = "sardfq"  # a synthesis method, real:DIR, or a calib.safetensors file
     num_images: int = 32
-    holdout: int | None = None  # held-out images for label-free fidelity; None: num_images
+    # Held-out images for fidelity, the label-free gates and the sensitivity chart; None: the
+    # job's rule (:func:`holdout_plan`): real test images with --data, else a quarter share.
+    holdout: int | None = None
     iters: int | None = None  # synthesis iterations; None: the model's own default, else the method's
     adaptive: tuple = ()  # --calib psaq2: AdaptiveConfig fields as sorted (key, value) pairs (iters = rounds)
     seed: int = 0
     data: str | None = None  # real labelled data for accuracy
     limit: int | None = None  # evaluate only the first N images of ``data``
+    device: str = "auto"  # where torch runs: auto (CUDA when present) | cpu | cuda[:N]
+    precision: str = "fp32"  # synthesis and fine-tuning autocast: fp32 | bf16
     out: str = "sardfq-out"
     gates: GateSpec = GateSpec()
     quantize: api.QuantizeConfig = api.QuantizeConfig()  # its scheme and seed are set from the fields above
@@ -77,7 +82,8 @@ class JobConfig:
             "target": self.target,
             "calib": self.calib,
             "num_images": self.num_images,
-            "holdout": self.holdout if self.holdout is not None else self.num_images,
+            "holdout": holdout_plan(self)[0],
+            "precision": self.precision,
             "iters": self.iters,
             "seed": self.seed,
             "data": self.data,
@@ -86,6 +92,39 @@ class JobConfig:
             # only where used, so that folders of runs without psaq2 keep their settings
             **({"psaq2": [list(kv) for kv in self.adaptive]} if self.adaptive else {}),
         }
+
+
+# Fidelity images taken from --data's test set when it is given (the first of the --limit'ed set).
+REAL_FIDELITY_IMAGES = 32
+
+
+def holdout_plan(cfg: JobConfig) -> tuple[int, str]:
+    """(held-out images drawn from the calibration source, where fidelity's images come from).
+
+    Why not twice the calibration set (as before): synthesis is the job's dominant cost (hours for
+    a real ViT on a CPU), and doubling it only fed fidelity. So:
+
+    - ``--data`` given: fidelity runs on real test images (the first ``REAL_FIDELITY_IMAGES`` of
+      the set), which no synthetic image can beat for "how does it behave on real inputs"; nothing
+      is *chosen* on them (fidelity and the sensitivity chart are measurements, and with labelled
+      data the default gates are the top-1 drop), so the test set is not tuned on. No extra synthesis.
+      ``--auto-keep-fp`` does choose layers from its held-out images, so it keeps a synthetic share.
+    - a synthesis method otherwise: a quarter share, ``max(8, ceil(n / 4))`` more images from the
+      same run (32 → 8, synthesis 1.25× instead of 2×), never seen by calibration; enough for the
+      label-free default gates (their floors sit well below what a healthy model scores; the
+      reference model at w8a8: agreement 1.0, cosine 0.9999).
+    - ``real:DIR`` / a file: ``n`` more images of the same source cost nothing to hold out.
+    """
+    from sardfq_export.synthesis.sources import calib_kind
+
+    if cfg.holdout is not None:
+        return cfg.holdout, "calib"
+    kind = calib_kind(cfg.calib)
+    if kind != "method":
+        return cfg.num_images, "calib"
+    if cfg.data and cfg.quantize.auto_keep_fp is None:
+        return 0, "data"
+    return max(8, -(-cfg.num_images // 4)), "calib"
 
 
 def run(config: JobConfig | None = None, *, say: Callable[[str], None] | None = None, **overrides) -> Report:
@@ -116,24 +155,27 @@ def run(config: JobConfig | None = None, *, say: Callable[[str], None] | None = 
     check_min_free_mb(cfg.min_free_mb)
     scheme = calibrators.get_scheme(cfg.scheme_name)
     scheme.assert_exportable()
+    device = resolve_device(cfg.device)  # CUDA asked for and absent: one line, before any work
+    check_precision(cfg.precision, device)
     baseline = (
         load_baseline(cfg.gates.baseline) if cfg.gates.baseline else None
     )  # read before --out is touched
     out = Path(cfg.out).expanduser()
     # issue 14: pre-flight (writable, free space) and the exclusive lock on --out, before any work
     with claim_output(out, folder=True, say=say, min_free_mb=cfg.min_free_mb):
-        return _run_locked(cfg, scheme, out, say, baseline)
+        return _run_locked(cfg, scheme, out, say, device, baseline)
 
 
 def _run_locked(
-    cfg: JobConfig, scheme, out: Path, say: Callable[[str], None], baseline: Baseline | None = None
+    cfg: JobConfig, scheme, out: Path, say: Callable[[str], None], device, baseline: Baseline | None = None
 ) -> Report:
     from dataclasses import replace
 
     from sardfq_export import calibrators
 
     settings = cfg.run_settings()
-    n, holdout = cfg.num_images, settings["holdout"]
+    n = cfg.num_images
+    holdout, fidelity_from = holdout_plan(cfg)
     cache = StageCache(out, settings, overwrite=cfg.overwrite, say=say)
     loaded = api.load_model(
         cfg.model, cfg.checkpoint, pretrained=not cfg.random_init, **dict(cfg.model_settings)
@@ -141,6 +183,11 @@ def _run_locked(
     if loaded.describe_inferred():
         say(f"model: {loaded.describe_inferred()}")
     dataset = None
+    if cfg.data and cfg.calib.startswith("real:") and cfg.calib[len("real:") :]:  # never on test images
+        from sardfq_export.data import check_disjoint
+
+        calib_src, data_src = check_disjoint(cfg.calib[len("real:") :], cfg.data)
+        say(f"calibration: real images of {calib_src} (train split); accuracy: {data_src} (disjoint)")
     if cfg.data:
         from sardfq_export.data import load_dataset
 
@@ -167,11 +214,13 @@ def _run_locked(
     }
     student = student if adaptive else {}
     synth_key = content_key({"model": model_key, "calib": calib_src, "n": n, "holdout": holdout,
-                             "iters": iters, "seed": cfg.seed, "v": __version__, **student})  # fmt: skip
+                             "iters": iters, "seed": cfg.seed, "precision": cfg.precision,
+                             "preprocessing": api.preprocessing(loaded),
+                             "v": __version__, **student})  # fmt: skip
     calib_file, held_file = out / "calib.safetensors", out / "holdout.safetensors"
     adapted: dict = {}  # the V2 student, handed from the synthesize stage to the quantize stage
 
-    def synthesize() -> tuple[tuple[CalibSet, CalibSet], dict]:
+    def synthesize() -> tuple[tuple[CalibSet, CalibSet | None], dict]:
         from sardfq_export.synthesis.config import SynthConfig
         from sardfq_export.synthesis.sources import resolve_calibration
 
@@ -180,51 +229,74 @@ def _run_locked(
             from sardfq_export.calibrators.adaptive import AdaptiveConfig
 
             res = api.psaq2(loaded, qcfg, adaptive=AdaptiveConfig.from_dict(dict(cfg.adaptive)), num_images=n,
-                            holdout=holdout, seed=cfg.seed, iters=iters,
+                            holdout=holdout, seed=cfg.seed, iters=iters, device=device,
                             out=out / "psaq2.safetensors", resume=cfg.resume, progress=cfg.progress)  # fmt: skip
-            cal, held = res.calib, res.holdout if res.holdout is not None else res.calib
+            cal, held = res.calib, res.holdout
             res.quantized.save(out, extra={"seed": cfg.seed})
             adapted["q"] = res.quantized
             extra = {"student": {k: v for k, v in res.quantized.summary.items() if k != "calib"}}
         else:
             cal, held = resolve_calibration(
-                cfg.calib, loaded, n, holdout, cfg.seed, synth_config=SynthConfig(iters=iters),
-                out=out / "synth.safetensors", resume=cfg.resume, progress=cfg.progress, say=say,
+                cfg.calib, loaded, n, holdout, cfg.seed,
+                synth_config=SynthConfig(iters=iters, bf16=cfg.precision == "bf16"),
+                out=out / "synth.safetensors", resume=cfg.resume, progress=cfg.progress, say=say, device=device,
             )  # fmt: skip
         cal.save(calib_file)
-        held.save(held_file)
+        if held is not None:
+            held.save(held_file)
         (out / "samples.png").unlink(missing_ok=True)  # an earlier set's picture must not stay if this fails
         _draw_samples(out / "samples.png", cal, loaded, say)
-        rec = {"method": cal.meta.get("method", cfg.calib), "num_images": len(cal), "holdout": len(held),
+        rec = {"method": cal.meta.get("method", cfg.calib), "num_images": len(cal),
+               "holdout": len(held) if held is not None else 0,
                "iters": cal.meta.get("iters", iters), "wall_time_s": cal.meta.get("wall_time_s"), **extra}  # fmt: skip
         return (cal, held), rec
 
-    synth_outputs = [calib_file, held_file] + ([out / "quantized" / "quantized.json"] if adaptive else [])
+    synth_outputs = (
+        [calib_file]
+        + ([held_file] if holdout else [])
+        + ([out / "quantized" / "quantized.json"] if adaptive else [])
+    )
     (cal, held), synth_rec = cache.stage(
         "synthesize", synth_key, synthesize,
-        lambda _rec: (CalibSet.load(calib_file), CalibSet.load(held_file)), synth_outputs,
+        lambda _rec: (CalibSet.load(calib_file), CalibSet.load(held_file) if holdout else None), synth_outputs,
     )  # fmt: skip
+    if fidelity_from == "data":  # real test images for fidelity (holdout_plan says why); cheap, redone
+        import torch
+
+        take = min(len(dataset), REAL_FIDELITY_IMAGES)
+        images, _ = dataset.take(range(take))
+        held = CalibSet(
+            images=images, meta={"method": "real-test", "source": dataset.name, "num_images": take}
+        )
+        if not (held_file.is_file() and torch.equal(CalibSet.load(held_file).images, images)):
+            held.save(held_file)  # (rewritten only when different: the stages below key on its content)
+        say(f"held-out: the first {take} images of {dataset.name} (real, for fidelity; no extra synthesis)")
     calibration = {"method": synth_rec.get("method"), "num_images": n, "iters": synth_rec.get("iters"),
-                   "seed": cfg.seed, "holdout": synth_rec.get("holdout")}  # fmt: skip
+                   "seed": cfg.seed, "holdout": len(held),
+                   "holdout_source": "data (real test images)" if fidelity_from == "data" else synth_rec.get("method"),
+                   "precision": cfg.precision}  # fmt: skip
 
     # 2. quantize (+ fine-tune); for psaq2: the student the synthesize stage trained and saved
     quant_key = content_key({"synth": synth_key, "calib_sha": sha256_file(calib_file), "scheme": scheme.to_dict(),
-                             "recipe": qcfg.to_dict(), "v": __version__})  # fmt: skip
+                             "recipe": qcfg.to_dict(), "held": _digest(held.images), "v": __version__})  # fmt: skip
 
     def quantize() -> tuple[api.Quantized, dict]:
         if adaptive:
             q = adapted.get("q") or load_quantized({})
             summary = dict(synth_rec.get("student") or {})
         else:
-            q = api.quantize(loaded, cal, qcfg, num_images=n, holdout=held, progress=cfg.progress)
+            q = api.quantize(
+                loaded, cal, qcfg, num_images=n, holdout=held, progress=cfg.progress, device=device
+            )
             q.save(out, extra={"seed": cfg.seed})
             summary = {k: v for k, v in q.summary.items() if k != "calib"}
         # Data-free per-layer sensitivity on the held-out synthetic images (report + chart).
         if "sensitivity" not in summary:  # (--auto-keep-fp measured it already, before its choice)
             say(f"sensitivity: each quantized layer alone on {len(held)} held-out images")
-            summary["sensitivity"] = calibrators.layer_sensitivity(
-                q.model, held.images, progress=cfg.progress
-            )
+            with on_device(device, q.model):
+                summary["sensitivity"] = calibrators.layer_sensitivity(
+                    q.model, held.images, progress=cfg.progress
+                )
         return q, {"range": qcfg.range, "finetune": qcfg.finetune, "keep_fp": list(q.scheme.keep_fp),
                    "recipe": qcfg.to_dict(), **summary}  # fmt: skip
 
@@ -246,8 +318,9 @@ def _run_locked(
 
     def export() -> tuple[None, dict]:
         res = api.export(
-            quantized, onnx_path, export_cfg, target=cfg.target, metadata={"calibration": calibration}
-        )
+            quantized, onnx_path, export_cfg, target=cfg.target, metadata={"calibration": calibration},
+            device=device,
+        )  # fmt: skip
         return None, res.to_dict()
 
     _, export_rec = cache.stage("export", export_key, export, lambda _rec: None, [onnx_path])
@@ -261,25 +334,27 @@ def _run_locked(
         # No TensorRT here: report the lint, hand over the ONNX + build command, then exit 4.
         report = _finish(cache, loaded, quantized, cfg, calibration, {}, export_rec,
                          {"engine": engine, **_quant_extras(quant_rec)}, baseline, cal.meta.get("loss_curve"),
-                         say)  # fmt: skip
+                         say, device)  # fmt: skip
         exc = MissingComponentError(engine["message"])
         exc.report = report
         raise exc
     val_key = content_key({"onnx": sha256_file(onnx_path), "data": cfg.data, "target": cfg.target,
-                           "held": sha256_file(held_file), "engine": (engine or {}).get("sha256"),
+                           "held": _digest(held.images), "engine": (engine or {}).get("sha256"),
                            "v": __version__, "latency": LATENCY_FORMAT,
-                           "threads": _threads()})  # fmt: skip
+                           "threads": _threads(), "device": str(device)})  # fmt: skip
     engine_path = out / engine["path"] if engine else None
     fp32_key = content_key({"model": model_key, "data": cfg.data, "dataset": getattr(dataset, "name", None),
+                            "preprocessing": api.preprocessing(loaded),
                            "n": len(dataset) if dataset is not None else None})  # fmt: skip
 
     def validate() -> tuple[dict, dict]:
         from sardfq_export.validation.deploy import validate_deployment
 
-        res = validate_deployment(
-            say, loaded.model, quantized.model, onnx_path, held.images, dataset, engine_path,
-            progress=cfg.progress, fp32_accuracy=cache.state.get("fp32_accuracy", {}).get(fp32_key),
-        )  # fmt: skip
+        with on_device(device, loaded.model, quantized.model):
+            res = validate_deployment(
+                say, loaded.model, quantized.model, onnx_path, held.images, dataset, engine_path,
+                progress=cfg.progress, fp32_accuracy=cache.state.get("fp32_accuracy", {}).get(fp32_key),
+            )  # fmt: skip
         return res, res
 
     # A finished validation is reused only while the files it names (model.ort.onnx, the float
@@ -298,8 +373,16 @@ def _run_locked(
     return _finish(
         cache, loaded, quantized, cfg, calibration, val, export_rec,
         {**({"engine": engine} if engine else {}), **_quant_extras(quant_rec)}, baseline,
-        cal.meta.get("loss_curve"), say,
+        cal.meta.get("loss_curve"), say, device,
     )  # fmt: skip
+
+
+def _digest(t) -> str:
+    """sha256 of a tensor's values (a file's bytes may differ for the same tensors: safetensors'
+    header order is not fixed across processes)."""
+    import hashlib
+
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:32]
 
 
 def _threads() -> int:
@@ -380,7 +463,8 @@ def _remove_stale(out: Path, report: dict, say: Callable[[str], None]) -> list[s
 
 def _finish(cache: StageCache, loaded, quantized, cfg: JobConfig, calibration: dict, val: dict,
             export_rec: dict, extra: dict | None, baseline: Baseline | None = None,
-            loss_curve: list | None = None, say: Callable[[str], None] | None = None) -> Report:  # fmt: skip
+            loss_curve: list | None = None, say: Callable[[str], None] | None = None,
+            device=None) -> Report:  # fmt: skip
     """Gates, plots, report.json/md, the receiver README and the manifest: the job's last step.
 
     Artifacts an earlier run left that this one did not make are removed from the folder first, so
@@ -410,6 +494,10 @@ def _finish(cache: StageCache, loaded, quantized, cfg: JobConfig, calibration: d
         export={k: export_rec.get(k) for k in ("opset", "weights", "scheme")},
         model_source=loaded.source,
         num_classes=loaded.num_classes,
+        runtime=api.runtime_record(
+            device if device is not None else resolve_device(cfg.device), cfg.precision
+        ),
+        preprocessing=api.preprocessing(loaded),
         **(extra or {}),
     )
     report["gates"] = evaluate_gates(report, cfg.gates, labelled=bool(cfg.data), baseline=baseline)

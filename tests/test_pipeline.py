@@ -19,6 +19,7 @@ from conftest import needs_fmnist, needs_reference
 from sardfq_export.validation.report import REPORT_KEYS
 
 from sardfq_export.cli import main
+from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.io import sha256_file
 
 STAGE_LINE = re.compile(r"\[\s*\d+\.\ds\] ")  # the main job's stage lines: "[  1.7s] quantize: running"
@@ -97,7 +98,12 @@ def test_job_writes_every_artifact_and_the_report(job):
     assert report["accuracy"]["n"] == 64
     # What the Q/DQ parity tests prove (test_export.py): the deployed graph computes the fake-quant model.
     fid = report["fidelity"]
-    assert fid["n"] == 8 and fid["agreement_vs_fakequant"] == 1.0 and fid["cosine_vs_fakequant"] >= 0.9999
+    assert fid["n"] == 32 and fid["agreement_vs_fakequant"] == 1.0 and fid["cosine_vs_fakequant"] >= 0.9999
+    # with --data, fidelity runs on the first real test images: nothing synthesized beyond the 8 calibrating
+    assert report["calibration"]["holdout"] == 32 and report["calibration"]["holdout_source"].startswith(
+        "data"
+    )
+    assert len(CalibSet.load(out / "synth.safetensors")) == 8
     assert set(report["latency"]["by_batch"]) == {"1", "32"}
     for row in report["latency"]["by_batch"].values():  # a timing is a real duration, p50 within p95
         assert 0 < row["deployed"]["p50_ms"] <= row["deployed"]["p95_ms"] < 60_000
@@ -174,10 +180,14 @@ def test_export_and_validate_subcommands(job, tmp_path, capsys):
         "--batches",
         "1",
         "--json",
+        # the held-out images are real test images now; on this random-init model their near-tied
+        # logits flip under w8a8 noise, so the label-free defaults (agreement with FP32) would fail
+        "--no-default-gates",
     ]
     assert main([*args, "--min-agreement", "0.5", "--out", str(tmp_path / "v")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["fidelity"]["n"] == 8 and (tmp_path / "v" / "report.json").exists()
+    assert report["fidelity"]["n"] == 32 and (tmp_path / "v" / "report.json").exists()
+    assert report["runtime"]["device"] == "cpu" and report["preprocessing"]["input_size"] == [1, 28, 28]
     # validate --out draws the plots it has numbers for next to report.md, which embeds them
     assert report["plots"] == {"latency": "latency.png"} and (tmp_path / "v" / "latency.png").is_file()
     assert "](latency.png)" in (tmp_path / "v" / "report.md").read_text()

@@ -53,12 +53,18 @@ def validate_deployment(
     from sardfq_export.validation.evaluate import evaluate
     from sardfq_export.validation.runners import OrtRunner, TensorRTRunner, TorchRunner
 
+    from sardfq_export.core.device import module_device
+
     threads = torch.get_num_threads()  # --threads pins it: PyTorch and every ORT session use it
-    device = "cuda" if engine_path and torch.cuda.is_available() else "cpu"
+    # The PyTorch references run where the caller put the float model (--device); a TensorRT
+    # engine's references run on its GPU.
+    device = str(module_device(float_model))
+    if engine_path and torch.cuda.is_available() and not device.startswith("cuda"):
+        device = "cuda"
     fp32 = TorchRunner(float_model, "torch-fp32", device=device)
     fq = TorchRunner(qmodel, "torch-fakequant", device=device)
+    result: dict = {"torch_device": device}
     input_size = tuple(held_images.shape[1:])
-    result: dict = {}
     baseline_note = ""
     if engine_path:
         deployed = TensorRTRunner(str(engine_path))

@@ -318,7 +318,15 @@ def render_readme(report: dict, preprocessing: dict, input_size: tuple[int, ...]
         f"- output `logits`: float32, shape `[batch, {report.get('num_classes', 'classes')}]`",
         f"- preprocessing: resize to {h}×{w} ({preprocessing.get('interpolation')}, crop_pct "
         f"{preprocessing.get('crop_pct')}), scale pixels to [0, 1], then `(x - mean) / std` per channel with "
-        f"mean {mean} and std {std}",
+        f"mean {mean} and std {std}; exactly `timm.data.create_transform(input_size=({c}, {h}, {w}), "
+        f"interpolation={preprocessing.get('interpolation')!r}, crop_pct={preprocessing.get('crop_pct')}, "
+        f"crop_mode={preprocessing.get('crop_mode') or 'center'!r}, mean={tuple(mean or ())}, std={tuple(std or ())})` "
+        "(also in the ONNX metadata `sardfq.preprocessing`)"
+        + (
+            f"; set at quantization over the model's own config: {preprocessing['overrides']}"
+            if preprocessing.get("overrides")
+            else ""
+        ),
         "",
         "## Run it",
         "",

@@ -9,10 +9,12 @@ from sardfq_export import __version__
 from sardfq_export.cli import LazyGroup
 from sardfq_export.cli.options import (
     adaptive_pairs,
+    device_options,
     gate_options,
     min_free_option,
     model_options,
     output_options,
+    precision_option,
     recipe_options,
 )
 
@@ -65,12 +67,8 @@ TARGETS = ("onnx", "onnxruntime", "tensorrt")  # sardfq_export.api.TARGETS (kept
 @click.option(
     "--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N of --data."
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="CPU threads for PyTorch and ONNX Runtime (pins both sides of the latency comparison).",
-)
+@device_options
+@precision_option
 @click.option(
     "--data", default=None, metavar="D", help="Real labelled data for accuracy: 'fashion-mnist' or DIR."
 )
@@ -110,13 +108,10 @@ def run_main_job(**opts) -> None:
         if not opts["as_json"]:
             click.echo(f"[{time.perf_counter() - t0:6.1f}s] {msg}", err=True)
 
-    if opts["threads"]:
-        import torch
+    from sardfq_export.cli.options import gate_spec, model_settings, recipe_config, runtime_device
 
-        torch.set_num_threads(opts["threads"])  # ONNX Runtime sessions take torch's thread count
-    from sardfq_export.cli.options import gate_spec, model_settings, recipe_config
-
-    quant = recipe_config(opts)
+    device = runtime_device(opts["device"], opts["threads"])  # CUDA asked for and absent: exit 2 here
+    quant = recipe_config(opts, precision=opts["precision"])
     cfg = JobConfig(
         model=opts["model"], checkpoint=opts["checkpoint"], random_init=opts["random_init"],
         scheme=opts["scheme"], bits=int(opts["bits"] or 8), target=opts["target"], calib=opts["calib"],
@@ -126,7 +121,7 @@ def run_main_job(**opts) -> None:
         quantize=quant,
         model_settings=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                                     for k, v in model_settings().items())),  # fmt: skip
-        limit=opts["limit"],
+        limit=opts["limit"], device=str(device), precision=opts["precision"],
         resume=opts["resume"], overwrite=opts["overwrite"], progress=progress, min_free_mb=opts["min_free_mb"],
     )  # fmt: skip
     try:

@@ -6,7 +6,13 @@ import json
 
 import click
 
-from sardfq_export.cli.options import load_from_options, model_options, output_options
+from sardfq_export.cli.options import (
+    device_options,
+    load_from_options,
+    model_options,
+    output_options,
+    runtime_device,
+)
 
 
 @click.command("eval")
@@ -20,17 +26,23 @@ from sardfq_export.cli.options import load_from_options, model_options, output_o
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@device_options
 @output_options
-def eval_cmd(model, checkpoint, random_init, data, split, limit, batch_size, quiet, as_json):
+def eval_cmd(model, checkpoint, random_init, data, split, limit, batch_size, device, threads, quiet, as_json):
     """Top-1/top-5 of a model (float, or a quantized DIR) on real labelled data."""
+    from sardfq_export.core.device import on_device
     from sardfq_export.data import load_dataset
     from sardfq_export.validation.evaluate import evaluate
     from sardfq_export.validation.runners import TorchRunner
 
+    dev = runtime_device(device, threads)  # CUDA asked for and absent: one line, exit 2
     loaded = load_from_options(model, checkpoint, random_init)
     dataset = load_dataset(data, loaded.data_config, split=split, limit=limit)
-    runner = TorchRunner(loaded.model, name=loaded.extra.get("runner_name", "torch-fp32"))
-    result = evaluate(runner, dataset, batch_size, progress=not (quiet or as_json))
+    with on_device(dev, loaded.model):
+        runner = TorchRunner(
+            loaded.model, name=loaded.extra.get("runner_name", "torch-fp32"), device=str(dev)
+        )
+        result = evaluate(runner, dataset, batch_size, progress=not (quiet or as_json))
     out = {
         "model": loaded.name,
         "source": loaded.source,
@@ -38,6 +50,8 @@ def eval_cmd(model, checkpoint, random_init, data, split, limit, batch_size, qui
         "n": result["n"],
         "top1": result["top1"],
         "top5": result["top5"],
+        "device": str(dev),
+        "preprocessing": dataset.preprocessing,
     }
     if as_json:
         click.echo(json.dumps(out))

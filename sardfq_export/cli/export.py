@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from sardfq_export.cli.options import model_options, output_options
+from sardfq_export.cli.options import (
+    device_options,
+    model_options,
+    output_options,
+    preprocessing_overrides,
+    runtime_device,
+)
 from sardfq_export.core.errors import UserInputError
 
 
@@ -32,17 +38,21 @@ from sardfq_export.core.errors import UserInputError
 @click.option(
     "--batch-range", default="1,8,32", show_default=True, help="TensorRT profile min,opt,max batch."
 )
+@device_options
 @output_options
-def export(model, checkpoint, random_init, quantized, out, target, fp16, opset, batch_range, quiet, as_json):
+def export(model, checkpoint, random_init, quantized, out, target, fp16, opset, batch_range, device, threads, quiet,
+           as_json):  # fmt: skip
     """Export a quantized model to TensorRT-ready QDQ ONNX (and build the engine for --target tensorrt)."""
     from sardfq_export import api
     from sardfq_export.calibrators import load_quantized_model
     from sardfq_export.exporters.lint import format_report
 
+    dev = runtime_device(device, threads)  # CUDA asked for and absent: one line, exit 2
     loaded, qmodel = load_quantized_model(quantized, model, checkpoint, random_init)
+    loaded = preprocessing_overrides(loaded)
     q = api.Quantized(qmodel, loaded, api.QuantizeConfig(scheme=qmodel.scheme.name))
     overrides = {"opset": opset} if fp16 is None else {"opset": opset, "fp16": fp16}
-    res = api.export(q, out, target=target, **overrides)
+    res = api.export(q, out, target=target, device=dev, **overrides)
     result = res.to_dict()
     if target == "onnxruntime":
         from sardfq_export.exporters.ort import op_census

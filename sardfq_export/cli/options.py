@@ -68,7 +68,17 @@ def adaptive_pairs(ctx: click.Context, param: click.Parameter, value) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in pairs.items()))
 
 
+def _keep_pre(ctx: click.Context, param: click.Parameter, value):
+    """Collect a preprocessing override into the model settings' ``preprocessing`` (timm validate.py's)."""
+    if value is not None:
+        ctx.meta.setdefault(MODEL_SETTINGS, {}).setdefault("preprocessing", {})[param.name] = value
+    return value
+
+
 MODEL_SETTINGS = "sardfq.model_settings"
+# timm's eval-transform choices (sardfq_export.data.INTERPOLATIONS / CROP_MODES; kept import-light for --help)
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+_CROP_MODES = ("center", "squash", "border")
 
 model_options = _stack(
     click.option(
@@ -101,6 +111,18 @@ model_options = _stack(
                  help="More timm.create_model arguments (repeatable), e.g. --model-kwargs depth=6."),
     click.option("--use-ema", is_flag=True, default=False, expose_value=False, callback=_keep,
                  help="Load the checkpoint's EMA weights (state_dict_ema / model_ema)."),
+    # Preprocessing overrides, as timm's validate.py: over the checkpoint's pretrained_cfg and the
+    # model's default; recorded in every artifact (quantized/, report.json, ONNX metadata, README).
+    click.option("--interpolation", type=click.Choice(_INTERPOLATIONS), default=None, expose_value=False,
+                 callback=_keep_pre, help="Resize interpolation (default: the model's / checkpoint's)."),
+    click.option("--crop-pct", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, expose_value=False,
+                 callback=_keep_pre, help="Centre-crop fraction: resize to size/crop_pct, then crop (1.0: no crop)."),
+    click.option("--crop-mode", type=click.Choice(_CROP_MODES), default=None, expose_value=False,
+                 callback=_keep_pre, help="timm crop mode (center, squash, border)."),
+    click.option("--mean", default=None, metavar="M[,M,M]", expose_value=False, callback=_keep_pre,
+                 help="Normalization mean, one value or one per channel (e.g. 0.5 or 0.485,0.456,0.406)."),
+    click.option("--std", default=None, metavar="S[,S,S]", expose_value=False, callback=_keep_pre,
+                 help="Normalization std, one value or one per channel."),
 )  # fmt: skip
 
 # How the fake-quant model is made (the main job and `quantize` share them; api.QuantizeConfig's fields).
@@ -178,6 +200,54 @@ min_free_option = click.option(
     help="Refuse to start (exit 2) when --out's disk has less free; 0: no free-space check.",
 )
 
+
+class DeviceType(click.ParamType):
+    """``auto|cpu|cuda[:N]``; a malformed value is click's one-line usage error (exit 2). Whether
+    CUDA is there is checked when the command runs (:func:`runtime_device`), also one line."""
+
+    name = "auto|cpu|cuda[:N]"
+
+    def convert(self, value, param, ctx):
+        from sardfq_export.core.device import check_device_spec
+        from sardfq_export.core.errors import UserInputError
+
+        try:
+            return check_device_spec(value)
+        except UserInputError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+# Where torch runs (every command): the same two flags everywhere.
+device_options = _stack(
+    click.option("--device", type=DeviceType(), default="auto", show_default=True,
+                 help="Where PyTorch runs: auto (a CUDA GPU when present, else the CPU), cpu, cuda or cuda:N "
+                 "(under torchrun every process takes cuda:LOCAL_RANK)."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="CPU threads for PyTorch and ONNX Runtime (pins both sides of a latency comparison)."),
+)  # fmt: skip
+
+# In what precision synthesis and fine-tuning compute (the main job, synthesize, quantize).
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="bf16: autocast for synthesis and fine-tuning on --device (faster on GPUs and CPUs with AVX512-BF16/AMX; "
+    "ranges and exported scales stay fp32).",
+)
+
+
+def runtime_device(device: str, threads: int | None = None):
+    """Apply ``--threads`` and resolve ``--device`` (CUDA asked for and absent: one line, exit 2)."""
+    import torch
+
+    from sardfq_export.core.device import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)  # ONNX Runtime sessions take torch's thread count
+    return resolve_device(device)
+
+
 output_options = _stack(
     click.option("--quiet", is_flag=True, help="No progress bars."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (for CI)."),
@@ -188,6 +258,14 @@ def model_settings() -> dict:
     """The model-shape options of the running command (``--num-classes``...), as loader keywords."""
     ctx = click.get_current_context(silent=True)
     return dict(ctx.find_root().meta.get(MODEL_SETTINGS, {})) if ctx is not None else {}
+
+
+def preprocessing_overrides(loaded):
+    """``loaded`` with this command's --interpolation/--crop-pct/--crop-mode/--mean/--std applied
+    (for models rebuilt from a quantized/ folder, whose saved preprocessing they override)."""
+    from sardfq_export.models.loading import with_preprocessing
+
+    return with_preprocessing(loaded, model_settings().get("preprocessing"))
 
 
 def load_from_options(model: str | None, checkpoint: str | None, random_init: bool, quiet: bool = False):

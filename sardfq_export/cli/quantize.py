@@ -15,11 +15,14 @@ import json
 import click
 
 from sardfq_export.cli.options import (
+    device_options,
     load_from_options,
     model_options,
     output_options,
+    precision_option,
     recipe_config,
     recipe_options,
+    runtime_device,
 )
 from sardfq_export.core.errors import UserInputError
 
@@ -46,6 +49,8 @@ from sardfq_export.core.errors import UserInputError
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True)
+@device_options
+@precision_option
 @output_options
 def quantize(
     model,
@@ -58,6 +63,9 @@ def quantize(
     lr,
     seed,
     out,
+    device,
+    threads,
+    precision,
     quiet,
     as_json,
     **recipe,
@@ -67,6 +75,7 @@ def quantize(
     from sardfq_export.core.distributed import barrier, init_from_env
     from sardfq_export.synthesis.sources import calib_kind
 
+    dev = runtime_device(device, threads)  # CUDA asked for and absent: one line, exit 2
     if calib_kind(calib) == "method":
         raise UserInputError(
             f"--calib {calib}: quantize takes real:DIR, real:fashion-mnist or a calib.safetensors file; "
@@ -78,20 +87,21 @@ def quantize(
             f"--calib {calib} distills the model together with its images: run the main job "
             f"('sardfq-export --calib {calib} ...'), which saves both and resumes"
         )
-    rank, world = init_from_env()  # under torchrun: fine-tuning runs data-parallel (calibrators.parallel)
+    # Under torchrun: fine-tuning runs data-parallel (calibrators.parallel), NCCL on cuda:LOCAL_RANK.
+    rank, world = init_from_env(device)
     loaded = load_from_options(model, checkpoint, random_init)
     if loaded.extra.get("scheme") is not None:
         raise UserInputError("--model names an already quantized folder: pass the float model it came from")
     progress = not (quiet or as_json)
-    cfg = recipe_config(recipe, scheme=scheme, iters=iters, lr=lr, seed=seed)
+    cfg = recipe_config(recipe, scheme=scheme, iters=iters, lr=lr, seed=seed, precision=precision)
     finetune = cfg.finetune
-    q = api.quantize(loaded, calib, cfg, num_images=num_images, progress=progress)
+    q = api.quantize(loaded, calib, cfg, num_images=num_images, progress=progress, device=dev)
     summary = q.summary
     if rank != 0:  # every process holds the same model; one writes it
         barrier()
         return
     folder = q.save(out, extra={"calib": {"spec": calib, **summary["calib"]}, "finetune": finetune, "seed": seed,
-                                "processes": world})  # fmt: skip
+                                "processes": world, "device": str(dev)})  # fmt: skip
     barrier()
     s = q.scheme
     result = {"model": loaded.name, "scheme": s.name, "exportable": s.exportable, "out": str(folder),

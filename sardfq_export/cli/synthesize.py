@@ -11,7 +11,15 @@ from pathlib import Path
 
 import click
 
-from sardfq_export.cli.options import load_from_options, min_free_option, model_options, output_options
+from sardfq_export.cli.options import (
+    device_options,
+    load_from_options,
+    min_free_option,
+    model_options,
+    output_options,
+    precision_option,
+    runtime_device,
+)
 from sardfq_export.core.errors import UserInputError
 from sardfq_export.core.io import claim_output
 
@@ -54,12 +62,9 @@ METHOD_NAMES = ("sardfq", "psaq", "noise")  # mirrors synthesis.METHODS (kept im
 @click.option(
     "--soft-labels/--no-soft-labels", default=True, show_default=True, help="SARDFQ: soft-label targets."
 )
-@click.option(
-    "--bf16",
-    is_flag=True,
-    help="bf16 autocast for the teacher forward (faster on CPUs with AVX-512 BF16 and GPUs).",
-)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@precision_option
+@click.option("--bf16", is_flag=True, hidden=True, help="Same as --precision bf16 (kept for old scripts).")
+@device_options
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True, metavar="N")
 @click.option(
     "--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same settings)."
@@ -90,8 +95,10 @@ def synthesize(
     apa,
     msr,
     soft_labels,
+    precision,
     bf16,
     device,
+    threads,
     checkpoint_every,
     resume,
     overwrite,
@@ -102,18 +109,19 @@ def synthesize(
     as_json,
 ):
     """Synthesize a calibration set from the model alone and save it to --out."""
-    import torch
-
     from sardfq_export.core.calibset import CalibSet
+    from sardfq_export.core.device import check_precision
     from sardfq_export.core.distributed import init_from_env
     from sardfq_export.synthesis import SynthConfig, checkpoint_path
     from sardfq_export.synthesis import synthesize as run
     from sardfq_export.synthesis.samples import save_samples
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    # Under torchrun: join the process group; each process takes every K-th batch (runner.py).
-    rank, world = init_from_env(None if device == "auto" else device)
+    dev = runtime_device(device, threads)  # CUDA asked for and absent: one line, exit 2
+    bf16 = bf16 or precision == "bf16"
+    check_precision("bf16" if bf16 else "fp32", dev)
+    # Under torchrun: join the process group (NCCL on cuda:LOCAL_RANK, gloo on the CPU); each
+    # process takes every K-th batch (runner.py).
+    rank, world = init_from_env(device)
     if rank == 0:  # before any work: --out writable, room on its disk, no other job writing it
         quiet_say = (lambda _m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
         click.get_current_context().with_resource(
@@ -167,7 +175,7 @@ def synthesize(
             resume=resume,
             checkpoint_every=checkpoint_every,
             progress=not (quiet or as_json),
-            device=None if device == "auto" else device,
+            device=dev,
         )
     if rank != 0:  # the set is on disk (rank 0 wrote it); one process reports
         return
@@ -188,6 +196,8 @@ def synthesize(
         "seed": seed,
         "wall_time_s": calib.meta.get("wall_time_s"),
         "processes": world,
+        "device": str(dev),
+        "precision": "bf16" if bf16 else "fp32",
         "final_loss": last,
         "samples": str(sample_path) if sample_path else None,
     }

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from sardfq_export.cli.options import gate_options, gate_spec, model_options, output_options
+from sardfq_export.cli.options import (
+    device_options,
+    gate_options,
+    gate_spec,
+    model_options,
+    output_options,
+    preprocessing_overrides,
+    runtime_device,
+)
 from sardfq_export.core.errors import UserInputError
 
 
@@ -38,12 +46,7 @@ from sardfq_export.core.errors import UserInputError
     "--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N real images."
 )
 @click.option("--batches", default="1,32", show_default=True, help="Latency batch sizes.")
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="CPU threads for PyTorch and ONNX Runtime (both sides of the latency comparison).",
-)
+@device_options
 @click.option(
     "--out", type=click.Path(file_okay=False), default=None, help="Write report.json / report.md here."
 )
@@ -60,6 +63,7 @@ def validate(
     data,
     limit,
     batches,
+    device,
     threads,
     out,
     quiet,
@@ -81,11 +85,9 @@ def validate(
         batch_sizes = tuple(int(b) for b in batches.split(","))
     except ValueError:
         raise UserInputError(f"--batches takes comma-separated sizes, got {batches!r}") from None
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)  # ONNX Runtime sessions take torch's thread count
+    dev = runtime_device(device, threads)  # CUDA asked for and absent: one line, exit 2
     loaded, qmodel = load_quantized_model(quantized, model, checkpoint, random_init)
+    loaded = preprocessing_overrides(loaded)
     q = api.Quantized(qmodel, loaded, api.QuantizeConfig(scheme=qmodel.scheme.name),
                       {"calib": {"images": images or "gaussian noise"}})  # fmt: skip
 
@@ -96,7 +98,7 @@ def validate(
     report = api.validate(
         q, onnx_path, data=data, held_images=CalibSet.load(images) if images else None, engine=engine,
         gates=gates, limit=limit, batches=batch_sizes,
-        progress=not (quiet or as_json), say=say,
+        progress=not (quiet or as_json), say=say, device=dev,
     )  # fmt: skip
     result = report.to_dict()
     if out:  # report.json, report.md and the plots it embeds (latency, accuracy with --data)

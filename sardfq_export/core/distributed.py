@@ -27,17 +27,26 @@ def env_world_size() -> int:
 
 
 def init_from_env(device: str | None = None) -> tuple[int, int]:
-    """Join torchrun's process group if launched by it; returns (rank, world size)."""
+    """Join torchrun's process group if launched by it; returns (rank, world size).
+
+    ``device``: the ``--device`` spec (``auto|cpu|cuda[:N]``); NCCL on ``cuda:LOCAL_RANK`` when it
+    resolves to CUDA, gloo on the CPU."""
     if dist.is_available() and dist.is_initialized():
         return rank_world()
     if env_world_size() <= 1:
         return 0, 1
     if not dist.is_available():
         raise UserInputError("this torch build has no torch.distributed: run a single process")
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    from sardfq_export.core.device import resolve_device
+
+    dev = resolve_device(device)  # auto/cuda under torchrun: cuda:LOCAL_RANK
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    # NCCL takes CUDA tensors only: it is chosen exactly when the work (and so every gradient that
+    # is all-reduced) lives on this process's GPU; gloo for CPU tensors.
+    dist.init_process_group(
+        backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None
+    )
     return rank_world()
 
 

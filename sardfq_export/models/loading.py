@@ -93,12 +93,18 @@ class ModelSettings:
     in_chans: int | None = None  # input channels
     model_kwargs: tuple[tuple[str, Any], ...] = ()  # other timm.create_model kwargs, sorted pairs
     use_ema: bool = False  # the checkpoint's EMA weights (state_dict_ema / model_ema)
+    # Preprocessing overrides as timm's validate.py takes them (interpolation, crop_pct, crop_mode,
+    # mean, std), sorted pairs; they win over the checkpoint's pretrained_cfg and the model's default.
+    preprocessing: tuple[tuple[str, Any], ...] = ()
     inferred: tuple[str, ...] = field(default=(), compare=False)  # which values came from the checkpoint
 
     def __post_init__(self) -> None:
         pairs = self.model_kwargs.items() if isinstance(self.model_kwargs, dict) else self.model_kwargs
         kwargs = tuple(sorted((str(k), _freeze(str(k), v)) for k, v in pairs))
         object.__setattr__(self, "model_kwargs", kwargs)
+        pre = self.preprocessing.items() if isinstance(self.preprocessing, dict) else self.preprocessing
+        pre = tuple(sorted((str(k), _freeze(str(k), v)) for k, v in pre if v is not None))
+        object.__setattr__(self, "preprocessing", pre)
         if self.img_size is not None:
             object.__setattr__(self, "img_size", _size(self.img_size))
         object.__setattr__(self, "inferred", tuple(self.inferred))
@@ -119,6 +125,7 @@ class ModelSettings:
             "in_chans": self.in_chans,
             "model_kwargs": {k: _thaw(v) for k, v in self.model_kwargs},
             "use_ema": self.use_ema,
+            "preprocessing": {k: _thaw(v) for k, v in self.preprocessing},
             "inferred": list(self.inferred),
         }
 
@@ -305,6 +312,7 @@ def load_model(
     in_chans: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     use_ema: bool = False,
+    preprocessing: dict[str, Any] | None = None,
     inferred: tuple[str, ...] | list[str] = (),
     **timm_kwargs,
 ) -> LoadedModel:
@@ -316,7 +324,10 @@ def load_model(
     ``num_classes`` / ``img_size`` / ``in_chans`` left None are read off the checkpoint when there is
     one (an explicit ``img_size`` different from the checkpoint's resamples its position embedding
     the way timm does). ``model_kwargs`` (and the legacy ``**timm_kwargs``) go to
-    ``timm.create_model``. ``use_ema`` takes the checkpoint's EMA weights. ``inferred`` is accepted
+    ``timm.create_model``. ``use_ema`` takes the checkpoint's EMA weights. ``preprocessing``:
+    overrides of the data config as timm's validate.py takes them (``interpolation``, ``crop_pct``,
+    ``crop_mode``, ``mean``, ``std``; None = keep), over the checkpoint's ``pretrained_cfg`` and the
+    model's default; they are kept in the result's settings and data config. ``inferred`` is accepted
     and ignored, so ``load_model(**settings.to_dict())`` works; the result's ``settings`` say it all.
     """
     del inferred  # informational only: the values themselves are in the other settings
@@ -335,8 +346,28 @@ def load_model(
                 f"{name or REFERENCE_NAME} is a fixed model: it takes no "
                 f"{', '.join(sorted(set(shape) | set(kwargs)))}; pass --model NAME for a timm model"
             )
-        return _load_zoo(name or REFERENCE_NAME, checkpoint, use_ema, shape.get("img_size"))
-    return _load_timm(name, checkpoint, pretrained, kwargs, shape, use_ema)
+        loaded = _load_zoo(name or REFERENCE_NAME, checkpoint, use_ema, shape.get("img_size"))
+    else:
+        loaded = _load_timm(name, checkpoint, pretrained, kwargs, shape, use_ema)
+    return with_preprocessing(loaded, preprocessing)
+
+
+def with_preprocessing(loaded: LoadedModel, overrides: dict[str, Any] | None) -> LoadedModel:
+    """``loaded`` with preprocessing ``overrides`` applied to its data config and recorded in its
+    settings (so every artifact made from it carries them); ``None`` values keep the model's."""
+    from dataclasses import replace
+
+    from sardfq_export.data import data_config_with
+
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if not overrides:
+        return loaded
+    loaded.data_config = data_config_with(loaded.data_config, **overrides)
+    applied = loaded.data_config.get("overrides") or {}
+    if loaded.settings is not None:
+        merged = {**dict(loaded.settings.preprocessing), **applied}
+        loaded.settings = replace(loaded.settings, preprocessing=merged)
+    return loaded
 
 
 def _load_zoo(name: str, checkpoint, use_ema: bool, img_size) -> LoadedModel:

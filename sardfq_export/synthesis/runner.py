@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.device import on_device, resolve_device
 from sardfq_export.core.distributed import all_gather_object, barrier, rank_world
 from sardfq_export.core.errors import SardfqError, UserInputError
 from sardfq_export.core.interrupt import Interrupt as _Interrupt
@@ -129,17 +130,21 @@ def synthesize(
     as ``<out>.ckpt`` while the run is unfinished. ``resume``: continue from that checkpoint
     (refused if it was made with other settings). ``callback(batch, iterations_done)`` runs after
     every iteration (tests use it to interrupt). Returns the :class:`CalibSet` (also saved).
+    ``device``: ``auto`` (None; CUDA when present, ``cuda:LOCAL_RANK`` under torchrun) | ``cpu`` |
+    ``cuda[:N]``.
     """
+    dev = resolve_device(device)
+    with on_device(dev, loaded.model):  # the model goes back where it was; the images come back on the CPU
+        return _synthesize(loaded, config, out, resume, checkpoint_every, progress, dev, callback)
+
+
+def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every: int, progress: bool,
+                dev: torch.device, callback) -> CalibSet:  # fmt: skip
     family = loaded.family
     cfg = config.resolve(family)
     method = METHODS[cfg.method]
     comps = method.components(cfg)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    model = loaded.model.to(dev).eval()
+    model = loaded.model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     c, h, w = model_input_size(loaded)

@@ -88,11 +88,13 @@ def resolve_calibration(
     resume: bool = False,
     progress: bool = True,
     say=None,
+    device=None,
 ) -> tuple[CalibSet, CalibSet | None]:
     """(calibration set of ``n`` images, held-out set of up to ``holdout`` images or None).
 
     ``synth_config`` (a :class:`SynthConfig`) overrides the synthesis settings for method specs;
-    its ``num_images`` and ``seed`` are set from ``n + holdout`` and ``seed``.
+    its ``num_images`` and ``seed`` are set from ``n + holdout`` and ``seed``. ``device``: where
+    synthesis runs (``auto``: CUDA when present).
     """
     from dataclasses import replace
 
@@ -115,7 +117,7 @@ def resolve_calibration(
         cfg = synth_config or SynthConfig(method=spec)
         iters = cfg.iters if cfg.iters is not None else loaded.extra.get("synthesis_iters")
         cfg = replace(cfg, method=spec, num_images=n + holdout, seed=seed, iters=iters)
-        full = synthesize(loaded, cfg, out=out, resume=resume, progress=progress)
+        full = synthesize(loaded, cfg, out=out, resume=resume, progress=progress, device=device)
     if not holdout:
         return (full.split(n)[0] if len(full) > n else full), None
     if len(full) <= n:

@@ -1,0 +1,128 @@
+"""Where torch runs (``--device auto|cpu|cuda[:N]``) and in what precision (``--precision fp32|bf16``).
+
+One resolver for every command and API verb, so "auto" means the same everywhere: the CUDA GPU
+when one is visible (under torchrun: ``cuda:LOCAL_RANK``), else the CPU. Asking for CUDA where
+there is none is a one-line user error (exit 2), never a silent fall-back to the CPU.
+
+Stages run on the device the model is on; the API verbs move the model(s) there for their work
+and back afterwards (:func:`on_device`), so what they return and save is on the CPU and the
+artifacts do not depend on the machine that made them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from sardfq_export.core.errors import UserInputError
+
+DEVICE_CHOICES = "auto|cpu|cuda[:N]"
+PRECISIONS = ("fp32", "bf16")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+def check_device_spec(spec: str | torch.device | None) -> str:
+    """``spec`` normalized ("auto", "cpu", "cuda", "cuda:N"); a malformed one is a one-line error."""
+    if spec is None:
+        return "auto"
+    text = str(spec).strip().lower()
+    m = _DEVICE_RE.match(text)
+    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise UserInputError(f"device {str(spec)!r}: use {DEVICE_CHOICES} (e.g. cuda:0)")
+    return text
+
+
+def _local_rank() -> int | None:
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return int(os.environ["LOCAL_RANK"]) if world > 1 and "LOCAL_RANK" in os.environ else None
+    except ValueError:
+        return None
+
+
+def resolve_device(spec: str | torch.device | None = None) -> torch.device:
+    """``auto|cpu|cuda[:N]`` (or ``None`` = auto) → a concrete ``torch.device``.
+
+    auto: ``cuda`` when ``torch.cuda.is_available()``, else ``cpu``. ``cuda`` without an index is
+    ``cuda:LOCAL_RANK`` under torchrun (one GPU per process), else the current CUDA device. Raises
+    :class:`UserInputError` when CUDA is asked for and absent, or the index does not exist.
+    """
+    text = check_device_spec(spec)
+    kind, _, index = text.partition(":")
+    has_cuda = torch.cuda.is_available()
+    if kind == "cpu" or (kind == "auto" and not has_cuda):
+        return torch.device("cpu")
+    if not has_cuda:
+        raise UserInputError(
+            f"--device {text}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
+            "use --device cpu (or auto)"
+        )
+    count = torch.cuda.device_count()
+    local = _local_rank()
+    if index:
+        if local is not None and int(index) != local:
+            raise UserInputError(
+                f"--device {text} under torchrun: each process takes cuda:LOCAL_RANK; pass --device cuda"
+            )
+        n = int(index)
+    else:
+        n = local if local is not None else torch.cuda.current_device()
+    if n >= count:
+        raise UserInputError(
+            f"--device cuda:{n}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})"
+        )
+    return torch.device("cuda", n)
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16``; bf16 on a CUDA GPU without bf16 support is a one-line error."""
+    if precision not in PRECISIONS:
+        raise UserInputError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserInputError(f"--precision bf16: {device} does not support bfloat16; use --precision fp32")
+    return precision
+
+
+def autocast(device: torch.device | str, precision: str):
+    """``torch.autocast`` for ``precision`` on ``device``'s type (a no-op context for fp32)."""
+    dev = torch.device(device)
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def module_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); CPU for a module with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def on_device(device: torch.device | str | None, *modules: nn.Module) -> Iterator[torch.device]:
+    """Move ``modules`` to ``device`` for the block, then back where each was (also on errors).
+
+    ``device=None`` resolves "auto". What a verb returns or saves is therefore on the CPU (when
+    the modules were), whatever device did the work.
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    homes = [module_device(m) for m in modules]
+    for m in modules:
+        m.to(dev)
+    try:
+        yield dev
+    finally:
+        for m, home in zip(modules, homes, strict=True):
+            m.to(home)
+
+
+def describe_device(device: torch.device) -> str:
+    """'cpu (N threads)' or 'cuda:0 (NVIDIA H100 …)', for reports."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
