@@ -382,3 +382,17 @@ def test_baseline_of_another_model_exits_2_before_any_work(tmp_path, capsys):
     assert not (out / "calib.safetensors").exists()
     assert main([*argv, "--baseline", str(tmp_path / "nope.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_drop_exactly_at_the_threshold_passes():
+    """2 of 200 images lost is a 1.00-point drop: the w8a8 default (max 1.0) passes it; float
+    subtraction of the two top-1 fractions used to make it 1.0000000000000009 and fail."""
+    from sardfq_export.validation.deploy import top1_drop_points
+
+    drop = top1_drop_points(182 / 200, 180 / 200)
+    assert drop == 1.0
+    assert top1_drop_points(182 / 200, 179 / 200) == 1.5
+    acc = {"dataset": "fashion-mnist", "n": 200, "fp32_top1": 182 / 200, "fakequant_top1": 181 / 200,
+           "deployed_top1": 180 / 200, "top1_drop": drop}  # fmt: skip
+    check = _by_name(evaluate_gates(_report("w8a8", accuracy=acc), GateSpec()))["max_top1_drop"]
+    assert check["threshold"] == 1.0 and check["passed"]
