@@ -195,7 +195,14 @@ def draw_report_plots(
     acc = report.get("accuracy")
     if acc and acc.get("fp32_top1") is not None:
         todo["accuracy"] = lambda p: accuracy_chart(p, acc)
-    if loss_curve and loss_curve[0].get("iteration"):
+    # Synthesis curves are rows ({"iteration", terms...}); PSAQ-ViT V2's is columns (step, phase,
+    # disc...) and has no chart yet: left out rather than failing the run.
+    if (
+        isinstance(loss_curve, list)
+        and loss_curve
+        and isinstance(loss_curve[0], dict)
+        and loss_curve[0].get("iteration")
+    ):
         method = (report.get("calibration") or {}).get("method") or "synthesis"
         todo["synthesis_loss"] = lambda p: loss_chart(p, loss_curve, method)
     drawn: dict[str, str] = {}
