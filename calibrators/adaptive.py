@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from sardfq_export.calibrators.instrument import mark_modified
 from sardfq_export.calibrators.reconstruct import _trainable
 
+from sardfq_export.core.checkpoint import curve_rows, load_checkpoint, save_checkpoint
 from sardfq_export.core.errors import SardfqError, UserInputError
 from sardfq_export.core.interrupt import Interrupt
-from sardfq_export.core.io import atomic_path
 from sardfq_export.models.families import get_family
 
 CKPT_FORMAT = "sardfq-psaq2-ckpt-1"
@@ -149,40 +149,9 @@ def _load_opt(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], pref
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
-def _save(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"format": CKPT_FORMAT, "state": json.dumps(state, sort_keys=True, default=str)},
-        )
-
-
-def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:
-        raise UserInputError(
-            f"cannot read psaq2 checkpoint {path} ({exc}); delete it to start over"
-        ) from None
-    if meta.get("format") != CKPT_FORMAT:
-        raise UserInputError(f"{path} is not a psaq2 checkpoint; delete it to start over")
-    return tensors, json.loads(meta["state"])
-
-
 def _subsample(hist: torch.Tensor) -> dict[str, list]:
-    n = hist.shape[0]
-    step = max(1, -(-n // CURVE_POINTS))
-    idx = list(range(0, n, step))
-    if n and idx[-1] != n - 1:
-        idx.append(n - 1)
-    rows = hist[idx].tolist() if n else []
+    idx = curve_rows(hist.shape[0], CURVE_POINTS)
+    rows = hist[idx].tolist() if idx else []
     curve: dict[str, list] = {"step": [i + 1 for i in idx]}
     for j, name in enumerate(COLUMNS):
         curve[name] = [int(r[j]) if name == "phase" else r[j] for r in rows]
@@ -273,7 +242,7 @@ def teacher_student(
     done, prepared, prep_summary, wall_before = 0, False, None, 0.0
 
     if resume and ckpt is not None and ckpt.exists():
-        tensors, state = _load(ckpt)
+        tensors, state = load_checkpoint(ckpt, CKPT_FORMAT, "psaq2 checkpoint")
         if state["identity"] != ident:
             raise UserInputError(
                 f"checkpoint {ckpt} was made with other settings or another model; rerun without --resume "
@@ -312,7 +281,7 @@ def teacher_student(
             info = getattr(student, "sardfq_quant", {}) or {}
             state["student_info"] = {"calibration": info.get("calibration", {}),
                                      "modified": sorted(info.get("modified", ()))}  # fmt: skip
-        _save(ckpt, tensors, state)
+        save_checkpoint(ckpt, tensors, state, CKPT_FORMAT)
 
     def check(k: int) -> None:
         row = hist[k]

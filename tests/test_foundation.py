@@ -125,3 +125,21 @@ def test_reference_model_accuracy_on_real_test_set(capsys):
     assert result["n"] == 10000
     assert result["top1"] >= 0.88
     assert result["top5"] >= result["top1"]
+
+
+def test_work_checkpoints_roundtrip_exactly_and_refuse_foreign_or_torn_files(tmp_path):
+    from sardfq_export.core.checkpoint import curve_rows, load_checkpoint, save_checkpoint
+
+    t = {"x": torch.randn(3, 4), "step": torch.tensor([7])}
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, t, {"batch": 2, "curves": [[1.5]]}, "fmt-a")
+    got, state = load_checkpoint(path, "fmt-a", "synthesis checkpoint")
+    assert state == {"batch": 2, "curves": [[1.5]]}
+    assert all(torch.equal(got[k], t[k]) for k in t)
+    with pytest.raises(UserInputError, match="is not a psaq2 checkpoint; delete it to start over"):
+        load_checkpoint(path, "fmt-b", "psaq2 checkpoint")
+    path.write_bytes(path.read_bytes()[:40])  # a crash in mid-copy (the writer itself is atomic)
+    with pytest.raises(UserInputError, match="cannot read synthesis checkpoint"):
+        load_checkpoint(path, "fmt-a", "synthesis checkpoint")
+    assert curve_rows(0, 5) == [] and curve_rows(3, 5) == [0, 1, 2]
+    assert curve_rows(10, 4) == [0, 3, 6, 9] and curve_rows(11, 4) == [0, 3, 6, 9, 10]

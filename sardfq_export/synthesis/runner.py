@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.checkpoint import curve_rows, load_checkpoint, save_checkpoint
 from sardfq_export.core.device import on_device, resolve_device
 from sardfq_export.core.distributed import all_gather_object, barrier, rank_world
 from sardfq_export.core.errors import SardfqError, UserInputError
 from sardfq_export.core.interrupt import Interrupt as _Interrupt
-from sardfq_export.core.io import atomic_path
 from sardfq_export.synthesis.attention import block_infos, recording, token_grids
 from sardfq_export.synthesis.config import SynthConfig
 from sardfq_export.synthesis.methods import METHODS, TERM_NAMES, Objective, apa_blocks, augment
@@ -73,40 +73,9 @@ def model_input_size(loaded) -> tuple[int, int, int]:
     return tuple(loaded.input_size)
 
 
-def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"format": CKPT_FORMAT, "state": json.dumps(state, sort_keys=True)},
-        )
-
-
-def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:
-        raise UserInputError(
-            f"cannot read synthesis checkpoint {path} ({exc}); delete it to start over"
-        ) from None
-    if meta.get("format") != CKPT_FORMAT:
-        raise UserInputError(f"{path} is not a synthesis checkpoint; delete it to start over")
-    return tensors, json.loads(meta["state"])
-
-
 def _subsample(hist: torch.Tensor) -> dict[str, list]:
-    n = hist.shape[0]
-    step = max(1, -(-n // CURVE_POINTS))
-    idx = list(range(0, n, step))
-    if n and idx[-1] != n - 1:
-        idx.append(n - 1)
-    rows = hist[idx].tolist() if n else []
+    idx = curve_rows(hist.shape[0], CURVE_POINTS)
+    rows = hist[idx].tolist() if idx else []
     curve = {"iteration": [i + 1 for i in idx]}
     for j, name in enumerate(TERM_NAMES):
         curve[name] = [r[j] for r in rows]
@@ -176,7 +145,7 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
     start_batch, start_iter, wall_before = 0, 0, 0.0
     restored: dict[str, torch.Tensor] = {}
     if resume and ckpt is not None and ckpt.exists():
-        restored, state = _load_checkpoint(ckpt)
+        restored, state = load_checkpoint(ckpt, CKPT_FORMAT, "synthesis checkpoint")
         if state["identity"] != json.loads(json.dumps(identity)):
             raise UserInputError(
                 f"checkpoint {ckpt} was made with other settings or another model; rerun without --resume "
@@ -252,7 +221,7 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
                         tensors.update(step=st["step"], exp_avg=st["exp_avg"], exp_avg_sq=st["exp_avg_sq"])
                     if done:
                         tensors["done"] = torch.cat(done)
-                    _save_checkpoint(
+                    save_checkpoint(
                         ckpt,
                         tensors,
                         {
@@ -262,6 +231,7 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
                             "curves": curves,
                             "wall_time_s": wall_before + time.monotonic() - t0,
                         },
+                        CKPT_FORMAT,
                     )
 
                 for t in range(t_begin, iters):
@@ -312,7 +282,7 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
                         "wall_time_s": wall_before + time.monotonic() - t0,
                     }
                     if ckpt is not None:
-                        _save_checkpoint(ckpt, {"done": torch.cat(done)}, save_next)
+                        save_checkpoint(ckpt, {"done": torch.cat(done)}, save_next, CKPT_FORMAT)
     finally:
         bar.close()
 
