@@ -17,7 +17,7 @@ in a fresh ``--out`` (a reused folder would reuse its cached latency). A second 
 float32 matmul loop on ``--load-threads`` threads for the whole time (``--load-threads 0``: no
 load). Each run's verdict is read from its ``report.json``: ``pass`` / ``fail`` (the min_speedup
 check decided) or ``too-noisy`` (it failed as "too noisy to decide"); the headline ratio is the
-batch-1 median round ratio ORT FP32 p50 / ORT INT8 p50 (the speed-up) with its round spread, batch 32 beside it.
+batch-1 median round ratio ORT FP32 p50 / ORT INT8 p50 (the speed-up) with its confidence interval, batch 32 beside it.
 Writes a markdown and a JSON table.
 """
 
@@ -89,6 +89,8 @@ def _row(i: int, code: int, wall: float, out: Path, err: str) -> dict:
         row[f"b{b}"] = {
             "speedup": r["speedup"],
             "spread": r.get("speedup_spread"),
+            "ci": r.get("speedup_ci"),
+            "confidence": r.get("confidence"),
             "noisy": r.get("noisy"),
             "remeasured": bool(r.get("remeasured")),
             "int8_p50_ms": r["deployed"]["p50_ms"],
@@ -116,7 +118,7 @@ def _markdown(meta: dict, rows: list[dict], summary: dict) -> str:
         if b not in r:
             return "n/a"
         x = r[b]
-        lo, hi = x["spread"] or (x["speedup"], x["speedup"])
+        lo, hi = x.get("ci") or x["spread"] or (x["speedup"], x["speedup"])
         flags = (" noisy" if x["noisy"] else "") + (" (re-measured)" if x["remeasured"] else "")
         return f"{x['speedup']:.2f}× [{lo:.2f}–{hi:.2f}]{flags}"
 
@@ -131,10 +133,11 @@ def _markdown(meta: dict, rows: list[dict], summary: dict) -> str:
         "quantizes, exports and measures again in a fresh `--out`).",
         "",
         "Ratio (the speed-up) = ORT FP32 (model.fp32.onnx, same session settings) p50 / ORT INT8 "
-        "(model.ort.onnx) p50, the median over interleaved rounds with the rounds' [min–max]; the gate "
-        "reads batch 1. *(re-measured)*: the first measurement was noisy and was redone with twice the rounds.",
+        "(model.ort.onnx) p50, the median over interleaved rounds, with the median's confidence interval "
+        "from the rounds' order statistics (≥ 95% where there are enough rounds; the gate decides a noisy "
+        "measurement on it); the gate reads batch 1. *(re-measured)*: the first measurement was noisy and was redone with twice the rounds.",
         "",
-        "| run | exit | verdict | batch 1 ratio [rounds] | batch 32 ratio [rounds] | other failed gates | wall (s) |",
+        "| run | exit | verdict | batch 1 ratio [interval] | batch 32 ratio [interval] | other failed gates | wall (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

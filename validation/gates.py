@@ -417,29 +417,35 @@ def speedup_check(lat: dict, threshold: float) -> dict:
     """The ``min_speedup`` check from the latency section's round ratios (validation.latency).
 
     Not noisy: the median ratio (``speedup``) decides. Noisy (the rounds disagree by more than
-    25% of the median): it passes only when every round ratio is ≥ the threshold (robustly
-    above), fails when every one is below it (robustly below), and otherwise fails as "too noisy
-    to decide" — a CI gate never passes on a measurement that cannot tell.
+    25% of the median): the median's confidence interval (``speedup_ci``, ≥ 95% where there are
+    enough rounds, from the round ratios' order statistics) decides. It passes only when the
+    interval is at or above the threshold (robustly above), fails when it is below (robustly
+    below), and otherwise fails as "too noisy to decide": a CI gate never passes on a measurement
+    that cannot tell. (Reports without ``speedup_ci`` fall back to the rounds' [min, max].)
     """
     sp = lat.get("speedup")
     if sp is None:
         return _check("min_speedup", sp, threshold, False, "user", "latency.speedup", "latency not measured")
-    lo, hi = lat.get("speedup_spread") or (sp, sp)
+    lo, hi = lat.get("speedup_ci") or lat.get("speedup_spread") or (sp, sp)
     noisy = bool(lat.get("noisy"))
-    spread = f"round ratios {lo:.3g}–{hi:.3g}"
+    level = lat.get("confidence")
+    spread = (
+        f"median's {level:.1%} interval {lo:.3g}–{hi:.3g}" if level else f"round ratios {lo:.3g}–{hi:.3g}"
+    )
     if not noisy:
         ok, note = sp >= threshold, ""
     elif lo >= threshold:
-        ok, note = True, f"noisy, but every round is above the threshold ({spread})"
+        ok, note = True, f"noisy, but robustly above the threshold ({spread})"
     elif hi < threshold:
-        ok, note = False, f"noisy, but every round is below the threshold ({spread})"
+        ok, note = False, f"noisy, but robustly below the threshold ({spread})"
     else:
         ok, note = (
             False,
-            (f"too noisy to decide ({spread} straddle the threshold): re-run on a quieter machine"),
+            (f"too noisy to decide ({spread} straddles the threshold): re-run on a quieter machine"),
         )
     out = _check("min_speedup", sp, threshold, ok, "user", "latency.speedup", note)
-    out.update(spread=[lo, hi], noisy=noisy, decided=not noisy or lo >= threshold or hi < threshold)
+    out.update(interval=[lo, hi], spread=lat.get("speedup_spread") or [sp, sp], noisy=noisy,
+               decided=not noisy or lo >= threshold or hi < threshold)  # fmt: skip
     return out
 
 

@@ -11,6 +11,7 @@ next call. The untimed call absorbs that.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -24,6 +25,7 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 ROUNDS = 7  # default rounds: [min, max] of 7 round ratios covers their median with 98.4% confidence
 MIN_ROUNDS = 3  # never fewer, whatever max_seconds says (75% confidence)
 NOISY_ABOVE = 0.25  # (max - min) / median of the round ratios above this: "noisy", re-measured once
+CI_LEVEL = 0.95  # speedup_ci: the narrowest order-statistic interval of the median with this confidence
 
 
 def _stats(times_s: Sequence[float], batch: int) -> dict:
@@ -77,22 +79,49 @@ def _ratio(ref_s: float, dep_s: float) -> float:
 
 
 def _ratio_summary(ratios: list[float], noisy_above: float) -> dict:
-    """Median, [min, max] and (max - min) / median of per-round ratios."""
+    """Median, [min, max], (max - min) / median and the median's confidence interval of per-round
+    ratios."""
     med = float(np.median(ratios))
     lo, hi = float(min(ratios)), float(max(ratios))
     dispersion = (hi - lo) / med if 0 < med < float("inf") else 0.0
+    ci_lo, ci_hi, level = median_interval(ratios)
     return {
         "speedup": med,
         "speedup_spread": [lo, hi],
+        "speedup_ci": [ci_lo, ci_hi],
+        "confidence": level,
         "dispersion": dispersion,
         "noisy": bool(dispersion > noisy_above),
         "round_ratios": [float(r) for r in ratios],
     }
 
 
+def _below(k: int, n: int) -> float:
+    """P(X < k) for X ~ Binomial(n, 1/2): how often fewer than k of n rounds fall below the median."""
+    return sum(math.comb(n, i) for i in range(k)) / 2.0**n
+
+
+def median_interval(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """``(lo, hi, confidence)``: the distribution-free confidence interval of the median of
+    independent ``values`` from their order statistics, ``[x(k), x(n+1-k)]``, which misses the true
+    median with probability ``2 · P(Binomial(n, 1/2) < k)``.
+
+    ``k`` is the largest that still gives at least ``level`` confidence, so one or two outlying
+    rounds (a load spike on a shared machine) drop out of the interval once there are enough
+    rounds: 7 rounds give [min, max] (98.4%), 14 give [3rd, 12th] (98.7%), 20 give [6th, 15th]
+    (95.9%). Too few rounds for ``level`` give [min, max] and their lower confidence
+    (3 rounds: 75%)."""
+    x = sorted(float(v) for v in values)
+    n = len(x)
+    k = 1
+    while k + 1 <= (n + 1) // 2 and 1.0 - 2.0 * _below(k + 1, n) >= level:
+        k += 1
+    return x[k - 1], x[n - k], 1.0 - 2.0 * _below(k, n)
+
+
 def confidence(rounds: int) -> float:
-    """P(min ≤ true median ≤ max) for ``rounds`` independent ratios: 1 - 2 · 0.5^rounds."""
-    return 1.0 - 2.0 * 0.5**rounds
+    """The confidence of :func:`median_interval` for ``rounds`` independent ratios."""
+    return median_interval(range(rounds))[2]
 
 
 def _rounds(
@@ -151,10 +180,11 @@ def compare(
        ``run_length`` timed calls; the round's p50 of each runner is kept.
     3. Ratio per round = reference round p50 / deployed round p50 (a loaded machine slows both
        sides of one round alike, so the ratio is steadier than either time). The headline
-       ``speedup`` is the median of the round ratios, ``speedup_spread`` their [min, max] and
-       ``dispersion`` = (max - min) / median. For R independent rounds, [min, max] contains the
-       median ratio with confidence ``1 - 2·0.5^R`` (98.4% for 7 rounds, 75% for 3), reported as
-       ``confidence``.
+       ``speedup`` is the median of the round ratios, ``speedup_spread`` their [min, max],
+       ``dispersion`` = (max - min) / median, and ``speedup_ci`` the median's distribution-free
+       confidence interval from the round ratios' order statistics (:func:`median_interval`: the
+       narrowest with ≥ 95% confidence; [min, max] at 98.4% for 7 rounds, 75% for 3), its
+       confidence as ``confidence``.
     4. ``noisy`` when ``dispersion > noisy_above`` (0.25): then it is measured once more with twice
        the rounds and that second measurement is kept (``remeasured: true``, the first in
        ``first_measurement``).
@@ -201,12 +231,21 @@ def compare(
             length = max(1, min(run_length, int(max_seconds / (n_rounds * unit)) - 1))
         row = _measure_row(runners, x, b, n_rounds, length, max_seconds, noisy_above)
         if row["noisy"] and remeasure:
-            first = {k: row[k] for k in ("speedup", "speedup_spread", "dispersion", "rounds")}
+            first = {k: row[k] for k in ("speedup", "speedup_spread", "speedup_ci", "dispersion", "rounds")}
             row = _measure_row(runners, x, b, 2 * n_rounds, length, max_seconds, noisy_above)
             row["remeasured"], row["first_measurement"] = True, first
         by_batch[str(b)] = row
     first = by_batch[str(batches[0])]
-    headline = ("speedup_spread", "dispersion", "noisy", "remeasured", "rounds", "confidence", "round_ratios")
+    headline = (
+        "speedup_spread",
+        "speedup_ci",
+        "dispersion",
+        "noisy",
+        "remeasured",
+        "rounds",
+        "confidence",
+        "round_ratios",
+    )
     return {
         "device": _device_name(deployed),
         "threads": torch.get_num_threads(),
@@ -251,7 +290,7 @@ def _measure_row(
     row.update(
         _ratio_summary([_ratio(r, d) for r, d in zip(round_p50["reference"], dep, strict=True)], noisy_above)
     )
-    row.update(rounds=done, run_length=run_length, confidence=confidence(done), remeasured=False)
+    row.update(rounds=done, run_length=run_length, remeasured=False)
     for key in runners:
         if key not in ("reference", "deployed"):
             summary = _ratio_summary(

@@ -105,6 +105,11 @@ def _spread(row: dict) -> str:
     return f"{lo:.2f}–{hi:.2f}×"
 
 
+def _ci(row: dict) -> str:
+    lo, hi = row.get("speedup_ci") or row.get("speedup_spread") or (row["speedup"], row["speedup"])
+    return f"{lo:.2f}–{hi:.2f}×"
+
+
 def _flags(row: dict) -> str:
     """ " NOISY" / " NOISY (re-measured)" / " (re-measured)" / ""."""
     if row.get("noisy"):
@@ -154,12 +159,12 @@ def _latency_markdown(lat: dict) -> list[str]:
         lines += [
             "",
             f"Speed-up = median over the interleaved rounds ({first.get('rounds')} at batch {next(iter(rows))}) "
-            "of (reference round p50 / deployed round p50); the round spread [min, max] holds the median "
-            f"with {_pct(first.get('confidence'))} confidence there. A measurement is *noisy* when "
-            f"(max − min) / median > {method.get('noisy_above', 0.25):g}; it is then re-measured once with "
-            "twice the rounds. `--min-speedup` passes on the median when not noisy; when noisy it passes "
-            "only if every round is at or above the threshold, fails if every round is below it, and "
-            "otherwise fails as too noisy to decide (re-run on a quieter machine).",
+            "of (reference round p50 / deployed round p50); the median's confidence interval from the "
+            f"rounds' order statistics is {_ci(first)} ({_pct(first.get('confidence'))} confidence). "
+            f"A measurement is *noisy* when (max − min) / median > {method.get('noisy_above', 0.25):g}; "
+            "it is then re-measured once with twice the rounds. `--min-speedup` passes on the median when "
+            "not noisy; when noisy it passes only if the interval is at or above the threshold, fails if "
+            "it is below, and otherwise fails as too noisy to decide (re-run on a quieter machine).",
         ]
     return lines + [""]
 
