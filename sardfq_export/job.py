@@ -28,12 +28,12 @@ from sardfq_export.validation.report import Report
 
 # Every artifact a job folder may hold (name in the manifest → path under --out).
 ARTIFACTS = ("model.onnx", ORT_MODEL, FP32_MODEL, "calib.safetensors", "calib.json", "holdout.safetensors",
-             "samples.png", "quantized", "model.engine", "model.build.log", "build_engine.sh",
+             "holdout.json", "samples.png", "quantized", "model.engine", "model.build.log", "build_engine.sh",
              FP16_MODEL, FP16_ENGINE, "README.md", *PLOT_FILES.values())  # fmt: skip
 # Always this run's own (rewritten or checked by a stage every run); any other name in ARTIFACTS
 # belongs to this run only when its result names it, and is removed as stale otherwise (_stale).
-OWN_ARTIFACTS = ("model.onnx", "calib.safetensors", "calib.json", "holdout.safetensors", "samples.png",
-                 "quantized", "README.md")  # fmt: skip
+OWN_ARTIFACTS = ("model.onnx", "calib.safetensors", "calib.json", "holdout.safetensors", "holdout.json",
+                 "samples.png", "quantized", "README.md")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,11 @@ def _run_locked(
         cal.save(calib_file)
         if held is not None:
             held.save(held_file)
+        # The synthesis result (calibration + held-out images in one file, kept so an interrupted
+        # synthesis resumes) is now exactly calib + holdout: removed, so the folder holds only
+        # what the manifest lists.
+        for name in ("synth.safetensors", "synth.json"):
+            (out / name).unlink(missing_ok=True)
         (out / "samples.png").unlink(missing_ok=True)  # an earlier set's picture must not stay if this fails
         _draw_samples(out / "samples.png", cal, loaded, say)
         rec = {"method": cal.meta.get("method", cfg.calib), "num_images": len(cal),

@@ -51,3 +51,26 @@ def reference():
     from sardfq_export.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(autouse=True)
+def _short_job_latency(request, monkeypatch):
+    """Jobs run in-process by tests time their runners with a few calls, not the product's schedule.
+
+    The job measures each batch size for up to 15 s and re-measures a noisy one (validation.deploy):
+    right for a user, several minutes over a suite of main jobs. What the measurement computes is
+    tested on compare() itself (test_validation imports it directly, so it is unaffected) and what
+    it decides under real load by bench/gate_stability.py. ``@pytest.mark.real_latency`` opts out.
+    (Module-scoped fixtures are set up before this one and shorten it themselves where they need to.)
+    """
+    if "real_latency" in request.keywords:
+        return
+    from sardfq_export.validation import latency
+
+    compare = latency.compare
+
+    def short(reference, deployed, sample, batches=(1, 32), **kw):
+        kw.update(warmup=1, iters=3, max_seconds=0.0)
+        return compare(reference, deployed, sample, batches, **kw)
+
+    monkeypatch.setattr(latency, "compare", short)

@@ -183,7 +183,8 @@ def test_reference_model_acceptance(reference):
     fp = top1(reference.model)
     qmodel = C.quantize_model(reference.model, "w8a8")
     C.set_quantizers_enabled(qmodel, False)
-    assert top1(qmodel) == fp
+    with torch.inference_mode():  # quantizers off: the float model's logits, bit for bit
+        assert torch.equal(qmodel(images[:1000]), reference.model(images[:1000]))
     drops = {}
     for scheme, limit in (("w8a8", 0.3), ("w4a8", 1.5), ("w4a16", 1.0)):
         qmodel = sx.quantize(reference, cal, scheme=scheme, progress=False).model

@@ -103,7 +103,9 @@ def test_job_writes_every_artifact_and_the_report(job):
     assert report["calibration"]["holdout"] == 32 and report["calibration"]["holdout_source"].startswith(
         "data"
     )
-    assert len(CalibSet.load(out / "synth.safetensors")) == 8
+    cal = CalibSet.load(out / "calib.safetensors")
+    assert len(cal) == 8 and cal.meta["num_images"] == 8  # synthesized 8, no more
+    assert not (out / "synth.safetensors").exists()  # the synthesis result is calib + holdout: not kept twice
     assert set(report["latency"]["by_batch"]) == {"1", "32"}
     for row in report["latency"]["by_batch"].values():  # a timing is a real duration, p50 within p95
         assert 0 < row["deployed"]["p50_ms"] <= row["deployed"]["p95_ms"] < 60_000

@@ -162,6 +162,8 @@ def _cross_check(out, scheme: str) -> dict:
     on_disk = {n for n in ARTIFACTS if (out / n).is_file()} | {n for n in ARTIFACTS if (out / n).is_dir()}
     listed = {k.split("/")[0] for k in manifest["artifacts"]}
     assert on_disk <= listed and listed - {"report.json", "report.md"} <= on_disk
+    # nothing else is left in the folder but the manifest and the stage cache's state
+    assert {p.name for p in out.iterdir()} - listed == {"manifest.json", ".sardfq-state.json"}
     for name in report["plots"].values():
         assert (out / name).is_file()
     return report
