@@ -23,6 +23,20 @@ import sardfq_export as sx
 from sardfq_export.data import load_raw, preprocess
 
 
+def _commit() -> str:
+    """The code a row was measured with: HEAD, "+dirty" when the tree had changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    git = ["git", "-C", str(root)]
+    head = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()  # fmt: skip
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def calib_set(model, kind: str, n: int, seed: int, cache: Path, iters: int | None, bf16: bool = False):
     """A calibration set by kind (noise / real / sardfq / psaq), cached on disk by its recipe."""
     from sardfq_export.core.calibset import CalibSet
@@ -117,6 +131,7 @@ def main(argv=None) -> int:
         "agreement_vs_fp32": float((fq_logits.argmax(1) == fp_logits.argmax(1)).float().mean()),
         "noise_flip_rate": flips, "calib_seconds": round(t_cal, 1), "quantize_seconds": round(t_q, 1),
         "summary": {k: v for k, v in q.summary.items() if k in ("gptq", "recon")},
+        "commit": _commit(),
     }  # fmt: skip
     line = json.dumps(row)
     print(line, flush=True)

@@ -1,9 +1,16 @@
 """SmoothQuant-style smoothing folded into weights (scheme option ``smoothquant_alpha``).
 
-For every quantized Linear fed directly by a LayerNorm (``qkv`` after ``norm1``, ``fc1`` after
-``norm2``; Swin alike) a per-channel factor s_j = max|X_j|^α / max|W_j|^(1−α) moves activation
-outliers into the weights: LayerNorm γ, β ← γ/s, β/s and W[:, j] ← W[:, j]·s_j. The float function
-is unchanged; the graph keeps one per-tensor activation quantizer. Needs a re-iterable data source.
+A per-input-channel factor s_j = max|X_j|^α / max|W_j|^(1−α) moves activation outliers of a
+quantized Linear's input X into its weight (W[:, j] ← W[:, j]·s_j) and is divided out where X is
+made, so the float function is unchanged and the graph keeps one per-tensor activation quantizer:
+
+- ``qkv`` after ``norm1`` and ``fc1`` after ``norm2`` (Swin alike): LayerNorm γ, β ← γ/s, β/s;
+- ``attn.proj``, whose input channel j is attention-weighted V channel j (softmax·V mixes tokens,
+  never channels): V's rows of ``qkv`` (weight and bias) ← ·1/s_j;
+- ``mlp.fc2`` with ``smooth_explicit``: GELU is in between, so 1/s stays as an explicit per-channel
+  Mul before the quantizer (``QuantLinear.input_smooth``; TensorRT fuses it).
+
+Needs a re-iterable data source.
 """
 
 from __future__ import annotations
@@ -28,17 +35,40 @@ def _pairs(qmodel: nn.Module) -> list[tuple[str, nn.LayerNorm, str, QuantLinear]
     return out
 
 
+def _v_proj_pairs(qmodel: nn.Module) -> list[tuple[str, QuantLinear, str, QuantLinear]]:
+    """(qkv name, qkv, proj name, proj) of attentions whose proj input is softmax·V, channel for
+    channel: fused qkv with V as its last third, no norm or other per-token op before proj."""
+    out = []
+    for name in block_names(qmodel):
+        attn = getattr(qmodel.get_submodule(name), "attn", None)
+        qkv, proj = getattr(attn, "qkv", None), getattr(attn, "proj", None)
+        if not (isinstance(qkv, QuantLinear) and isinstance(proj, QuantLinear)):
+            continue
+        if qkv.out_features != 3 * proj.in_features or not isinstance(getattr(attn, "norm", nn.Identity()),
+                                                                       nn.Identity):  # fmt: skip
+            continue  # (a norm before proj, e.g. timm's scale_norm, mixes channels per token)
+        out.append((f"{name}.attn.qkv", qkv, f"{name}.attn.proj", proj))
+    return out
+
+
+def _factors(amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    a = amax.clamp(min=1e-5)
+    w = weight.abs().amax(0).clamp(min=1e-5)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+
+
 @torch.no_grad()
 def smooth_quant(qmodel: nn.Module, data, alpha: float = 0.5, progress: bool = False) -> int:
     """Fold SmoothQuant factors into LayerNorm/Linear pairs; returns how many pairs were smoothed."""
     from sardfq_export.calibrators.calibrate import _run_data
 
     pairs = _pairs(qmodel)
+    v_pairs = _v_proj_pairs(qmodel)
     explicit = [(n, m) for n, m in qmodel.named_modules()
                 if isinstance(m, QuantLinear) and m._buffers.get("input_smooth") is not None]  # fmt: skip
     amax: dict[str, torch.Tensor] = {}
     hooks = []
-    for lin_name, lin in [(p[2], p[3]) for p in pairs] + explicit:
+    for lin_name, lin in [(p[2], p[3]) for p in pairs] + [(p[2], p[3]) for p in v_pairs] + explicit:
 
         def hook(m, args, n=lin_name):
             x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
@@ -51,10 +81,21 @@ def smooth_quant(qmodel: nn.Module, data, alpha: float = 0.5, progress: bool = F
         for h in hooks:
             h.remove()
     changed = set()
+    # One pass measured every input: each fold keeps the float function, so none changes the input
+    # of a Linear folded after it. V's fold goes first: it rescales rows of qkv, whose column maxima
+    # the norm1 → qkv factors must see (then both end balanced).
+    for qkv_name, qkv, proj_name, proj in v_pairs:
+        s = _factors(amax[proj_name], proj.weight, alpha)
+        c = proj.in_features
+        qkv.weight[2 * c :].div_(s[:, None])
+        if qkv.bias is not None:
+            qkv.bias[2 * c :].div_(s)
+        proj.weight.mul_(s[None, :])
+        changed |= {f"{qkv_name}.weight", f"{proj_name}.weight"} | (
+            {f"{qkv_name}.bias"} if qkv.bias is not None else set()
+        )
     for ln_name, ln, lin_name, lin in pairs:
-        a = amax[lin_name].clamp(min=1e-5)
-        w = lin.weight.abs().amax(0).clamp(min=1e-5)
-        s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+        s = _factors(amax[lin_name], lin.weight, alpha)
         ln.weight.div_(s)
         if ln.bias is not None:
             ln.bias.div_(s)
@@ -63,11 +104,9 @@ def smooth_quant(qmodel: nn.Module, data, alpha: float = 0.5, progress: bool = F
             {f"{ln_name}.bias"} if ln.bias is not None else set()
         )
     for lin_name, lin in explicit:  # no op to fold into: the factor stays as an explicit Mul
-        a = amax[lin_name].clamp(min=1e-5)
-        w = lin.weight.abs().amax(0).clamp(min=1e-5)
-        s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+        s = _factors(amax[lin_name], lin.weight, alpha)
         lin.input_smooth.copy_(1.0 / s)
         lin.weight.mul_(s[None, :])
         changed |= {f"{lin_name}.weight", f"{lin_name}.input_smooth"}
     mark_modified(qmodel, changed)
-    return len(pairs) + len(explicit)
+    return len(pairs) + len(v_pairs) + len(explicit)

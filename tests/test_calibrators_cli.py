@@ -102,13 +102,30 @@ def test_distill_uses_soft_targets_and_marks_weights():
     assert rep["soft_targets"] and qmodel.sardfq_quant["modified"]
 
 
-def test_smoothquant_keeps_the_float_function():
+def test_smoothquant_keeps_the_float_function_and_balances_every_folded_input():
+    """At α = 0.5 SmoothQuant makes max|X_j| equal max|W_j| for every input channel j of each
+    smoothed Linear (on the data it measured): qkv and fc1 via their LayerNorm, proj via V's rows
+    of qkv. The float function stays the same."""
     model = tiny_vit()
     x = torch.randn(8, 3, 32, 32)
     qmodel = C.quantize_model(model, C.get_scheme("w8a8").with_options(smoothquant_alpha=0.5))
     C.calibrate(qmodel, x, progress=False)
     C.set_quantizers_enabled(qmodel, False)
     assert torch.allclose(qmodel(x), model(x), atol=1e-4)
+    inputs = {}
+    names = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1")]
+    hooks = [qmodel.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: inputs.__setitem__(n, a[0].abs().reshape(-1, a[0].shape[-1]).amax(0)))
+        for n in names]  # fmt: skip
+    with torch.no_grad():
+        qmodel(x)
+    for h in hooks:
+        h.remove()
+    for n in names:
+        w = qmodel.get_submodule(n).weight.abs().amax(0)
+        assert torch.allclose(inputs[n], w, rtol=1e-4), n
+    orig = model.blocks[0].attn.proj.weight.abs().amax(0)
+    assert not torch.allclose(orig, qmodel.blocks[0].attn.proj.weight.abs().amax(0))  # it did fold
 
 
 def test_quantize_command_then_eval_quantized_dir(tmp_path, random_reference, idx_data, capsys):
