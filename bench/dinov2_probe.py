@@ -24,7 +24,8 @@ from sardfq_export.data import load_raw, preprocess
 
 
 def _commit() -> str:
-    """The code a row was measured with: HEAD, "+dirty" when the tree had changes."""
+    """The code a row was measured with: HEAD, "+dirty" when code had changes (docs/, where this
+    log is appended, does not count)."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -32,8 +33,8 @@ def _commit() -> str:
     head = subprocess.run(
         [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()  # fmt: skip
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"],
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 

@@ -214,3 +214,26 @@ def test_main_job_on_dinov2_exports_lints_and_runs_in_onnxruntime(tmp_path, caps
     # as integer GEMMs (the head stays float: 10 outputs, no gain).
     assert report["export"]["weights"] == {"int8-per-channel": 48}
     assert report["op_census"]["int8_gemm"] == 48 and report["op_census"]["int4_gemm"] == 0
+
+
+def test_dinov2_synthesizes_for_its_own_200_iterations_by_default(monkeypatch):
+    """The ZOO entry's per-model default reaches synthesis (the 1000 of an ImageNet ViT would take
+    the default main job past its 20-minute budget); an explicit --iters still wins. A tiny
+    stand-in model keeps this independent of the build."""
+    from conftest import tiny_vit
+
+    import sardfq_export as sx
+    from sardfq_export.models import loading
+
+    monkeypatch.setitem(loading.ZOO, "dinov2_s14_fmnist",
+                        lambda size: (tiny_vit(), {"input_size": (3, 32, 32), "mean": (0.5,) * 3,
+                                                   "std": (0.5,) * 3}, "stand-in"))  # fmt: skip
+    loaded = sx.load_model("dinov2_s14_fmnist")
+    assert loaded.extra == {"synthesis_iters": 200}
+    seen = []
+    from sardfq_export.synthesis import runner
+
+    monkeypatch.setattr(runner, "synthesize", lambda _l, cfg, *a, **k: seen.append(cfg.iters))
+    sx.synthesize(loaded, method="sardfq", num_images=1, progress=False)
+    sx.synthesize(loaded, method="sardfq", num_images=1, iters=3, progress=False)
+    assert seen == [200, 3]
