@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-calib")
     ap.add_argument("--log", type=Path)
     a = ap.parse_args(argv)
+    commit = _commit()  # at the start: the code this process imported, not HEAD when it ends
 
     loaded = sx.load_model(a.model)
     raw = load_raw("fashion-mnist", "test")
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         "agreement_vs_fp32": float((fq_logits.argmax(1) == fp_logits.argmax(1)).float().mean()),
         "noise_flip_rate": flips, "calib_seconds": round(t_cal, 1), "quantize_seconds": round(t_q, 1),
         "summary": {k: v for k, v in q.summary.items() if k in ("gptq", "recon")},
-        "commit": _commit(),
+        "commit": commit,
     }  # fmt: skip
     line = json.dumps(row)
     print(line, flush=True)
