@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -86,7 +87,26 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    # Resumable (hours on 2 cores): every finished row is written at once, and a rerun with the
+    # same settings skips the rows the file already holds.
+    same = ("iters", "num_images", "scheme", "eval_limit", "device")
     rows, summary = [], {}
+    if out.exists():
+        old = json.loads(out.read_text())
+        if all(old.get("args", {}).get(k) == getattr(args, k) for k in same):
+            rows = old.get("rows", [])
+            print(f"resuming: {len(rows)} row(s) already in {out}", flush=True)
+    done = {(r["model"], r["seed"], r["precision"]) for r in rows}
+
+    def write(summary):
+        result = {"args": vars(args), "device": str(dev), "machine": platform.processor() or platform.machine(),
+                  "torch": torch.__version__, "rows": rows, "summary": summary}  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
+
     for name in args.models.split(","):
         loaded = load(name)
         data = load_dataset("fashion-mnist", loaded.data_config, limit=args.eval_limit)
@@ -97,6 +117,8 @@ def main(argv=None) -> int:
         loaded.model.cpu()
         for seed in seeds:
             for precision in ("fp32", "bf16"):
+                if (name, seed, precision) in done:
+                    continue
                 t0 = time.perf_counter()
                 cal = sx.synthesize(loaded, method="sardfq", num_images=args.num_images, iters=args.iters,
                                     seed=seed, precision=precision, device=dev, progress=False)  # fmt: skip
@@ -114,8 +136,10 @@ def main(argv=None) -> int:
                        "rel_logit_error": rel,
                        "metric": "top1" if LABELLED.get(name, True) else "agreement_with_fp32"}  # fmt: skip
                 rows.append(row)
+                write(summary)
                 print(json.dumps(row), flush=True)
-        by = {p: [r for r in rows if r["model"] == name and r["precision"] == p] for p in ("fp32", "bf16")}
+        by = {p: sorted((r for r in rows if r["model"] == name and r["precision"] == p and r["seed"] in seeds),
+                        key=lambda r: r["seed"]) for p in ("fp32", "bf16")}  # fmt: skip
         ratios = [a["s_per_iter"] / b["s_per_iter"] for a, b in zip(by["fp32"], by["bf16"], strict=True)]
         stats = {p: {"mean": statistics.fmean(r["top1"] for r in rs),
                      "spread": max(r["top1"] for r in rs) - min(r["top1"] for r in rs),
@@ -124,10 +148,7 @@ def main(argv=None) -> int:
         summary[name] = {"speed_ratio_fp32_over_bf16": statistics.fmean(ratios), "top1": stats,
                          "delta_bf16_minus_fp32": stats["bf16"]["mean"] - stats["fp32"]["mean"],
                          "metric": by["fp32"][0]["metric"], "seeds": seeds}  # fmt: skip
-    result = {"args": vars(args), "device": str(dev), "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "rows": rows, "summary": summary}  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write(summary)
     print(
         "\n| model | metric | speed fp32/bf16 | fp32 (mean, spread) | bf16 (mean, spread) | Δ bf16−fp32 "
         "| rel. logit error fp32 / bf16 |"
