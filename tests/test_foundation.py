@@ -141,5 +141,10 @@ def test_work_checkpoints_roundtrip_exactly_and_refuse_foreign_or_torn_files(tmp
     path.write_bytes(path.read_bytes()[:40])  # a crash in mid-copy (the writer itself is atomic)
     with pytest.raises(UserInputError, match="cannot read synthesis checkpoint"):
         load_checkpoint(path, "fmt-a", "synthesis checkpoint")
+    # A calibration set reads through the same reader: a torn one is the same one-line refusal.
+    from sardfq_export.core.calibset import CalibSet
+
+    with pytest.raises(UserInputError, match=r"cannot read calibration set .*c\.safetensors"):
+        CalibSet.load(path)
     assert curve_rows(0, 5) == [] and curve_rows(3, 5) == [0, 1, 2]
     assert curve_rows(10, 4) == [0, 3, 6, 9] and curve_rows(11, 4) == [0, 3, 6, 9, 10]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from sardfq_export.core.checkpoint import read_safetensors
 from sardfq_export.core.errors import UserInputError
 from sardfq_export.core.io import atomic_path, atomic_write_text
 
@@ -73,19 +74,12 @@ class CalibSet:
     @classmethod
     def load(cls, path: str | Path) -> CalibSet:
         """Read a file written by :meth:`save`; anything else is refused with a clear message."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise UserInputError(
                 f"calibration set {path} does not exist: run 'sardfq-export synthesize' first"
             )
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:
-            raise UserInputError(f"cannot read calibration set {path}: {exc}") from None
+        tensors, meta = read_safetensors(path, "calibration set")
         if "images" not in tensors or "calib_json" not in meta:
             raise UserInputError(f"{path} is not a sardfq-export calibration set (no images/calib_json)")
         return cls(**{k: tensors.get(k) for k in TENSOR_KEYS}, meta=json.loads(meta["calib_json"]))

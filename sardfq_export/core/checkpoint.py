@@ -29,9 +29,9 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], state: d
         )
 
 
-def load_checkpoint(path: str | Path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(tensors, state)`` of a checkpoint written by :func:`save_checkpoint` with the same ``fmt``;
-    ``what`` names it in the error ("synthesis checkpoint")."""
+def read_safetensors(path: str | Path, what: str, hint: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, metadata)`` of any safetensors file; an unreadable one (torn, foreign, not
+    safetensors) is one :class:`UserInputError` naming ``what`` and the path, then ``hint``."""
     from safetensors import safe_open
 
     try:
@@ -39,7 +39,14 @@ def load_checkpoint(path: str | Path, fmt: str, what: str) -> tuple[dict[str, to
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:
-        raise UserInputError(f"cannot read {what} {path} ({exc}); delete it to start over") from None
+        raise UserInputError(f"cannot read {what} {path} ({exc}){hint}") from None
+    return tensors, meta
+
+
+def load_checkpoint(path: str | Path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, state)`` of a checkpoint written by :func:`save_checkpoint` with the same ``fmt``;
+    ``what`` names it in the error ("synthesis checkpoint")."""
+    tensors, meta = read_safetensors(path, what, "; delete it to start over")
     if meta.get("format") != fmt or "state" not in meta:
         raise UserInputError(f"{path} is not a {what}; delete it to start over")
     return tensors, json.loads(meta["state"])
