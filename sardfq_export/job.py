@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sardfq_export import __version__, api
 from sardfq_export.core.calibset import CalibSet
-from sardfq_export.core.device import check_precision, on_device, resolve_device
+from sardfq_export.core.device import check_precision, on_device, precision_note, resolve_device
 from sardfq_export.core.errors import MissingComponentError, UserInputError
 from sardfq_export.core.io import MIN_FREE_MB, atomic_write_text, check_min_free_mb, claim_output, sha256_file
 from sardfq_export.jobcache import StageCache, content_key
@@ -157,6 +157,8 @@ def run(config: JobConfig | None = None, *, say: Callable[[str], None] | None = 
     scheme.assert_exportable()
     device = resolve_device(cfg.device)  # CUDA asked for and absent: one line, before any work
     check_precision(cfg.precision, device)
+    if note := precision_note(cfg.precision, device):
+        say(note)
     baseline = (
         load_baseline(cfg.gates.baseline) if cfg.gates.baseline else None
     )  # read before --out is touched

@@ -185,6 +185,20 @@ def test_bf16_finetuning_autocasts_and_fp32_does_not(monkeypatch):
 
 
 @needs_reference
+def test_bf16_on_a_cpu_without_native_bf16_is_said_to_be_emulated(tmp_path, monkeypatch, capsys):
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert D.bf16_native("cpu") is native
+        assert D.precision_note("fp32", "cpu") is None
+        assert (D.precision_note("bf16", "cpu") is None) is native
+    assert "no native bfloat16" in D.precision_note("bf16", "cpu")
+    out = tmp_path / "c.safetensors"
+    assert main(["synthesize", "--method", "psaq", "--num-images", "2", "--iters", "2", "--precision", "bf16",
+                 "--device", "cpu", "--out", str(out), "--no-samples"]) == 0  # fmt: skip
+    assert "--precision bf16 is emulated here" in capsys.readouterr().err
+
+
 def test_precision_reaches_synthesis_and_quantize_config(tmp_path):
     out = tmp_path / "c.safetensors"
     assert main(["synthesize", "--method", "psaq", "--num-images", "2", "--iters", "2", "--precision", "bf16",

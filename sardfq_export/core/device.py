@@ -88,6 +88,25 @@ def check_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def bf16_native(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls in hardware: CUDA with bf16 support, or a CPU
+    with AVX512-BF16 or AMX (oneDNN's bf16 kernels). Elsewhere bf16 is emulated."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def precision_note(precision: str, device: torch.device | str) -> str | None:
+    """A line to show the user when ``precision`` will run slower than fp32 on ``device``, else None."""
+    if precision != "bf16" or bf16_native(device):
+        return None
+    # Measured (docs/precision-synthesis.md): on a 2-core Xeon without AVX512-BF16, a ViT-S/14 SARDFQ
+    # step ran 2-4x slower in bf16 than in fp32, since every bf16 matmul is converted and emulated.
+    return (f"note: {device} has no native bfloat16 (no AVX512-BF16/AMX): --precision bf16 is emulated "
+            "here and usually slower than fp32")  # fmt: skip
+
+
 def autocast(device: torch.device | str, precision: str):
     """``torch.autocast`` for ``precision`` on ``device``'s type (a no-op context for fp32)."""
     dev = torch.device(device)
