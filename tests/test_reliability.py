@@ -331,13 +331,25 @@ def test_temporary_names_are_unique_per_process_and_artifacts_are_0644(tmp_path)
     assert (tmp_path / "quantized").stat().st_mode & 0o777 == 0o755
 
 
-def test_the_manifest_records_the_installed_version_not_null():
+def test_the_manifest_records_the_installed_version_not_null(monkeypatch):
     """Run from a checkout the manifest said ``"sardfq-export": null``."""
-    from sardfq_export.validation.manifest import tool_versions
+    from importlib import metadata
+
+    from sardfq_export.validation import manifest
 
     from sardfq_export import __version__
 
-    assert tool_versions()["sardfq-export"] == __version__ and __version__
+    assert manifest.tool_versions()["sardfq-export"] == __version__ and __version__
+    # A checkout on PYTHONPATH has no installed metadata: the version comes from the package itself.
+    real = metadata.version
+
+    def uninstalled(name):
+        if name == "sardfq-export":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(manifest.metadata, "version", uninstalled)
+    assert manifest.tool_versions()["sardfq-export"] == __version__
 
 
 def test_second_job_exits_2_naming_the_first_and_sigterm_saves_the_checkpoint(tmp_path):

@@ -56,7 +56,11 @@ def tool_versions() -> dict[str, str | None]:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            if name not in ("onnxruntime-gpu", "tensorrt"):
+            if name == "sardfq-export":  # run from a checkout (PYTHONPATH, no install): its own version
+                from sardfq_export._version import __version__
+
+                out[name] = __version__
+            elif name not in ("onnxruntime-gpu", "tensorrt"):
                 out[name] = None
     return out
 
