@@ -396,3 +396,33 @@ def test_a_drop_exactly_at_the_threshold_passes():
            "deployed_top1": 180 / 200, "top1_drop": drop}  # fmt: skip
     check = _by_name(evaluate_gates(_report("w8a8", accuracy=acc), GateSpec()))["max_top1_drop"]
     assert check["threshold"] == 1.0 and check["passed"]
+
+
+# The issue's disasters with nothing but GateSpec(): before the default gates only lint gated, so
+# each of these said "gates: passed".
+_HEALTHY = {"n": 32, "agreement_vs_fp32": 1.0, "agreement_vs_fakequant": 1.0, "cosine_vs_fakequant": 0.999999,
+            "cosine_vs_fp32": 0.9999, "fakequant_agreement_vs_fp32": 1.0, "fakequant_cosine_vs_fp32": 0.9999}
+_DISASTER = {**_HEALTHY, "n": 2000, "agreement_vs_fp32": 0.70, "fakequant_agreement_vs_fp32": 0.70,
+             "cosine_vs_fp32": 0.85, "fakequant_cosine_vs_fp32": 0.85}  # fmt: skip
+
+
+def _plain_report(scheme, fidelity=_HEALTHY, drop=None):
+    acc = None if drop is None else {"dataset": "x", "n": 2000, "fp32_top1": 0.8 + drop / 100,
+                                     "fakequant_top1": 0.8, "deployed_top1": 0.8, "top1_drop": drop}  # fmt: skip
+    return build_report(
+        model="reference", scheme=scheme, target="onnxruntime",
+        calibration={"method": "sardfq", "num_images": 32, "iters": 200, "seed": 0, "holdout": 32},
+        accuracy=acc, fidelity=fidelity,
+        latency={"device": "cpu", "batch": 1, "speedup": 2.0,
+                 "reference": {"runtime": "onnxruntime-fp32", "p50_ms": 2.0, "p95_ms": 2.2},
+                 "deployed": {"runtime": "onnxruntime", "p50_ms": 1.0, "p95_ms": 1.1}},
+        lint={"passed": True, "violations": []}, gates=None, artifacts=None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme, drop", [("w4a8", None), ("w4a16", None), ("w4a8", 35.0), ("w4a16", 23.0)])
+def test_the_issues_disasters_fail_with_nothing_but_the_defaults(scheme, drop):
+    fidelity = _DISASTER if drop is None else _HEALTHY
+    assert not evaluate_gates(_plain_report(scheme, fidelity, drop), GateSpec())["passed"]
+    assert evaluate_gates(_plain_report("w8a8"), GateSpec())["passed"]
+    assert evaluate_gates(_plain_report("w4a16", drop=0.3), GateSpec())["passed"]

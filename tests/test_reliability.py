@@ -359,8 +359,11 @@ def test_second_job_exits_2_naming_the_first_and_sigterm_saves_the_checkpoint(tm
     )
     try:
         first.wait_for(r"synthesize sardfq: [1-9]")  # the optimization loop is running
+        # The same settings as the first: before the lock, such a job was accepted and both wrote
+        # into one folder (a job with other settings was already refused by the state file).
         second = subprocess.run(
-            [sys.executable, "-m", "sardfq_export", *JOB, "--out", str(out), "--quiet"],
+            [sys.executable, "-m", "sardfq_export", "--calib", "sardfq", "--iters", "5000", "--num-images", "2",
+             "--out", str(out), "--quiet"],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert second.returncode == 2, second.stderr
@@ -590,7 +593,16 @@ def test_a_run_refused_on_bad_input_leaves_no_state(tmp_path, capsys):
     StageCache(out, {"calib": "noise"}, overwrite=False, say=print)  # the corrected run is accepted
 
 
-@pytest.mark.parametrize("damage", ["state", "quantized_json", "truncated_calib", "truncated_onnx"])
+# Well-formed JSON of the wrong shape is what gave tracebacks (AttributeError, KeyError) before.
+WRONG_SHAPE = {
+    "state_list": (STATE_FILE, "[]"),
+    "state_fields": (STATE_FILE, '{"format": "sardfq-state-1", "settings": 3, "stages": 7}'),
+    "quantized_list": ("quantized/quantized.json", "[]"),
+    "quantized_no_scheme": ("quantized/quantized.json", '{"format": "sardfq-quantized-1"}'),
+}
+
+
+@pytest.mark.parametrize("damage", ["state", "quantized_json", "truncated_calib", "truncated_onnx", *WRONG_SHAPE])
 def test_a_corrupt_file_of_ours_is_one_line_naming_it(damage, baseline, tmp_path, capsys):
     out = tmp_path / "C"
     shutil.copytree(baseline, out)
@@ -600,6 +612,10 @@ def test_a_corrupt_file_of_ours_is_one_line_naming_it(damage, baseline, tmp_path
     elif damage == "quantized_json":
         (out / "quantized" / "quantized.json").write_text("{not json")
         name, hint = "quantized.json", "delete it"
+    elif damage in WRONG_SHAPE:
+        rel, text = WRONG_SHAPE[damage]
+        (out / rel).write_text(text)
+        name, hint = Path(rel).name, ""
     else:
         name, hint = ("calib.safetensors" if damage == "truncated_calib" else "model.onnx"), "delete it"
         path = out / name
@@ -608,4 +624,30 @@ def test_a_corrupt_file_of_ours_is_one_line_naming_it(damage, baseline, tmp_path
     err = capsys.readouterr().err
     (line,) = _error_lines(err)
     assert _not_stage_lines(err) == [line] and name in line and hint in line
+    assert _leftovers(out) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_through_the_public_writer_is_one_line_without_temporaries(tmp_path, capsys, monkeypatch):
+    """model.onnx's temporary is /dev/full. Written against ``tempfile.mkstemp`` (what the atomic
+    writer calls before and after issue 14), so it shows the old traceback: ENOSPC escaped main()."""
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, **k):
+        fd, path = real(*a, **k)
+        if Path(path).name.startswith(".model.onnx."):
+            os.close(fd)
+            os.unlink(path)
+            os.symlink("/dev/full", path)
+            fd = os.open(os.devnull, os.O_RDONLY)
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    out = tmp_path / "F"
+    assert main([*JOB, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    (line,) = _error_lines(err)
+    assert "Traceback" not in err and "no space left" in line.lower() and "--resume" in line, line
     assert _leftovers(out) == []

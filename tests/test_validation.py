@@ -575,3 +575,22 @@ def test_tensorrt_target_measures_against_an_fp16_engine_of_the_float_model(trt_
         assert not built and not (tmp_path / FP16_MODEL).exists()
         assert lat["reference"]["runtime"] == "torch-fp32" and "torch_fp32" not in lat
         assert "no TensorRT here" in lat["baseline_note"] and "PyTorch eager" in lat["baseline"]
+
+
+def test_onnxruntime_target_speedup_is_against_ort_fp32_with_eager_as_extra(tmp_path):
+    """The headline speed-up divided by PyTorch eager FP32 before; now by the same model in ORT FP32."""
+    from sardfq_export.validation.deploy import validate_deployment
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.GELU(), torch.nn.Linear(16, 3)
+    ).eval()
+    onnx_path = tmp_path / "model.onnx"
+    torch.onnx.export(model, torch.randn(1, 3, 2, 2), str(onnx_path), input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      opset_version=17, dynamo=False)  # fmt: skip
+    res = validate_deployment(lambda _m: None, model, model, onnx_path, torch.randn(4, 3, 2, 2), batches=(1,))
+    lat = res["latency"]
+    assert lat["deployed"]["runtime"] == "onnxruntime"
+    assert lat["reference"]["runtime"] == "onnxruntime-fp32", lat["reference"]
+    assert lat["torch_fp32"]["runtime"] == "torch-fp32"  # eager kept as an extra column
