@@ -307,6 +307,26 @@ def test_a_second_synthesize_into_the_same_file_exits_2_naming_the_first(tmp_pat
             pass
 
 
+def test_two_real_synthesize_processes_into_one_file_the_second_is_refused(tmp_path):
+    """The issue's case with two real processes: the second one used to run (and replace the file)."""
+    target = tmp_path / "c.safetensors"
+    first = Proc(["synthesize", "--out", target, "--num-images", "2", "--iters", "5000"], step_progress=True)
+    try:
+        first.wait_for(r"synthesize sardfq: [1-9]")  # the first is optimizing
+        second = subprocess.run(
+            [sys.executable, "-m", "sardfq_export", "synthesize", "--out", str(target), "--num-images", "2",
+             "--iters", "2", "--quiet"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr[-2000:]
+        (line,) = _error_lines(second.stderr)
+        assert f"pid {first.pid} " in line and "in use" in line and not target.exists()
+        assert first.p.poll() is None
+    finally:
+        first.p.kill()
+        first.p.wait()
+
+
 def test_temporary_names_are_unique_per_process_and_artifacts_are_0644(tmp_path):
     """``<name>.tmp`` was shared by every process; mkstemp's files were 0600 (model.onnx was too)."""
     from sardfq_export.core import io
