@@ -137,6 +137,33 @@ def _input(model):
     )
 
 
+@pytest.mark.parametrize("family", list(MODELS))
+def test_frozen_weights_give_bit_identical_logits_and_step_aside(family):
+    from sardfq_export.calibrators.quantizer import frozen_weights
+
+    model = MODELS[family]()
+    x = _input(model)
+    for scheme in C.SCHEMES:  # per-channel, per-block INT4 and 4-bit-in-INT8 weights
+        qmodel = C.quantize_model(model, scheme)
+        C.calibrate(qmodel, [x], method="minmax", progress=False)
+        with torch.no_grad():
+            ref = qmodel(x)
+            with frozen_weights(qmodel):
+                assert torch.equal(qmodel(x), ref), scheme
+                C.set_quantizers_enabled(qmodel, False)  # disabled inside the block: the float weights
+                float_out = qmodel(x)
+                C.set_quantizers_enabled(qmodel, True)
+            C.set_quantizers_enabled(qmodel, False)
+            assert torch.equal(float_out, qmodel(x)) and not torch.equal(float_out, ref)
+            C.set_quantizers_enabled(qmodel, True)
+        q = next(m.weight_quantizer for m in qmodel.modules() if hasattr(m, "weight_quantizer"))
+        with frozen_weights(qmodel):
+            assert q._frozen is not None
+            w = next(m.weight for m in qmodel.modules() if getattr(m, "weight_quantizer", None) is q)
+            assert q(w).grad_fn is not None  # with grad (training) it is the live op, not the cache
+        assert q._frozen is None
+
+
 def _block_linears(model) -> list[nn.Module]:
     out = []
     for name in C.block_names(model):

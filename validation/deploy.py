@@ -54,6 +54,7 @@ def validate_deployment(
         op_census,
         write_deployment_graph,
     )
+    from sardfq_export.calibrators.quantizer import frozen_weights
     from sardfq_export.validation import fidelity as fid
     from sardfq_export.validation import latency
     from sardfq_export.validation.evaluate import evaluate
@@ -97,30 +98,33 @@ def validate_deployment(
         fp32_path = export_float_onnx(float_model, Path(onnx_path).with_name(FP32_MODEL), input_size)
         reference = OrtRunner(create_session(fp32_path, ort_cfg), name="onnxruntime-fp32")
         result["reference_model"] = fp32_path.name
-    say(f"fidelity on {len(held_images)} held-out images")
-    result["fidelity"] = fid.fidelity(fp32, fq, deployed, held_images)
-    if dataset is not None:
-        accs = {}
-        if fp32_accuracy is not None:
-            accs["fp32"] = dict(fp32_accuracy)
-            say(f"accuracy: {fp32.name} reused from an earlier run on the same model and data")
-        for key, runner in (("fp32", fp32), ("fakequant", fq), ("deployed", deployed)):
-            if key in accs:
-                continue
-            say(f"accuracy: {runner.name} on {len(dataset)} images")
-            accs[key] = evaluate(runner, dataset, 256, progress=progress, desc=runner.name)
-        result["accuracy"] = {
-            "dataset": dataset.name,
-            "n": len(dataset),
-            "fp32_top1": accs["fp32"]["top1"],
-            "fp32_top5": accs["fp32"]["top5"],
-            "fakequant_top1": accs["fakequant"]["top1"],
-            "deployed_top1": accs["deployed"]["top1"],
-            "top1_drop": top1_drop_points(accs["fp32"]["top1"], accs["deployed"]["top1"]),
-            "deployed_agreement_vs_fakequant": float(
-                (accs["deployed"]["predictions"] == accs["fakequant"]["predictions"]).double().mean()
-            ),
-        }
+    # The weights and scales are fixed from here on: each weight is fake-quantized once, not per
+    # batch (bit-identical logits; calibrators.quantizer.frozen_weights).
+    with frozen_weights(qmodel):
+        say(f"fidelity on {len(held_images)} held-out images")
+        result["fidelity"] = fid.fidelity(fp32, fq, deployed, held_images)
+        if dataset is not None:
+            accs = {}
+            if fp32_accuracy is not None:
+                accs["fp32"] = dict(fp32_accuracy)
+                say(f"accuracy: {fp32.name} reused from an earlier run on the same model and data")
+            for key, runner in (("fp32", fp32), ("fakequant", fq), ("deployed", deployed)):
+                if key in accs:
+                    continue
+                say(f"accuracy: {runner.name} on {len(dataset)} images")
+                accs[key] = evaluate(runner, dataset, 256, progress=progress, desc=runner.name)
+            result["accuracy"] = {
+                "dataset": dataset.name,
+                "n": len(dataset),
+                "fp32_top1": accs["fp32"]["top1"],
+                "fp32_top5": accs["fp32"]["top5"],
+                "fakequant_top1": accs["fakequant"]["top1"],
+                "deployed_top1": accs["deployed"]["top1"],
+                "top1_drop": top1_drop_points(accs["fp32"]["top1"], accs["deployed"]["top1"]),
+                "deployed_agreement_vs_fakequant": float(
+                    (accs["deployed"]["predictions"] == accs["fakequant"]["predictions"]).double().mean()
+                ),
+            }
     extras = {"torch_fp32": fp32} if reference is not fp32 else {}
     say(
         f"latency: {deployed.name} vs {reference.name}"
