@@ -23,12 +23,13 @@ import torch.nn as nn
 from sardfq_export.calibrators.adaptive import AdaptiveConfig
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.device import (
-    PRECISIONS,
+    PRECISION_CHOICES,
     check_precision,
     describe_device,
     module_device,
     on_device,
     resolve_device,
+    resolve_precision,
 )
 from sardfq_export.core.errors import UserInputError
 from sardfq_export.exporters.onnx_export import ExportConfig, ExportResult
@@ -74,9 +75,9 @@ class QuantizeConfig:
     finetune: str = "none"  # none | recon (SARDFQ stage 2: block reconstruction) | kd | recon+kd
     iters: int | None = None  # fine-tuning iterations (per block for recon); None: the method's
     lr: float | None = None  # fine-tuning learning rate; None: the method's
-    # Fine-tuning (recon/kd) under bf16 autocast on the chosen device; fp32 until bench/
-    # precision_synthesis.py shows bf16 keeps calibration quality (the scales are fp32 either way).
-    precision: str = "fp32"
+    # Fine-tuning (recon/kd) under bf16 autocast on the chosen device (the scales are fp32 either
+    # way). auto: core.device.resolve_precision (bf16 where native, the model's own default first).
+    precision: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,8 +90,10 @@ class QuantizeConfig:
             raise UserInputError(f"unknown finetune {self.finetune!r}: use one of {', '.join(FINETUNES)}")
         if self.auto_keep_fp is not None and not 0.0 < self.auto_keep_fp <= 1.0:
             raise UserInputError(f"auto_keep_fp is a top-1 agreement in (0, 1], got {self.auto_keep_fp}")
-        if self.precision not in PRECISIONS:
-            raise UserInputError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.precision not in PRECISION_CHOICES:
+            raise UserInputError(
+                f"unknown precision {self.precision!r}: use one of {', '.join(PRECISION_CHOICES)}"
+            )
         if self.weight_rounding not in ROUNDINGS:
             raise UserInputError(
                 f"unknown weight rounding {self.weight_rounding!r}: use one of {', '.join(ROUNDINGS)}"
@@ -210,17 +213,23 @@ def synthesize(
     default where it has one (the reference model: 200), else the method's (1000).
     ``device``: ``auto`` (default: CUDA when present) | ``cpu`` | ``cuda[:N]``; the images come
     back on the CPU and the model where it was. ``precision``: ``fp32`` | ``bf16`` (autocast of
-    the teacher forward; same as ``bf16=True``).
+    the teacher forward; same as ``bf16=True``) | ``auto`` (the default when neither ``config``
+    nor ``bf16=`` says: :func:`sardfq_export.core.device.resolve_precision`).
     """
     from sardfq_export.synthesis.runner import synthesize as run_synthesis
 
     loaded = as_loaded(model)
+    device = resolve_device(device)
+    if precision is None and config is None and "bf16" not in overrides:
+        precision = "auto"
     if precision is not None:
-        if precision not in PRECISIONS:
-            raise UserInputError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        if precision not in PRECISION_CHOICES:
+            raise UserInputError(
+                f"unknown precision {precision!r}: use one of {', '.join(PRECISION_CHOICES)}"
+            )
+        precision = resolve_precision(precision, device, loaded.extra.get("precision"))
         overrides = {**overrides, "bf16": precision == "bf16"}
     cfg = _configure(config, SynthConfig, overrides)
-    device = resolve_device(device)
     check_precision("bf16" if cfg.bf16 else "fp32", device)
     if cfg.iters is None and loaded.extra.get("synthesis_iters") is not None:
         cfg = replace(cfg, iters=loaded.extra["synthesis_iters"])
@@ -359,6 +368,7 @@ def quantize(
     scheme = _scheme_of(cfg)
     dev = resolve_device(device)
     check_precision(cfg.precision, dev)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, dev, loaded.extra.get("precision")))
     cal, _ = calibration_set(calib, loaded, num_images, seed=cfg.seed, progress=progress, device=dev)
     home = module_device(loaded.model)
     with on_device(dev, loaded.model):
@@ -453,6 +463,7 @@ def psaq2(
         acfg = replace(acfg, rounds=iters)
     scheme = _scheme_of(cfg)
     dev = resolve_device(device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, dev, loaded.extra.get("precision")))
     teacher = PatchSimilarityTeacher(loaded, replace(synth or SynthConfig(), seed=seed), dev)
     torch.manual_seed(cfg.seed)
     student = calibrators.quantize_model(loaded.model, scheme).to(dev)

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from sardfq_export import __version__, api
 from sardfq_export.core.calibset import CalibSet
-from sardfq_export.core.device import check_precision, on_device, precision_note, resolve_device
+from sardfq_export.core.device import (
+    check_precision,
+    on_device,
+    precision_note,
+    resolve_device,
+    resolve_precision,
+)
 from sardfq_export.core.errors import MissingComponentError, UserInputError
 from sardfq_export.core.io import MIN_FREE_MB, atomic_write_text, check_min_free_mb, claim_output, sha256_file
 from sardfq_export.jobcache import StageCache, content_key
@@ -58,7 +64,9 @@ class JobConfig:
     data: str | None = None  # real labelled data for accuracy
     limit: int | None = None  # evaluate only the first N images of ``data``
     device: str = "auto"  # where torch runs: auto (CUDA when present) | cpu | cuda[:N]
-    precision: str = "fp32"  # synthesis and fine-tuning autocast: fp32 | bf16
+    precision: str = (
+        "auto"  # synthesis and fine-tuning autocast: auto | fp32 | bf16 (core.device.resolve_precision)
+    )
     out: str = "sardfq-out"
     gates: GateSpec = GateSpec()
     quantize: api.QuantizeConfig = api.QuantizeConfig()  # its scheme and seed are set from the fields above
@@ -184,6 +192,14 @@ def _run_locked(
     )
     if loaded.describe_inferred():
         say(f"model: {loaded.describe_inferred()}")
+    # auto → the model's measured default, else bf16 where the device runs it natively (stage keys
+    # and the report hold the resolved precision; the state's settings keep what was asked).
+    own = loaded.extra.get("precision")
+    cfg = replace(
+        cfg,
+        precision=resolve_precision(cfg.precision, device, own),
+        quantize=replace(cfg.quantize, precision=resolve_precision(cfg.quantize.precision, device, own)),
+    )
     dataset = None
     if cfg.data and cfg.calib.startswith("real:") and cfg.calib[len("real:") :]:  # never on test images
         from sardfq_export.data import check_disjoint

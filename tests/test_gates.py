@@ -400,8 +400,15 @@ def test_a_drop_exactly_at_the_threshold_passes():
 
 # The disasters with nothing but GateSpec(): before the default gates only lint gated, so
 # each of these said "gates: passed".
-_HEALTHY = {"n": 32, "agreement_vs_fp32": 1.0, "agreement_vs_fakequant": 1.0, "cosine_vs_fakequant": 0.999999,
-            "cosine_vs_fp32": 0.9999, "fakequant_agreement_vs_fp32": 1.0, "fakequant_cosine_vs_fp32": 0.9999}
+_HEALTHY = {
+    "n": 32,
+    "agreement_vs_fp32": 1.0,
+    "agreement_vs_fakequant": 1.0,
+    "cosine_vs_fakequant": 0.999999,
+    "cosine_vs_fp32": 0.9999,
+    "fakequant_agreement_vs_fp32": 1.0,
+    "fakequant_cosine_vs_fp32": 0.9999,
+}
 _DISASTER = {**_HEALTHY, "n": 2000, "agreement_vs_fp32": 0.70, "fakequant_agreement_vs_fp32": 0.70,
              "cosine_vs_fp32": 0.85, "fakequant_cosine_vs_fp32": 0.85}  # fmt: skip
 

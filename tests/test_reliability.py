@@ -622,7 +622,9 @@ WRONG_SHAPE = {
 }
 
 
-@pytest.mark.parametrize("damage", ["state", "quantized_json", "truncated_calib", "truncated_onnx", *WRONG_SHAPE])
+@pytest.mark.parametrize(
+    "damage", ["state", "quantized_json", "truncated_calib", "truncated_onnx", *WRONG_SHAPE]
+)
 def test_a_corrupt_file_of_ours_is_one_line_naming_it(damage, baseline, tmp_path, capsys):
     out = tmp_path / "C"
     shutil.copytree(baseline, out)

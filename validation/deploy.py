@@ -46,6 +46,7 @@ def validate_deployment(
     For ONNX Runtime, the graph ORT runs is written beside ``onnx_path`` as ``model.ort.onnx`` so
     that what was measured is what the team deploys.
     """
+    from sardfq_export.calibrators.quantizer import frozen_weights
     from sardfq_export.exporters.onnx_export import export_float_onnx
     from sardfq_export.exporters.ort import (
         OrtConfig,
@@ -54,7 +55,6 @@ def validate_deployment(
         op_census,
         write_deployment_graph,
     )
-    from sardfq_export.calibrators.quantizer import frozen_weights
     from sardfq_export.validation import fidelity as fid
     from sardfq_export.validation import latency
     from sardfq_export.validation.evaluate import evaluate

@@ -229,11 +229,12 @@ device_options = _stack(
 # In what precision synthesis and fine-tuning compute (the main job, synthesize, quantize).
 precision_option = click.option(
     "--precision",
-    type=click.Choice(["fp32", "bf16"]),
-    default="fp32",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
     show_default=True,
-    help="bf16: autocast for synthesis and fine-tuning on --device (faster on GPUs and CPUs with AVX512-BF16/AMX; "
-    "ranges and exported scales stay fp32).",
+    help="bf16: autocast for synthesis and fine-tuning on --device (ranges and exported scales stay fp32). "
+    "auto: the model's measured default if it has one (the reference model: fp32), else bf16 where --device "
+    "runs it natively (CUDA, CPUs with AVX512-BF16/AMX) and fp32 elsewhere.",
 )
 
 

@@ -110,16 +110,16 @@ def synthesize(
 ):
     """Synthesize a calibration set from the model alone and save it to --out."""
     from sardfq_export.core.calibset import CalibSet
-    from sardfq_export.core.device import check_precision, precision_note
+    from sardfq_export.core.device import check_precision, precision_note, resolve_precision
     from sardfq_export.core.distributed import init_from_env
     from sardfq_export.synthesis import SynthConfig, checkpoint_path
     from sardfq_export.synthesis import synthesize as run
     from sardfq_export.synthesis.samples import save_samples
 
     dev = runtime_device(device, threads)  # CUDA asked for and absent: one line, exit 2
-    bf16 = bf16 or precision == "bf16"
-    check_precision("bf16" if bf16 else "fp32", dev)
-    if (note := precision_note("bf16" if bf16 else "fp32", dev)) and not (quiet or as_json):
+    precision = "bf16" if bf16 else precision
+    check_precision(precision, dev)
+    if (note := precision_note(precision, dev)) and not (quiet or as_json):
         click.echo(note, err=True)
     # Under torchrun: join the process group (NCCL on cuda:LOCAL_RANK, gloo on the CPU); each
     # process takes every K-th batch (runner.py).
@@ -132,6 +132,7 @@ def synthesize(
     loaded = load_from_options(model, checkpoint, random_init)
     if iters is None:  # a model may bring its own default (the reference model: 200)
         iters = loaded.extra.get("synthesis_iters")
+    bf16 = resolve_precision(precision, dev, loaded.extra.get("precision")) == "bf16"  # auto: by model/device
     cfg = SynthConfig(
         method=method,
         num_images=num_images,
