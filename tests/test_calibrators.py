@@ -137,7 +137,7 @@ def _input(model):
     )
 
 
-@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("family", ["deit_tiny", "swin_tiny"])  # the two quantizer layouts (suite time)
 def test_frozen_weights_give_bit_identical_logits_and_step_aside(family):
     from sardfq_export.calibrators.quantizer import frozen_weights
 
