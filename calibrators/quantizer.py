@@ -49,9 +49,8 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("scale", torch.zeros(shape, dtype=torch.float32))
         self._calibrated = False  # Python flag, so forward has no tensor-dependent branch
         self.collector = None  # set during calibration: statistics of what flows through
-        self._frozen: tuple[torch.Tensor, torch.Tensor] | None = (
-            None  # (weight, its fake-quant): frozen_weights
-        )
+        # (weight, its fake-quant) inside ``with frozen_weights(model):``, else None
+        self._frozen: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     # -- properties of the contract --------------------------------------------------------

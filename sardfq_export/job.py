@@ -64,9 +64,8 @@ class JobConfig:
     data: str | None = None  # real labelled data for accuracy
     limit: int | None = None  # evaluate only the first N images of ``data``
     device: str = "auto"  # where torch runs: auto (CUDA when present) | cpu | cuda[:N]
-    precision: str = (
-        "auto"  # synthesis and fine-tuning autocast: auto | fp32 | bf16 (core.device.resolve_precision)
-    )
+    # synthesis and fine-tuning autocast: auto | fp32 | bf16 (core.device.resolve_precision)
+    precision: str = "auto"
     out: str = "sardfq-out"
     gates: GateSpec = GateSpec()
     quantize: api.QuantizeConfig = api.QuantizeConfig()  # its scheme and seed are set from the fields above
