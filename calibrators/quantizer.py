@@ -131,8 +131,7 @@ class frozen_weights:
     fake-quant computed once on entry, when called without grad on that same weight tensor.
 
     Evaluation passes (validation's fidelity, accuracy over 10k images) otherwise re-quantize every
-    weight per batch: on the DINOv2 ViT-S/14 that per-channel fake-quant was 14% of a fake-quant
-    forward. The cached tensor is the very same op's output on the same input, so the logits are
+    weight per batch, a cost that does not shrink with the batch. The cached tensor is the very same op's output on the same input, so the logits are
     bit-identical (tested). The weights and scales must not change inside the block; a disabled
     quantizer, or a call with grad (training), takes the normal path.
     """
