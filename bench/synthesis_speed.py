@@ -2,6 +2,7 @@
 
     bash tools/dev.sh python bench/synthesis_speed.py [--model deit_tiny_patch16_224] [--iters 4]
     bash tools/dev.sh python bench/synthesis_speed.py --memory deit_base_patch16_224 --iters 4
+    bash tools/dev.sh python bench/synthesis_speed.py --step-ratio dinov2_s14_fmnist --rounds 3 --iters 4
 
 Throughput: SARDFQ image-iterations/s at batch 32 (random-init timm model, 224×224) for ours in
 fp32 and with bf16 autocast, against the straightforward implementation in
@@ -9,6 +10,11 @@ fp32 and with bf16 autocast, against the straightforward implementation in
 all in one process, interleaved. Achieved FLOP/s = matmul FLOPs of one of our iterations (counted
 by ``torch.utils.flop_counter``) × iterations/s, as a fraction of the peak this machine reaches on
 a large square matmul of the same dtype, measured in the same run.
+
+Step ratio (``--step-ratio MODEL``): a SARDFQ step against a PSAQ-ViT step on MODEL (its own
+weights; fp32, or ``--bf16``), interleaved over ``--rounds`` rounds, with the two ratios that
+should bound it measured in the same steps: images forwarded through the teacher per step (SARDFQ
+adds its MSR region crops to the batch) and matmul FLOPs per step (``torch.utils.flop_counter``).
 
 Memory (``--memory``): peak resident memory of one synthesis process, sampled after every
 iteration, to show it does not grow with the iteration count. Prints JSON.
@@ -111,6 +117,62 @@ def measure(model: str = "deit_tiny_patch16_224", batch: int = 32, iters: int = 
     }
 
 
+def step(loaded, method: str, batch: int, iters: int, bf16: bool) -> dict:
+    """Seconds per step of ``method`` (after one warm-up step), and per step: images through the
+    teacher (a forward hook counts its batch) and matmul FLOPs (counted in step 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stamps: list[float] = []
+    seen: list[int] = []
+    counter = FlopCounterMode(display=False)
+
+    def tick(_batch, done):
+        stamps.append(time.perf_counter())
+        if done == 1:
+            seen.clear()
+            counter.__enter__()
+        if done == 2:
+            counter.__exit__(None, None, None)
+            seen.append(-1)  # marks the end of step 2's forwards
+
+    hook = loaded.model.register_forward_hook(lambda m, args, out: seen.append(int(args[0].shape[0])))
+    try:
+        cfg = SynthConfig(
+            method=method, num_images=batch, batch_size=batch, seed=0, iters=iters + 2, bf16=bf16
+        )
+        synthesize(loaded, cfg, None, progress=False, callback=tick)
+    finally:
+        hook.remove()
+    step2 = seen[: seen.index(-1)]
+    return {
+        "s_per_iter": (stamps[-1] - stamps[1]) / (len(stamps) - 2),
+        "teacher_images_per_step": sum(step2),
+        "flops_per_step": int(counter.get_total_flops()),
+    }
+
+
+def step_ratio(model: str, batch: int, iters: int, rounds: int, bf16: bool, threads: int = 2) -> dict:
+    """SARDFQ step / PSAQ-ViT step on ``model`` (loaded as the CLI loads it), interleaved rounds."""
+    import statistics
+
+    torch.set_num_threads(threads)
+    loaded = load_model(model)
+    runs = []
+    for _ in range(rounds):  # interleaved: machine noise hits both alike
+        s = step(loaded, "sardfq", batch, iters, bf16)
+        p = step(loaded, "psaq", batch, iters, bf16)
+        runs.append({"sardfq": s, "psaq": p, "ratio": s["s_per_iter"] / p["s_per_iter"]})
+    ratios = [r["ratio"] for r in runs]
+    last = runs[-1]
+    return {
+        "model": model, "batch": batch, "timed_iters": iters, "rounds": rounds, "threads": threads,
+        "precision": "bf16" if bf16 else "fp32", "runs": runs,
+        "step_ratio_median": statistics.median(ratios), "step_ratio_min": min(ratios), "step_ratio_max": max(ratios),
+        "forward_count_ratio": last["sardfq"]["teacher_images_per_step"] / last["psaq"]["teacher_images_per_step"],
+        "flop_ratio": last["sardfq"]["flops_per_step"] / last["psaq"]["flops_per_step"],
+    }  # fmt: skip
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
@@ -152,8 +214,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory", default=None, metavar="MODEL", help="measure peak memory of MODEL instead")
     ap.add_argument("--fp32", action="store_true", help="--memory: fp32 instead of bf16 autocast")
+    ap.add_argument(
+        "--step-ratio", default=None, metavar="MODEL", help="SARDFQ step / PSAQ-ViT step on MODEL"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="--step-ratio: interleaved rounds")
+    ap.add_argument("--bf16", action="store_true", help="--step-ratio: bf16 autocast")
     args = ap.parse_args(argv)
-    if args.memory:
+    if args.step_ratio:
+        res = step_ratio(args.step_ratio, args.batch, args.iters, args.rounds, args.bf16, args.threads)
+    elif args.memory:
         res = memory(args.memory, args.batch, args.iters, bf16=not args.fp32, threads=args.threads)
     else:
         res = measure(args.model, args.batch, args.iters, args.threads)

@@ -58,6 +58,7 @@ def test_fidelity_keeps_the_three_runners_apart():
     # 1e-6 of input noise cannot move a table lookup: the fake-quant model agrees with itself
     assert f.pop("fakequant_noise_floor") == {
         "sigma": 1e-6,
+        "where": "input",
         "agreement": 1.0,
         "cosine": 1.0,
         "cosine_min": 1.0,
@@ -312,6 +313,43 @@ def test_noise_floor_counts_the_images_on_a_rounding_boundary():
     flips = int((noise.flatten()[:3] < 0).sum())
     assert 0 < flips < 3  # the seed gives both directions: the test can fail either way
     assert floor["agreement"] == (8 - flips) / 8 and floor["sigma"] == NOISE_FLOOR_SIGMA
+
+
+def test_activation_noise_floor_moves_exactly_the_values_on_a_rounding_boundary():
+    """perturbed_activations multiplies each activation quantizer's input by (1 + 1e-6·ε): a value
+    on a rounding boundary ((k + ½)·scale) goes to the step its ε's sign says, every other value
+    stays, weights are untouched; the noise floor run inside it sees those flips and only those."""
+    from sardfq_export.calibrators.quantizer import TensorQuantizer, perturbed_activations
+    from sardfq_export.validation.fidelity import noise_floor
+
+    act, wq = TensorQuantizer(8), TensorQuantizer(8, role="weight")
+    act.set_scale(torch.tensor(0.25))
+    wq.set_scale(torch.tensor(0.25))
+    model = torch.nn.ModuleDict({"act": act, "w": wq})
+    x = torch.tensor([[0.125, 0.375, 0.2, 1.0, -0.625, 0.0]])  # boundaries: 0.125, 0.375, -0.625
+    weight = x.clone()
+    with perturbed_activations(model, seed=27):
+        y, w = act(x), wq(weight)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(27))
+    on_boundary = torch.tensor([[True, True, False, False, True, False]])
+    # x·(1 + 1e-6·ε) leaves a tie towards |x| larger when ε > 0; without noise: round half to even
+    expected = torch.where(on_boundary, x + 0.125 * (eps * x).sign(), act(x))
+    assert torch.equal(y, expected) and torch.equal(w, wq(weight))
+    assert torch.equal(act(x), torch.tensor([[0.0, 0.5, 0.25, 1.0, -0.5, 0.0]]))
+    assert (y != act(x)).sum() == 3  # seed 27 (|ε| > 0.5 on each tie) moves all three off their even step
+    assert not act._forward_pre_hooks and not wq._forward_pre_hooks  # hooks only inside the block
+
+    # Logits (q, 0.3) of one value per image: class 0 iff the quantized value is above 0.3.
+    def runner(imgs):
+        q = act(imgs.flatten(1))
+        return torch.cat([q, torch.full_like(q, 0.3)], 1)
+
+    images = torch.tensor([0.125, 0.2, 0.375, 1.0]).view(4, 1)
+    floor = noise_floor(runner, images, runner(images), perturb=lambda: perturbed_activations(model, seed=0))
+    e0 = torch.randn(4, 1, generator=torch.Generator().manual_seed(0)).flatten()
+    # only 0.375 (0.5 unperturbed) can cross 0.3, to 0.25, when its ε < 0; 0.125 goes 0 → 0 or 0.25
+    assert e0[2] < 0  # (the seed makes the flip happen: the test can fail)
+    assert floor["where"] == "activations" and floor["agreement"] == 0.75
 
 
 # --- latency against the float runtime: rounds, spread, noisy flag, the speed-up gate -------------

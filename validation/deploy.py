@@ -46,7 +46,7 @@ def validate_deployment(
     For ONNX Runtime, the graph ORT runs is written beside ``onnx_path`` as ``model.ort.onnx`` so
     that what was measured is what the team deploys.
     """
-    from sardfq_export.calibrators.quantizer import frozen_weights
+    from sardfq_export.calibrators.quantizer import frozen_weights, perturbed_activations
     from sardfq_export.exporters.onnx_export import export_float_onnx
     from sardfq_export.exporters.ort import (
         OrtConfig,
@@ -102,7 +102,10 @@ def validate_deployment(
     # batch (bit-identical logits; calibrators.quantizer.frozen_weights).
     with frozen_weights(qmodel):
         say(f"fidelity on {len(held_images)} held-out images")
-        result["fidelity"] = fid.fidelity(fp32, fq, deployed, held_images)
+        # The floor perturbs every activation quantizer's input, as another runtime's rounding does.
+        result["fidelity"] = fid.fidelity(
+            fp32, fq, deployed, held_images, perturb=lambda: perturbed_activations(qmodel)
+        )
         if dataset is not None:
             accs = {}
             if fp32_accuracy is not None:

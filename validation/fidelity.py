@@ -7,6 +7,7 @@ by more than 1e-5); top-1 agreement and the cosine similarity of logits are what
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -41,28 +42,49 @@ def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
-NOISE_FLOOR_SIGMA = 1e-6  # input noise far below any image's precision (8-bit pixels: ~1e-2)
+NOISE_FLOOR_SIGMA = 1e-6  # far below any image's precision (8-bit pixels: ~1e-2) and a few float32 ulps
 
 
-def noise_floor(runner: Runner, images: torch.Tensor, logits: torch.Tensor, batch_size: int = 64) -> dict:
-    """How much ``runner`` disagrees with *itself* when the input moves by 1e-6 (seeded noise).
+def noise_floor(
+    runner: Runner,
+    images: torch.Tensor,
+    logits: torch.Tensor,
+    batch_size: int = 64,
+    perturb: Callable[[], AbstractContextManager] | None = None,
+) -> dict:
+    """How much ``runner`` disagrees with *itself* under noise of 1e-6 (seeded).
 
     A quantized model puts values on rounding boundaries; any other runtime (a different float
-    accumulation order) moves some across them, as this noise does. Deployed-vs-fake-quant
-    agreement can only be read against this floor: below it is the export's fault, at it is not.
+    accumulation order) moves some across them. Deployed-vs-fake-quant agreement can only be read
+    against this floor: below it is the export's fault, at it is not. With ``perturb`` (a context
+    such as :class:`calibrators.quantizer.perturbed_activations`, which moves every activation
+    quantizer's input by a relative 1e-6) the noise is inside the model, in every layer, as a
+    runtime's is; without it only the input moves, which misses most of it on a real ViT.
     """
-    gen = torch.Generator().manual_seed(0)
-    noisy = images + NOISE_FLOOR_SIGMA * torch.randn(images.shape, generator=gen, dtype=images.dtype)
-    cmp = compare_logits(run_batches(runner, noisy, batch_size), logits)
-    return {"sigma": NOISE_FLOOR_SIGMA, "agreement": cmp["agreement"], "cosine": cmp["cosine"],
+    if perturb is not None:
+        with perturb():
+            noisy_logits = run_batches(runner, images, batch_size)
+        where = "activations"
+    else:
+        gen = torch.Generator().manual_seed(0)
+        noisy = images + NOISE_FLOOR_SIGMA * torch.randn(images.shape, generator=gen, dtype=images.dtype)
+        noisy_logits = run_batches(runner, noisy, batch_size)
+        where = "input"
+    cmp = compare_logits(noisy_logits, logits)
+    return {"sigma": NOISE_FLOOR_SIGMA, "where": where, "agreement": cmp["agreement"], "cosine": cmp["cosine"],
             "cosine_min": cmp["cosine_min"]}  # fmt: skip
 
 
 def fidelity(
-    fp32: Runner, fakequant: Runner, deployed: Runner, images: torch.Tensor, batch_size: int = 64
+    fp32: Runner,
+    fakequant: Runner,
+    deployed: Runner,
+    images: torch.Tensor,
+    batch_size: int = 64,
+    perturb: Callable[[], AbstractContextManager] | None = None,
 ) -> dict:
     """The report's ``fidelity`` section: deployed vs FP32 and vs fake-quant on ``images``, and the
-    fake-quant model's own noise floor beside them."""
+    fake-quant model's own noise floor beside them (``perturb``: see :func:`noise_floor`)."""
     if images.ndim == 0 or images.shape[0] == 0:
         raise UserInputError(
             "fidelity needs at least one held-out image, got 0: pass a non-empty image set (or more --num-images)"
@@ -71,7 +93,7 @@ def fidelity(
     fq = run_batches(fakequant, images, batch_size)
     dep = run_batches(deployed, images, batch_size)
     vs_fp32, vs_fq, fq_vs_fp32 = compare_logits(dep, ref), compare_logits(dep, fq), compare_logits(fq, ref)
-    floor = noise_floor(fakequant, images, fq, batch_size)
+    floor = noise_floor(fakequant, images, fq, batch_size, perturb)
     return {
         "n": int(images.shape[0]),
         "agreement_vs_fp32": vs_fp32["agreement"],

@@ -60,6 +60,13 @@ class Report:
         return (self.accuracy or {}).get("top1_drop")
 
 
+def _floor_where(floor: dict) -> str:
+    """Where the noise floor's noise was put (reports before it had "where" perturbed the input)."""
+    if floor.get("where") == "activations":
+        return "every activation quantizer's input (as another runtime's float rounding does)"
+    return "the input image"
+
+
 def build_report(
     *,
     model: str,
@@ -215,8 +222,9 @@ def render_markdown(report: dict) -> str:
         if floor:
             lines += [
                 f"Noise floor: the fake-quant model agrees with *itself* on {_pct(floor['agreement'])} of these "
-                f"images when the input moves by {floor['sigma']:g} (logit cosine {_num(floor['cosine'], '.6f')}). "
-                "Deployed-vs-fake-quant agreement at this floor is rounding-boundary noise, not an export fault.",
+                f"images when {_floor_where(floor)} moves by a relative {floor['sigma']:g} (logit cosine "
+                f"{_num(floor['cosine'], '.6f')}). Deployed-vs-fake-quant agreement at this floor is "
+                "rounding-boundary noise, not an export fault.",
                 "",
             ]
     sens = report.get("sensitivity")
@@ -429,7 +437,9 @@ def render_summary(report: dict, out: str | Path) -> str:
             f"vs fp32 {fidl['agreement_vs_fp32'] * 100:.2f}%, cosine vs fake-quant "
             f"{fidl['cosine_vs_fakequant']:.6f}"
             + (
-                f"; fake-quant vs itself under 1e-6 noise {fidl['fakequant_noise_floor']['agreement'] * 100:.2f}%"
+                f"; noise floor (fake-quant vs itself, 1e-6 noise in "
+                f"{fidl['fakequant_noise_floor'].get('where', 'input')}) "
+                f"{fidl['fakequant_noise_floor']['agreement'] * 100:.2f}%"
                 if fidl.get("fakequant_noise_floor")
                 else ""
             )

@@ -1,0 +1,135 @@
+"""Where the w8a8 error of the DINOv2 benchmark model comes from, and whether ONNX Runtime's
+disagreement with the fake-quant model is rounding-boundary noise.
+
+    bash tools/dev.sh python bench/dinov2_error_budget.py --calib real --limit 2000 [--smoothquant 0.8 --smooth-fc2]
+
+Quantizes once (the product's recipe with the given options), then measures on the first --limit
+test images how often the fake-quant model agrees with FP32 top-1 when only a group of its
+quantizers is on (weights only, activations only, the input of each Linear role alone), and the
+*internal* noise floor: the fake-quant model against itself when every activation quantizer's input
+is multiplied by (1 + 1e-6·ε), ε ~ N(0, 1) — the size of a float runtime's rounding differences in
+every layer at once, not only at the input. One JSON line per run (--log appends).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dinov2_probe import _commit, calib_set, top1  # noqa: E402
+
+import sardfq_export as sx  # noqa: E402
+from sardfq_export.data import load_raw, preprocess  # noqa: E402
+
+ROLES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def quantizers(qmodel):
+    """(module name, 'input'|'weight', quantizer) of every active TensorQuantizer on a Linear."""
+    from sardfq_export.calibrators.modules import QuantLinear
+
+    out = []
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantLinear):
+            for kind in ("input", "weight"):
+                q = getattr(m, f"{kind}_quantizer")
+                if q.active:
+                    out.append((name, kind, q))
+    return out
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="dinov2_s14_fmnist")
+    ap.add_argument("--calib", default="real", choices=["noise", "real", "sardfq", "psaq"])
+    ap.add_argument("--num-images", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scheme", default="w8a8")
+    ap.add_argument("--smoothquant", type=float, default=None)
+    ap.add_argument("--smooth-fc2", action="store_true")
+    ap.add_argument("--keep-fp", nargs="*", default=[])
+    ap.add_argument("--limit", type=int, default=2000)
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-calib")
+    ap.add_argument("--log", type=Path)
+    a = ap.parse_args(argv)
+    commit = _commit()
+
+    loaded = sx.load_model(a.model)
+    raw = load_raw("fashion-mnist", "test")
+    x = preprocess(raw.images[: a.limit], loaded.data_config)
+    y = torch.as_tensor(raw.labels[: a.limit]).long()
+    fp_top1, fp = top1(loaded.model, x, y)
+    cal = calib_set(loaded, a.calib, a.num_images, a.seed, a.cache, a.iters)
+    q = sx.quantize(loaded, cal, scheme=a.scheme, seed=a.seed, smoothquant=a.smoothquant,
+                    smooth_fc2=a.smooth_fc2, keep_fp=tuple(a.keep_fp), progress=False)  # fmt: skip
+    qs = quantizers(q.model)
+    t0 = time.perf_counter()
+    full_top1, full = top1(q.model, x, y)
+
+    def only(pred) -> dict:
+        for name, kind, tq in qs:
+            tq.enabled = pred(name, kind)
+        try:
+            t1, z = top1(q.model, x, y)
+        finally:
+            for _, _, tq in qs:
+                tq.enabled = True
+        return {"top1": t1, "agreement_vs_fp32": agreement(z, fp)}
+
+    groups = {
+        "all": {"top1": full_top1, "agreement_vs_fp32": agreement(full, fp)},
+        "weights only": only(lambda n, k: k == "weight"),
+        "activations only": only(lambda n, k: k == "input"),
+    }
+    for role in ROLES:
+        groups[f"{role} input only"] = only(lambda n, k, r=role: k == "input" and n.endswith(r))
+
+    # Internal noise floor: a relative 1e-6 perturbation of every activation quantizer's input.
+    gen = torch.Generator().manual_seed(a.seed + 1)
+    handles = [
+        tq.register_forward_pre_hook(
+            lambda m, args: (args[0] * (1 + 1e-6 * torch.randn(args[0].shape, generator=gen)),)
+        )
+        for _, kind, tq in qs
+        if kind == "input"
+    ]
+    try:
+        _, perturbed = top1(q.model, x, y)
+    finally:
+        for h in handles:
+            h.remove()
+    row = {
+        "model": a.model, "calib": a.calib, "num_images": a.num_images, "iters": a.iters, "seed": a.seed,
+        "scheme": a.scheme, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "keep_fp": a.keep_fp,
+        "limit": a.limit, "fp32_top1": fp_top1, "groups": groups,
+        "internal_noise_floor": agreement(perturbed, full),
+        "seconds": round(time.perf_counter() - t0, 1), "commit": commit,
+    }  # fmt: skip
+    line = json.dumps(row)
+    print(line, flush=True)
+    for name, g in groups.items():
+        print(
+            f"  {name:24s} top-1 {100 * g['top1']:.2f}  agreement vs FP32 {100 * g['agreement_vs_fp32']:.2f}%"
+        )
+    print(
+        f"  internal noise floor (1e-6 relative at every activation quantizer): {100 * row['internal_noise_floor']:.2f}%"
+    )
+    if a.log:
+        with open(a.log, "a") as fh:
+            fh.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
