@@ -164,6 +164,32 @@ def test_frozen_weights_give_bit_identical_logits_and_step_aside(family):
         assert q._frozen is None
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpu_activation_fake_quant_equals_the_aten_op_bit_for_bit_and_keeps_its_gradient(bits):
+    """Evaluation on a CPU computes the per-tensor fake-quant with vectorized ops (the ATen CPU
+    kernel is scalar); every value must be the op's own, ties and the clip included, and with a
+    gradient to carry the op itself runs (its straight-through mask)."""
+    from sardfq_export.calibrators.quantizer import _fq_tensor
+
+    gen = torch.Generator().manual_seed(0)
+    for scale in (0.0123, 0.5, 3.7e-3, 1 / 3, 1.0):
+        s = torch.tensor(scale)
+        x = 3 * torch.randn(2, 65, 384, generator=gen)
+        x[0, 0, :300] = (torch.arange(300) - 150 + 0.5) * s  # exact ties, and values past the clip
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        clipped = torch.clamp(x, min=s * lo, max=s * hi) if bits < 8 else x
+        ref = torch.fake_quantize_per_tensor_affine(clipped, s, torch.zeros((), dtype=torch.int32), -128, 127)
+        with torch.no_grad():
+            assert torch.equal(_fq_tensor(x, s, bits), ref), scale
+        xg, xa = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out = _fq_tensor(xg, s, bits)
+        out.sum().backward()
+        ca = torch.clamp(xa, min=s * lo, max=s * hi) if bits < 8 else xa
+        torch.fake_quantize_per_tensor_affine(ca, s, torch.zeros((), dtype=torch.int32), -128, 127).sum().backward()
+        assert torch.equal(out.detach(), ref) and out.grad_fn is not None
+        assert torch.equal(xg.grad, xa.grad) and 0 < xg.grad.sum() < xg.numel(), scale  # a real mask
+
+
 def _block_linears(model) -> list[nn.Module]:
     out = []
     for name in C.block_names(model):
