@@ -39,7 +39,7 @@ ABLATION = [  # (APA, MSR, SL); (1, 1, 1) is the main SARDFQ run
 ]
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=None, help="default: the embedded reference model")
     ap.add_argument("--checkpoint", default=None)
@@ -81,7 +81,50 @@ def parse() -> argparse.Namespace:
     )
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "synthesis")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "synthesis-results.md")
-    return ap.parse_args()
+    ap.add_argument(
+        "--adopt",
+        type=Path,
+        default=None,
+        help="take the cells of a published results JSON (this command's --out .json) into an empty cache, "
+        "when it was made with the same settings: a new row (e.g. --methods psaq2) joins the table "
+        "without re-measuring the others",
+    )
+    return ap.parse_args(argv)
+
+
+# The settings a cell's value depends on: a published table is adopted only when they all match.
+CELL_SETTINGS = ("model", "checkpoint", "seeds", "num_images", "iters", "bf16", "psaq2_rounds", "range",
+                 "ablation_seeds", "ablation_iters", "data", "eval_limit")  # fmt: skip
+
+
+def adopted_cells(published: Path, args: argparse.Namespace, n_test: int) -> dict[str, float]:
+    """The cache entries (``Bench.results`` keys) of a table written by this command."""
+    import shlex
+
+    pub = json.loads(published.read_text())
+    then = parse(shlex.split(pub["command"])[4:])  # "bash tools/dev.sh python bench/synthesis_table.py ..."
+    differ = [k for k in CELL_SETTINGS if getattr(then, k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"{published} was made with other settings ({', '.join(differ)}): not adopted")
+    bf = int(args.bf16)
+    cells = {f"fp|n{n_test}": pub["fp_top1"]}
+    for m, by_scheme in pub["main"].items():
+        for s, values in by_scheme.items():
+            for seed, v in zip(args.seeds, values, strict=False):  # values are in seed order
+                tag = (
+                    f"psaq2-s{seed}-r{args.psaq2_rounds}-bf{bf}"
+                    if m == "psaq2"
+                    else f"{m}-s{seed}-i{args.iters}-bf{bf}"
+                )
+                cells[f"{tag}|{s}|{args.range}|n{n_test}"] = v
+    abl_iters = args.ablation_iters if args.ablation_iters is not None else args.iters
+    abl_seeds = args.ablation_seeds if args.ablation_seeds is not None else args.seeds
+    for flags, by_scheme in pub.get("ablation", {}).items():
+        tag = "sardfq" + ("" if flags == "111" else "-" + flags)
+        for s, values in by_scheme.items():
+            for seed, v in zip(abl_seeds, values, strict=False):
+                cells[f"{tag}-s{seed}-i{abl_iters}-bf{bf}|{s}|{args.range}|n{n_test}"] = v
+    return cells
 
 
 class Bench:
@@ -98,8 +141,19 @@ class Bench:
         self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
         test = load_dataset(args.data, self.loaded.data_config, split="test", limit=args.eval_limit)
         self.test_x, self.test_y = test.take(range(len(test)))
+        if args.adopt:
+            new = {
+                k: v
+                for k, v in adopted_cells(args.adopt, args, len(self.test_y)).items()
+                if k not in self.results
+            }
+            self.results.update(new)
+            self.save()
+            print(f"adopted {len(new)} cells from {args.adopt}", flush=True)
         self.train = load_dataset(args.data, self.loaded.data_config, split="train")
         self.synth_times: dict[str, float] = {}
+        if args.adopt:  # the adopted sets' synthesis times, as the published table listed them
+            self.synth_times.update(json.loads(args.adopt.read_text()).get("synthesis_wall_s", {}))
 
     def save(self) -> None:
         tmp = self.results_path.with_suffix(".tmp")

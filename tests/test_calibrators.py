@@ -185,7 +185,9 @@ def test_cpu_activation_fake_quant_equals_the_aten_op_bit_for_bit_and_keeps_its_
         out = _fq_tensor(xg, s, bits)
         out.sum().backward()
         ca = torch.clamp(xa, min=s * lo, max=s * hi) if bits < 8 else xa
-        torch.fake_quantize_per_tensor_affine(ca, s, torch.zeros((), dtype=torch.int32), -128, 127).sum().backward()
+        torch.fake_quantize_per_tensor_affine(
+            ca, s, torch.zeros((), dtype=torch.int32), -128, 127
+        ).sum().backward()
         assert torch.equal(out.detach(), ref) and out.grad_fn is not None
         assert torch.equal(xg.grad, xa.grad) and 0 < xg.grad.sum() < xg.numel(), scale  # a real mask
 
