@@ -6,8 +6,9 @@ The validate stage runs three full passes over the labelled test set (float mode
 model, deployed engine); this bench times each runner the stage could use for them over the same
 first --limit test images, in interleaved rounds (machine noise hits all alike), at the stage's batch
 of 256: PyTorch FP32 eager, PyTorch fake-quant (weights frozen, as validation runs it), ONNX
-Runtime INT8 (the deployed graph and session settings) and ONNX Runtime FP32 (the latency
-baseline: the float model exported the same way, same settings). Also the top-1 agreement of ORT
+Runtime INT8 (the deployed graph and session settings), ONNX Runtime FP32 (the latency
+baseline: the float model exported the same way, same settings) and the fake-quant model with
+ATen's scalar per-tensor op instead of the vectorized CPU path. Also the top-1 agreement of ORT
 FP32 with PyTorch FP32, so that swapping one for the other is seen to leave the float model's
 accuracy where it is. Prints one JSON object (--out writes it too).
 """
@@ -26,6 +27,22 @@ import torch
 
 import sardfq_export as sx
 from sardfq_export.data import load_raw, preprocess
+
+
+def aten_op(runner):
+    """``runner`` with every activation fake-quant through ATen's own per-tensor op (what the CPU
+    evaluation path replaced; bit-identical values), to time the two side by side."""
+    from sardfq_export.calibrators import quantizer
+
+    def run(images):
+        fast = quantizer._plain_eval
+        quantizer._plain_eval = lambda x, scale: False
+        try:
+            return runner(images)
+        finally:
+            quantizer._plain_eval = fast
+
+    return run
 
 
 def main(argv=None) -> int:
@@ -57,6 +74,7 @@ def main(argv=None) -> int:
         runners = {
             "torch_fp32": TorchRunner(loaded.model, "torch-fp32"),
             "torch_fakequant": TorchRunner(q.model, "torch-fakequant"),
+            "torch_fakequant_aten_op": aten_op(TorchRunner(q.model, "torch-fakequant")),
             "ort_int8": OrtRunner(create_session(ort_path, run_cfg)),
             "ort_fp32": OrtRunner(create_session(fp32_path, cfg), name="onnxruntime-fp32"),
         }
@@ -81,6 +99,7 @@ def main(argv=None) -> int:
             for k, v in seconds.items()
         },
         "ort_fp32_top1_agreement_with_torch_fp32": float((preds["ort_fp32"] == preds["torch_fp32"]).float().mean()),
+        "fakequant_paths_same_predictions": bool(torch.equal(preds["torch_fakequant"], preds["torch_fakequant_aten_op"])),
     }  # fmt: skip
     text = json.dumps(res, indent=1)
     print(text)
