@@ -99,6 +99,8 @@ def test_job_writes_every_artifact_and_the_report(job):
     # What the Q/DQ parity tests prove (test_export.py): the deployed graph computes the fake-quant model.
     fid = report["fidelity"]
     assert fid["n"] == 32 and fid["agreement_vs_fakequant"] == 1.0 and fid["cosine_vs_fakequant"] >= 0.9999
+    # the floor beside it: the fake-quant model against itself, noise at every activation quantizer
+    assert fid["fakequant_noise_floor"]["where"] == "activations" and fid["fakequant_noise_floor"]["n"] == 32
     # with --data, fidelity runs on the first real test images: nothing synthesized beyond the 8 calibrating
     assert report["calibration"]["holdout"] == 32 and report["calibration"]["holdout_source"].startswith(
         "data"

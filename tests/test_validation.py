@@ -59,6 +59,7 @@ def test_fidelity_keeps_the_three_runners_apart():
     assert f.pop("fakequant_noise_floor") == {
         "sigma": 1e-6,
         "where": "input",
+        "n": 4,
         "agreement": 1.0,
         "cosine": 1.0,
         "cosine_min": 1.0,

@@ -71,7 +71,7 @@ def noise_floor(
         noisy_logits = run_batches(runner, noisy, batch_size)
         where = "input"
     cmp = compare_logits(noisy_logits, logits)
-    return {"sigma": NOISE_FLOOR_SIGMA, "where": where, "agreement": cmp["agreement"], "cosine": cmp["cosine"],
+    return {"sigma": NOISE_FLOOR_SIGMA, "where": where, "n": cmp["n"], "agreement": cmp["agreement"], "cosine": cmp["cosine"],
             "cosine_min": cmp["cosine_min"]}  # fmt: skip
 
 
