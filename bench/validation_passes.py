@@ -98,6 +98,13 @@ def main(argv=None) -> int:
                 "top1": float((preds[k] == y).float().mean())}
             for k, v in seconds.items()
         },
+        # per round (the runners of one round ran back to back): robust to load that comes and goes
+        "round_ratio_fakequant_aten_op_over_vectorized": sorted(
+            a / b for a, b in zip(seconds["torch_fakequant_aten_op"], seconds["torch_fakequant"], strict=True)
+        ),
+        "round_ratio_fakequant_over_fp32": sorted(
+            a / b for a, b in zip(seconds["torch_fakequant"], seconds["torch_fp32"], strict=True)
+        ),
         "ort_fp32_top1_agreement_with_torch_fp32": float((preds["ort_fp32"] == preds["torch_fp32"]).float().mean()),
         "fakequant_paths_same_predictions": bool(torch.equal(preds["torch_fakequant"], preds["torch_fakequant_aten_op"])),
     }  # fmt: skip
