@@ -203,9 +203,9 @@ def _fq_tensor(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
         x = torch.clamp(x, min=scale * lo, max=scale * hi)
     if x.device.type == "cpu" and x.dtype == scale.dtype == torch.float32 and _plain_eval(x, scale):
         # ATen's CPU per-tensor kernel computes clamp(nearbyint(x · (1/scale)), -128, 127) · scale
-        # element by element without vectorizing (and builds a gradient mask): 37% of a DINOv2
-        # fake-quant forward on our CPU (bench/validation_passes.py). The same float ops as
-        # vectorized in-place ones give bit-identical values (tested), about 3–5× faster; with
+        # element by element without vectorizing (and builds a gradient mask). The same float ops
+        # as vectorized in-place ones give bit-identical values (tested); a DINOv2 fake-quant
+        # forward takes 1.36× as long with the op (bench/validation_passes.py). With
         # gradients (the straight-through mask), while exporting (Q/DQ nodes) or on a GPU (one
         # fused kernel there), the op itself runs.
         return x.mul(torch.reciprocal(scale)).round_().clamp_(-128, 127).mul_(scale)
