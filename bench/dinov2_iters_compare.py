@@ -3,15 +3,18 @@
     bash tools/dev.sh python bench/dinov2_iters_compare.py          # after the two table runs below
 
 The cells come from two runs of ``bench/dinov2_table.py`` that differ only in ``--iters`` (same
-seeds, calibration size, recipes and test images; their calibration sets share one cache):
+seeds, calibration size, recipes and test images), seed by seed so that a stopped run leaves pairs:
 
     for seed in 0 1 2; do
-      nice bash tools/dev.sh python bench/dinov2_table.py --seeds $seed --only "ours w8a8 sardfq" "ours w8a8+sq sardfq" \\
+      nice bash tools/dev.sh python bench/dinov2_table.py --seeds $seed --only fp32 "ours w8a8 sardfq" "ours w8a8+sq sardfq" \\
           --iters 100 --limit 2000 --cache ~/.cache/sardfq-export/bench-dinov2-it100-l2000 \\
           --doc docs/dinov2-iters100-limit2000.md --json docs/dinov2-iters100-limit2000.json
       (the same with --iters 200, --cache ~/.cache/sardfq-export/bench-dinov2-l2000,
        --doc docs/dinov2-iters200-limit2000.md --json docs/dinov2-iters200-limit2000.json)
     done
+
+(Each cache's ``calib`` folder may be a link to ``~/.cache/sardfq-export/bench-dinov2/calib``, so
+that the full table reuses the 200-iteration sets; the file names carry the iteration count.)
 
 This script reads the two JSON files and writes docs/dinov2-iterations.md: per recipe and seed,
 deployed and fake-quant top-1, agreement with FP32, and the synthesis wall time, then the seed
@@ -30,8 +33,15 @@ ROWS = ("w8a8", "w8a8+sq")
 
 
 def cells(path: Path) -> dict[tuple[str, int], dict]:
-    rows = json.loads(path.read_text())["rows"]
-    return {(r["row"], r["seed"]): r for r in rows if r.get("kind") == "ours" and r.get("calib") == "sardfq"}
+    """(recipe row, seed) → cell, of the run's own iteration count and test-set size only."""
+    doc = json.loads(path.read_text())
+    meta = doc["meta"]
+    return {
+        (r["row"], r["seed"]): r
+        for r in doc["rows"]
+        if r.get("kind") == "ours" and r.get("calib") == "sardfq" and not r.get("synth")
+        and r.get("iters") == meta["iters"] and r.get("limit") == meta["limit"]
+    }  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -43,7 +53,11 @@ def main(argv=None) -> int:
     ja, jb = json.loads(a.a.read_text()), json.loads(a.b.read_text())
     ia, ib = ja["meta"]["iters"], jb["meta"]["iters"]
     ca, cb = cells(a.a), cells(a.b)
-    fp = next(r["top1"] for r in jb["rows"] if r.get("kind") == "fp32")
+    fp = next((r["top1"] for r in jb["rows"] + ja["rows"] if r.get("kind") == "fp32"), None)
+    if fp is None:
+        raise SystemExit(
+            f"no fp32 cell in {a.b} or {a.a}: run the table with --only fp32 (cached logits: seconds)"
+        )
     lines = [
         f"# SARDFQ synthesis iterations on DINOv2 ViT-S/14 (112 px): {ia} vs {ib}",
         "",

@@ -305,7 +305,8 @@ def write_doc(doc: Path, json_out: Path, cache: Cache, meta: dict, seeds: list[i
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Deployed vs fake-quant agreement on the test set, and the fake-quant model's noise floors "
               "(its agreement with itself when every activation quantizer's input moves by a relative 1e-6, "
-              "2,000 images: what the report shows; and under 1e-6 input noise only, 500 images), seed-mean:", "",
+              f"the first {min(2000, meta['limit'])} test images: what the report shows; and under 1e-6 input "
+              f"noise only, the first {min(500, meta['limit'])}), seed-mean:", "",
               "| recipe | calib | agreement | activation noise floor | input noise floor | drop vs FP32 (points) |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for name in RECIPES:
@@ -424,7 +425,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-dinov2")
     ap.add_argument("--doc", type=Path, default=Path("docs/dinov2-results.md"))
     ap.add_argument("--json", type=Path, default=Path("docs/dinov2-results.json"))
-    ap.add_argument("--only", nargs="+", help="run only cells whose kind/row/calib/peer label contains one of these texts")
+    ap.add_argument(
+        "--only", nargs="+", help="run only cells whose kind/row/calib/peer label contains one of these texts"
+    )
     ap.add_argument("--max-cells", type=int, help="stop after this many new cells")
     ap.add_argument("--psaq2", nargs="*", default=[], metavar="K=V",
                     help="PSAQ-ViT V2 schedule fields other than AdaptiveConfig's defaults (e.g. rounds=2 for a "

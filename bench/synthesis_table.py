@@ -110,7 +110,9 @@ def adopted_cells(published: Path, args: argparse.Namespace, n_test: int) -> dic
     cells = {f"fp|n{n_test}": pub["fp_top1"]}
     for m, by_scheme in pub["main"].items():
         for s, values in by_scheme.items():
-            for seed, v in zip(args.seeds, values, strict=False):  # values are in seed order
+            if len(values) != len(args.seeds):  # a partial row: which seeds it holds is not recorded
+                continue
+            for seed, v in zip(args.seeds, values, strict=True):  # values are in seed order
                 tag = (
                     f"psaq2-s{seed}-r{args.psaq2_rounds}-bf{bf}"
                     if m == "psaq2"
@@ -122,7 +124,9 @@ def adopted_cells(published: Path, args: argparse.Namespace, n_test: int) -> dic
     for flags, by_scheme in pub.get("ablation", {}).items():
         tag = "sardfq" + ("" if flags == "111" else "-" + flags)
         for s, values in by_scheme.items():
-            for seed, v in zip(abl_seeds, values, strict=False):
+            if len(values) != len(abl_seeds):
+                continue
+            for seed, v in zip(abl_seeds, values, strict=True):
                 cells[f"{tag}-s{seed}-i{abl_iters}-bf{bf}|{s}|{args.range}|n{n_test}"] = v
     return cells
 

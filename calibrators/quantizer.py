@@ -175,8 +175,9 @@ class perturbed_activations:
 
         def hook(_m, args):
             x = args[0]
-            eps = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-            return (x * (1 + self.rel * eps),) + tuple(args[1:])
+            eps = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device)
+            # in float32: in bf16/fp16, 1 + 1e-6·ε rounds to 1 and the floor would silently read 100%
+            return ((x.float() * (1 + self.rel * eps)).to(x.dtype),) + tuple(args[1:])
 
         for m in self.model.modules():
             if isinstance(m, TensorQuantizer) and m.role == "activation" and m.active:
@@ -202,13 +203,15 @@ def _fq_tensor(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         x = torch.clamp(x, min=scale * lo, max=scale * hi)
     if x.device.type == "cpu" and x.dtype == scale.dtype == torch.float32 and _plain_eval(x, scale):
-        # ATen's CPU per-tensor kernel computes clamp(nearbyint(x · (1/scale)), -128, 127) · scale
-        # element by element without vectorizing (and builds a gradient mask). The same float ops
-        # as vectorized in-place ones give bit-identical values (tested); a DINOv2 fake-quant
-        # forward takes 1.36× as long with the op (bench/validation_passes.py). With
-        # gradients (the straight-through mask), while exporting (Q/DQ nodes) or on a GPU (one
-        # fused kernel there), the op itself runs.
-        return x.mul(torch.reciprocal(scale)).round_().clamp_(-128, 127).mul_(scale)
+        # ATen's CPU per-tensor kernel computes clamp(nearbyint(x · (1/scale)), -128, 127) through
+        # an int64, times scale, element by element (and builds a gradient mask). The same float
+        # ops, vectorized and in place, give the same bits (tested): NaN → -128 as fmax does it,
+        # and +0.0 where the integer round trip drops the sign of a -0.0. A DINOv2 fake-quant
+        # forward takes 1.36× as long with the op (bench/validation_passes.py). With gradients
+        # (the straight-through mask), while exporting (Q/DQ nodes) or on a GPU (one fused kernel
+        # there), the op itself runs.
+        q = x.mul(torch.reciprocal(scale)).round_().clamp_(-128, 127).nan_to_num_(nan=-128.0)
+        return q.add_(0.0).mul_(scale)
     return torch.fake_quantize_per_tensor_affine(x, scale, _zero_point(scale), -128, 127)
 
 

@@ -176,11 +176,15 @@ def test_cpu_activation_fake_quant_equals_the_aten_op_bit_for_bit_and_keeps_its_
         s = torch.tensor(scale)
         x = 3 * torch.randn(2, 65, 384, generator=gen)
         x[0, 0, :300] = (torch.arange(300) - 150 + 0.5) * s  # exact ties, and values past the clip
+        x[1, 0, :5] = torch.tensor([float("nan"), -s / 4, -0.0, float("inf"), -float("inf")])
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         clipped = torch.clamp(x, min=s * lo, max=s * hi) if bits < 8 else x
         ref = torch.fake_quantize_per_tensor_affine(clipped, s, torch.zeros((), dtype=torch.int32), -128, 127)
         with torch.no_grad():
-            assert torch.equal(_fq_tensor(x, s, bits), ref), scale
+            fast = _fq_tensor(x, s, bits)
+        # the same bits: ATen's NaN → -128·scale and +0.0 (not -0.0) for small negatives included
+        assert torch.equal(fast.view(torch.int32), ref.view(torch.int32)), scale
+        assert not fast[1, 0, 0].isnan() and not fast[1, 0, 1].signbit()
         xg, xa = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         out = _fq_tensor(xg, s, bits)
         out.sum().backward()
@@ -190,6 +194,26 @@ def test_cpu_activation_fake_quant_equals_the_aten_op_bit_for_bit_and_keeps_its_
         ).sum().backward()
         assert torch.equal(out.detach(), ref) and out.grad_fn is not None
         assert torch.equal(xg.grad, xa.grad) and 0 < xg.grad.sum() < xg.numel(), scale  # a real mask
+
+
+def test_cpu_fake_quant_fast_path_is_taken_only_without_gradient_or_tracing(monkeypatch):
+    """Evaluation skips ATen's op; a trace (the ONNX export) records the op itself (its Q/DQ)."""
+    from sardfq_export.calibrators.quantizer import _fq_tensor
+
+    s, x = torch.tensor(0.1), torch.randn(4, 8)
+    expected = torch.fake_quantize_per_tensor_affine(x, s, torch.zeros((), dtype=torch.int32), -128, 127)
+    traced = torch.jit.trace(lambda t: _fq_tensor(t, s, 8), (x,))
+    assert "fake_quantize_per_tensor_affine" in str(traced.graph)
+    assert torch.equal(traced(x), expected)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ATen's fake-quant op ran in a plain evaluation")
+
+    monkeypatch.setattr(torch, "fake_quantize_per_tensor_affine", refuse)
+    with torch.no_grad():
+        assert torch.equal(_fq_tensor(x, s, 8), expected)
+    with pytest.raises(AssertionError, match="ATen's fake-quant op ran"):
+        _fq_tensor(x.clone().requires_grad_(True), s, 8)
 
 
 def _block_linears(model) -> list[nn.Module]:

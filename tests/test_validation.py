@@ -240,6 +240,20 @@ def test_report_has_exactly_the_design_keys_in_order():
     assert "Top-1 drop" in md and "Latency" in md
 
 
+@pytest.mark.parametrize("where", ["activations", "input"])
+def test_report_says_where_the_noise_floor_noise_was_put(where):
+    floor = {"sigma": 1e-6, "where": where, "n": 8, "agreement": 0.875, "cosine": 0.999, "cosine_min": 0.99}
+    fidelity = {"n": 8, "agreement_vs_fp32": 0.99, "agreement_vs_fakequant": 1.0, "cosine_vs_fakequant": 0.99999,
+                "fakequant_noise_floor": floor}  # fmt: skip
+    md = render_markdown(_report(fidelity=fidelity))
+    line = next(ln for ln in md.splitlines() if ln.startswith("Noise floor"))
+    assert "87.50%" in line
+    if where == "activations":  # relative noise inside the model
+        assert "every activation quantizer's input moves by a relative 1e-06" in line
+    else:  # absolute noise on the image (reports written before "where" existed read the same)
+        assert "the input image moves by 1e-06" in line and "relative" not in line
+
+
 def test_gates_pass_fail_and_unmeasured():
     report = _report()
     ok = evaluate_gates(report, GateSpec(max_top1_drop=1.5, min_agreement=0.995, min_speedup=1.5))

@@ -104,7 +104,11 @@ def validate_deployment(
         say(f"fidelity on {len(held_images)} held-out images")
         # The floor perturbs every activation quantizer's input, as another runtime's rounding does.
         result["fidelity"] = fid.fidelity(
-            fp32, fq, deployed, held_images, perturb=lambda: perturbed_activations(qmodel)
+            fp32,
+            fq,
+            deployed,
+            held_images,
+            perturb=lambda: perturbed_activations(qmodel, rel=fid.NOISE_FLOOR_SIGMA),
         )
         if dataset is not None:
             accs = {}

@@ -55,11 +55,13 @@ def noise_floor(
     """How much ``runner`` disagrees with *itself* under noise of 1e-6 (seeded).
 
     A quantized model puts values on rounding boundaries; any other runtime (a different float
-    accumulation order) moves some across them. Deployed-vs-fake-quant agreement can only be read
-    against this floor: below it is the export's fault, at it is not. With ``perturb`` (a context
-    such as :class:`calibrators.quantizer.perturbed_activations`, which moves every activation
-    quantizer's input by a relative 1e-6) the noise is inside the model, in every layer, as a
-    runtime's is; without it only the input moves, which misses most of it on a real ViT.
+    accumulation order) moves some across them. Deployed-vs-fake-quant agreement is read against
+    this floor: near it, the difference is rounding-boundary noise; far below it, look at the
+    export. With ``perturb`` (a context such as :class:`calibrators.quantizer.perturbed_activations`
+    made with ``rel=NOISE_FLOOR_SIGMA``, which moves every activation quantizer's input by that
+    relative amount) the noise is inside the model, in every layer, as a runtime's is; without it
+    the input image moves by that absolute amount, which misses most of it on a real ViT
+    (docs/dinov2-accuracy.md).
     """
     if perturb is not None:
         with perturb():

@@ -61,10 +61,13 @@ class Report:
 
 
 def _floor_where(floor: dict) -> str:
-    """Where the noise floor's noise was put (reports before it had "where" perturbed the input)."""
+    """Where and how the noise floor's noise was put (reports before "where" perturbed the input)."""
     if floor.get("where") == "activations":
-        return "every activation quantizer's input (as another runtime's float rounding does)"
-    return "the input image"
+        return (
+            f"every activation quantizer's input moves by a relative {floor['sigma']:g} "
+            "(as another runtime's float rounding does)"
+        )
+    return f"the input image moves by {floor['sigma']:g}"
 
 
 def build_report(
@@ -222,9 +225,9 @@ def render_markdown(report: dict) -> str:
         if floor:
             lines += [
                 f"Noise floor: the fake-quant model agrees with *itself* on {_pct(floor['agreement'])} of these "
-                f"images when {_floor_where(floor)} moves by a relative {floor['sigma']:g} (logit cosine "
-                f"{_num(floor['cosine'], '.6f')}). Deployed-vs-fake-quant agreement at this floor is "
-                "rounding-boundary noise, not an export fault.",
+                f"images when {_floor_where(floor)} (logit cosine {_num(floor['cosine'], '.6f')}). "
+                "Deployed-vs-fake-quant agreement near this floor is rounding-boundary noise, not an "
+                "export fault.",
                 "",
             ]
     sens = report.get("sensitivity")
