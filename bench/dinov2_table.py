@@ -280,7 +280,7 @@ def write_doc(doc: Path, json_out: Path, cache: Cache, meta: dict, seeds: list[i
     lines = [
         "# DINOv2 ViT-S/14 (112 px): data-free quantization, side by side",
         "",
-        f"Command: `{CMD}` (resumable; this file is rewritten from its cache after every cell).",
+        f"Command: `{meta.get('command', CMD)}` (resumable; this file is rewritten from its cache after every cell).",
         f"Model: `{MODEL}` (docs/dinov2-model.md). Test set: the first {meta['limit']} Fashion-MNIST test images.",
         f"Calibration: {meta['num_images']} images; synthetic ones with {meta['iters']} iterations. Seeds {seeds}; "
         "cells show mean ± standard deviation over seeds (top-1, %).",
@@ -443,7 +443,11 @@ def main(argv=None) -> int:
 
     schedule = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in a.psaq2)}
     cells = plan(a.seeds, a.limit, a.iters, a.num_images, schedule)
-    meta = {"limit": a.limit, "iters": a.iters, "num_images": a.num_images, "seeds": a.seeds,
+    import shlex
+
+    args = sys.argv[1:] if argv is None else argv
+    meta = {"command": " ".join([CMD, *map(shlex.quote, args)]).replace(str(Path.home()), "~"),
+            "limit": a.limit, "iters": a.iters, "num_images": a.num_images, "seeds": a.seeds,
             "machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} torch threads"}  # fmt: skip
     fp_logits = None
     done = 0
