@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 ROWS = ("w8a8", "w8a8+sq")
+NOTES = "<!-- notes (not written by the script) -->"
 
 
 def cells(path: Path) -> dict[tuple[str, int], dict]:
@@ -83,6 +84,8 @@ def main(argv=None) -> int:
                 f"| {100 * x['agreement_fakequant_vs_fp32']:.2f}% | {100 * y['agreement_fakequant_vs_fp32']:.2f}% "
                 f"| {x['calib_wall_time_s'] or 0:.0f} | {y['calib_wall_time_s'] or 0:.0f} |"
             )
+    lines += ["", "(synthesis s: the wall time of that set's run on the shared machine, under whatever else ran "
+              "or paused it; not a speed measurement: step times are in docs/performance.md.)"]  # fmt: skip
     lines += ["", f"Paired difference of deployed top-1 ({ib} − {ia} iterations), points:", ""]
     for row, d in diffs.items():
         spread = f", range {min(d):+.2f} to {max(d):+.2f}" if len(d) > 1 else ""
@@ -90,7 +93,10 @@ def main(argv=None) -> int:
     if not diffs:
         lines.append("- no seed has both cells yet")
     lines.append("")
-    a.out.write_text("\n".join(lines))
+    notes = ""  # a hand-written reading below the marker survives a rerun
+    if a.out.exists() and NOTES in a.out.read_text():
+        notes = NOTES + a.out.read_text().split(NOTES, 1)[1]
+    a.out.write_text("\n".join(lines) + notes)
     print(f"wrote {a.out}")
     return 0
 
