@@ -14,7 +14,6 @@ every layer at once, not only at the input. One JSON line per run (--log appends
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dinov2_probe import _commit, calib_set, top1  # noqa: E402
+from dinov2_probe import _commit, calib_set, emit, fp32_top1, top1  # noqa: E402
 
 import sardfq_export as sx  # noqa: E402
 from sardfq_export.data import load_raw, preprocess  # noqa: E402
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
     raw = load_raw("fashion-mnist", "test")
     x = preprocess(raw.images[: a.limit], loaded.data_config)
     y = torch.as_tensor(raw.labels[: a.limit]).long()
-    fp_top1, fp = top1(loaded.model, x, y)
+    fp_top1, fp = fp32_top1(loaded, x, y, a.cache, a.limit)
     cal = calib_set(loaded, a.calib, a.num_images, a.seed, a.cache, a.iters)
     q = sx.quantize(loaded, cal, scheme=a.scheme, seed=a.seed, smoothquant=a.smoothquant,
                     smooth_fc2=a.smooth_fc2, keep_fp=tuple(a.keep_fp), progress=False)  # fmt: skip
@@ -107,8 +106,7 @@ def main(argv=None) -> int:
         "internal_noise_floor": agreement(perturbed, full),
         "seconds": round(time.perf_counter() - t0, 1), "commit": commit,
     }  # fmt: skip
-    line = json.dumps(row)
-    print(line, flush=True)
+    emit(row, a.log)
     for name, g in groups.items():
         print(
             f"  {name:24s} top-1 {100 * g['top1']:.2f}  agreement vs FP32 {100 * g['agreement_vs_fp32']:.2f}%"
@@ -116,9 +114,6 @@ def main(argv=None) -> int:
     print(
         f"  internal noise floor (1e-6 relative at every activation quantizer): {100 * row['internal_noise_floor']:.2f}%"
     )
-    if a.log:
-        with open(a.log, "a") as fh:
-            fh.write(line + "\n")
     return 0
 
 

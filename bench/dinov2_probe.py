@@ -60,6 +60,32 @@ def top1(model, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> tuple[flo
     return float((logits.argmax(1) == y).float().mean()), logits
 
 
+def fp32_top1(
+    loaded, x: torch.Tensor, y: torch.Tensor, cache: Path, limit: int
+) -> tuple[float, torch.Tensor]:
+    """The float model's top-1 and logits on the first ``limit`` test images, cached under ``cache``
+    (minutes per probe on 2 cores otherwise)."""
+    from sardfq_export import calibrators
+
+    path = cache / f"fp32-logits-{calibrators.model_fingerprint(loaded.model)['weights'][:12]}-{limit}.pt"
+    if path.exists():
+        logits = torch.load(path)
+        return float((logits.argmax(1) == y).float().mean()), logits
+    acc, logits = top1(loaded.model, x, y)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(logits, path)
+    return acc, logits
+
+
+def emit(row: dict, log: Path | None) -> None:
+    """One JSON line on stdout, appended to ``log`` when given."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if log:
+        with open(log, "a") as fh:
+            fh.write(line + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="dinov2_s14_fmnist")
@@ -87,18 +113,7 @@ def main(argv=None) -> int:
     raw = load_raw("fashion-mnist", "test")
     x = preprocess(raw.images[: a.limit], loaded.data_config)
     y = torch.as_tensor(raw.labels[: a.limit]).long()
-    from sardfq_export import calibrators
-
-    fp_path = (
-        a.cache / f"fp32-logits-{calibrators.model_fingerprint(loaded.model)['weights'][:12]}-{a.limit}.pt"
-    )
-    if fp_path.exists():  # minutes per probe on 2 cores otherwise
-        fp_logits = torch.load(fp_path)
-        fp_top1 = float((fp_logits.argmax(1) == y).float().mean())
-    else:
-        fp_top1, fp_logits = top1(loaded.model, x, y)
-        fp_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(fp_logits, fp_path)
+    fp_top1, fp_logits = fp32_top1(loaded, x, y, a.cache, a.limit)
     t0 = time.perf_counter()
     cal = calib_set(loaded, a.calib, a.num_images, a.seed, a.cache, a.iters, a.bf16)
     t_cal = time.perf_counter() - t0
@@ -135,11 +150,7 @@ def main(argv=None) -> int:
         "summary": {k: v for k, v in q.summary.items() if k in ("gptq", "recon")},
         "commit": commit,
     }  # fmt: skip
-    line = json.dumps(row)
-    print(line, flush=True)
-    if a.log:
-        with open(a.log, "a") as fh:
-            fh.write(line + "\n")
+    emit(row, a.log)
     return 0
 
 
