@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dinov2_probe import _commit, calib_set, emit, fp32_top1, top1  # noqa: E402
+from dinov2_probe import _commit, calib_set, emit, fp32_top1, model_cache, top1  # noqa: E402
 
 import sardfq_export as sx  # noqa: E402
 from sardfq_export.data import load_raw, preprocess  # noqa: E402
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     raw = load_raw("fashion-mnist", "test")
     x = preprocess(raw.images[: a.limit], loaded.data_config)
     y = torch.as_tensor(raw.labels[: a.limit]).long()
+    a.cache = model_cache(a.cache, loaded)
     fp_top1, fp = fp32_top1(loaded, x, y, a.cache, a.limit)
     cal = calib_set(loaded, a.calib, a.num_images, a.seed, a.cache, a.iters)
     q = sx.quantize(loaded, cal, scheme=a.scheme, seed=a.seed, smoothquant=a.smoothquant,

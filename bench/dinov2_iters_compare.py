@@ -13,8 +13,8 @@ seeds, calibration size, recipes and test images), seed by seed so that a stoppe
        --doc docs/dinov2-iters200-limit2000.md --json docs/dinov2-iters200-limit2000.json)
     done
 
-(Each cache's ``calib`` folder may be a link to ``~/.cache/sardfq-export/bench-dinov2/calib``, so
-that the full table reuses the 200-iteration sets; the file names carry the iteration count.)
+(Both runs and the full table keep calibration sets in one ``--calib-cache``, so the full table reuses
+the 200-iteration sets; the file names carry the iteration count.)
 
 This script reads the two JSON files and writes docs/dinov2-iterations.md: per recipe and seed,
 deployed and fake-quant top-1, agreement with FP32, and the synthesis wall time, then the seed

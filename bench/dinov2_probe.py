@@ -60,6 +60,14 @@ def top1(model, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> tuple[flo
     return float((logits.argmax(1) == y).float().mean()), logits
 
 
+def model_cache(root: Path, loaded) -> Path:
+    """``root``/model-<weights hash>: calibration sets, FP32 logits and finished cells belong to one
+    build of the model's weights, so a rebuilt model (a new head recipe, say) never reuses another's."""
+    from sardfq_export import calibrators
+
+    return root / f"model-{calibrators.model_fingerprint(loaded.model)['weights'][:12]}"
+
+
 def fp32_top1(
     loaded, x: torch.Tensor, y: torch.Tensor, cache: Path, limit: int
 ) -> tuple[float, torch.Tensor]:
@@ -113,6 +121,7 @@ def main(argv=None) -> int:
     raw = load_raw("fashion-mnist", "test")
     x = preprocess(raw.images[: a.limit], loaded.data_config)
     y = torch.as_tensor(raw.labels[: a.limit]).long()
+    a.cache = model_cache(a.cache, loaded)
     fp_top1, fp_logits = fp32_top1(loaded, x, y, a.cache, a.limit)
     t0 = time.perf_counter()
     cal = calib_set(loaded, a.calib, a.num_images, a.seed, a.cache, a.iters, a.bf16)

@@ -25,8 +25,11 @@ from pathlib import Path
 
 import torch
 
-import sardfq_export as sx
-from sardfq_export.data import load_raw, preprocess
+sys.path.insert(0, str(Path(__file__).parent))
+from dinov2_probe import model_cache  # noqa: E402
+
+import sardfq_export as sx  # noqa: E402
+from sardfq_export.data import load_raw, preprocess  # noqa: E402
 
 CMD = "nice bash tools/dev.sh python bench/dinov2_table.py"
 MODEL = "dinov2_s14_fmnist"
@@ -69,7 +72,8 @@ def test_set(loaded, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def calibration(loaded, kind: str, seed: int, n: int, iters: int, cache: Path, synth: dict | None = None):
-    """A calibration set (cached on disk): ``real`` = n shuffled train images, else synthesized."""
+    """A calibration set (cached on disk, under ``--calib-cache``/model-<weights>/calib): ``real`` =
+    n shuffled train images, else synthesized."""
     from sardfq_export.core.calibset import CalibSet
 
     if kind == "real":
@@ -147,13 +151,17 @@ class Cache:
     def key(cell: dict) -> str:
         return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
 
-    def adopt(self, published: Path) -> int:
+    def adopt(self, published: Path, weights: str) -> int:
         """Take the finished cells of the committed table (``--json``) into an empty or partial
         cache: they were measured by this command (their key covers the cell and RECIPE_VERSION),
-        so a fresh machine resumes the table instead of measuring them again."""
+        so a fresh machine resumes the table instead of measuring them again; only when they were
+        measured on the same model weights (``weights``, the build's fingerprint)."""
         if not published.exists():
             return 0
-        new = [r for r in json.loads(published.read_text()).get("rows", []) if r.get("key") not in self.rows]
+        table = json.loads(published.read_text())
+        if table.get("meta", {}).get("model_weights") != weights:
+            return 0
+        new = [r for r in table.get("rows", []) if r.get("key") not in self.rows]
         if new:
             self.root.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as fh:
@@ -174,7 +182,7 @@ class Cache:
         return row
 
 
-def run_ours(loaded, cell: dict, x, y, fp_logits, cache_dir: Path, iters: int, n: int) -> dict:
+def run_ours(loaded, cell: dict, x, y, fp_logits, calib_dir: Path, iters: int, n: int) -> dict:
     from sardfq_export.calibrators.quantizer import perturbed_activations
 
     t0 = time.perf_counter()
@@ -183,7 +191,7 @@ def run_ours(loaded, cell: dict, x, y, fp_logits, cache_dir: Path, iters: int, n
                            seed=cell["seed"], progress=True, **cell["recipe"])  # fmt: skip
         q, cal = adapted.quantized, adapted.calib
     else:
-        cal = calibration(loaded, cell["calib"], cell["seed"], n, iters, cache_dir, cell.get("synth"))
+        cal = calibration(loaded, cell["calib"], cell["seed"], n, iters, calib_dir, cell.get("synth"))
         t0 = time.perf_counter()
         q = sx.quantize(loaded, cal, seed=cell["seed"], progress=False, **cell["recipe"])
     quant_s = time.perf_counter() - t0
@@ -207,11 +215,11 @@ def run_ours(loaded, cell: dict, x, y, fp_logits, cache_dir: Path, iters: int, n
     }  # fmt: skip
 
 
-def run_peer(loaded, cell: dict, x, y, cache_dir: Path, iters: int, n: int) -> dict:
+def run_peer(loaded, cell: dict, x, y, calib_dir: Path, iters: int, n: int) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     import peers
 
-    cal = calibration(loaded, cell["calib"], cell["seed"], n, iters, cache_dir)
+    cal = calibration(loaded, cell["calib"], cell["seed"], n, iters, calib_dir)
     kind = cell["peer_fn"]
     t0 = time.perf_counter()
     if kind.startswith("ort"):
@@ -281,7 +289,7 @@ def write_doc(doc: Path, json_out: Path, cache: Cache, meta: dict, seeds: list[i
         "# DINOv2 ViT-S/14 (112 px): data-free quantization, side by side",
         "",
         f"Command: `{meta.get('command', CMD)}` (resumable; this file is rewritten from its cache after every cell).",
-        f"Model: `{MODEL}` (docs/dinov2-model.md). Test set: the first {meta['limit']} Fashion-MNIST test images.",
+        f"Model: `{MODEL}` (docs/dinov2-model.md; weights `{meta.get('model_weights', '?')}`). Test set: the first {meta['limit']} Fashion-MNIST test images.",
         f"Calibration: {meta['num_images']} images; synthetic ones with {meta['iters']} iterations. Seeds {seeds}; "
         "cells show mean ± standard deviation over seeds (top-1, %).",
         f"Machine: {meta['machine']}.",
@@ -420,9 +428,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--limit", type=int, default=10000)
-    ap.add_argument("--iters", type=int, default=200, help="synthesis iterations (PSAQ-ViT, SARDFQ)")
+    ap.add_argument(
+        "--iters",
+        type=int,
+        default=100,
+        help="synthesis iterations (PSAQ-ViT, SARDFQ); 100 is the model's own default (ZOO_EXTRA)",
+    )
     ap.add_argument("--num-images", type=int, default=32)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-dinov2")
+    ap.add_argument("--calib-cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-dinov2-calib",
+                    help="calibration sets, shared by runs that differ in --limit or --cache (file names carry "
+                    "kind, size, seed and iterations)")  # fmt: skip
     ap.add_argument("--doc", type=Path, default=Path("docs/dinov2-results.md"))
     ap.add_argument("--json", type=Path, default=Path("docs/dinov2-results.json"))
     ap.add_argument(
@@ -436,8 +452,11 @@ def main(argv=None) -> int:
 
     loaded = sx.load_model(MODEL)
     x, y = test_set(loaded, a.limit)
+    a.cache = model_cache(a.cache, loaded)  # cells and logits of this build only
+    calib_dir = model_cache(a.calib_cache, loaded)
+    weights = a.cache.name.removeprefix("model-")
     cache = Cache(a.cache)
-    if adopted := cache.adopt(a.json):
+    if adopted := cache.adopt(a.json, weights):
         print(f"resumed {adopted} finished cells from {a.json}", flush=True)
     import ast
 
@@ -447,7 +466,7 @@ def main(argv=None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     meta = {"command": " ".join([CMD, *map(shlex.quote, args)]).replace(str(Path.home()), "~"),
-            "limit": a.limit, "iters": a.iters, "num_images": a.num_images, "seeds": a.seeds,
+            "model_weights": weights, "limit": a.limit, "iters": a.iters, "num_images": a.num_images, "seeds": a.seeds,
             "machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} torch threads"}  # fmt: skip
     fp_logits = None
     done = 0
@@ -472,10 +491,10 @@ def main(argv=None) -> int:
                 fp_logits = fp32_logits(loaded, x, a.cache, a.limit)
                 result = {"top1": scores(fp_logits, y)}
             elif cell["kind"] == "ours":
-                result = run_ours(loaded, cell, x, y, fp_logits, a.cache, a.iters, a.num_images)
+                result = run_ours(loaded, cell, x, y, fp_logits, calib_dir, a.iters, a.num_images)
             elif cell["kind"] == "peer":
                 try:
-                    result = run_peer(loaded, cell, x, y, a.cache, a.iters, a.num_images)
+                    result = run_peer(loaded, cell, x, y, calib_dir, a.iters, a.num_images)
                 except (RuntimeError, ImportError) as exc:  # a peer that cannot run here: say why, once
                     result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
             else:

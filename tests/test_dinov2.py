@@ -139,6 +139,19 @@ def test_names_and_cache_dir_are_recipe_keyed():
         dinov2.cache_dir(96)
 
 
+def test_feature_precision_follows_native_bf16_and_names_its_own_cache_folder(monkeypatch):
+    """bf16 features only where the CPU computes bf16 natively; the precision changes the head, so a
+    build with bf16 features and one with fp32 features never share a cache folder."""
+    from sardfq_export.core import device
+
+    monkeypatch.setattr(device, "bf16_native", lambda _dev: False)
+    assert dinov2.feature_precision() == "fp32" and dinov2.recipe(112)["features"] == "fp32"
+    fp32_dir = dinov2.cache_dir(112)
+    monkeypatch.setattr(device, "bf16_native", lambda _dev: True)
+    assert dinov2.feature_precision() == "bf16" and dinov2.recipe(112)["features"] == "bf16"
+    assert dinov2.cache_dir(112) != fp32_dir
+
+
 # --- the built model (skipped until built) -------------------------------------------------------
 @pytest.fixture(scope="module")
 def built():
@@ -183,7 +196,7 @@ def test_loaded_model_reproduces_its_card(built):
         )
     torch.testing.assert_close(logits[: len(expected)], expected, atol=2e-3, rtol=1e-3)
     top1 = float((logits.argmax(1).numpy() == test.labels[:500]).mean())
-    # The card's 10k number (bf16 features) minus 4 points of 500-image sampling noise, and never
+    # The card's 10k number (its recipe's features) minus 4 points of 500-image sampling noise, and never
     # below 85%: a broken conversion or preprocessing lands far below either.
     assert top1 >= max(0.85, cfg["build"]["test_top1"] - 0.04), top1
     assert abs(top1 - cfg["build"]["first500_top1_fp32"]) <= 0.004  # same images, same fp32 model
@@ -229,7 +242,7 @@ def test_dinov2_synthesizes_for_its_own_200_iterations_by_default(monkeypatch):
                         lambda size: (tiny_vit(), {"input_size": (3, 32, 32), "mean": (0.5,) * 3,
                                                    "std": (0.5,) * 3}, "stand-in"))  # fmt: skip
     loaded = sx.load_model("dinov2_s14_fmnist")
-    assert loaded.extra == {"synthesis_iters": 200}
+    assert loaded.extra == {"synthesis_iters": 100}
     seen = []
     from sardfq_export.synthesis import runner
 

@@ -189,13 +189,14 @@ def _dinov2(default_size: int) -> ZooLoader:
 
 ZOO.update({"dinov2_s14_fmnist": _dinov2(112), "dinov2_s14_fmnist@224": _dinov2(224)})
 # Per-model defaults of ZOO entries (LoadedModel.extra), measured on that model.
-# DINOv2 ViT-S/14: SARDFQ for 200 iterations, not the methods' 1000 (an ImageNet ViT's default),
-# so that the default main job fits its 20-minute budget on 2 cores (wall time in the README; 1000
-# iterations would be ~5× the synthesis time). 200 is also what bench/dinov2_table.py calibrates
-# with; whether more iterations calibrate this model better is not measured yet.
+# DINOv2 ViT-S/14: SARDFQ for 100 iterations, not the methods' 1000 (an ImageNet ViT's default).
+# Measured (docs/dinov2-iterations.md, bench/dinov2_iters_compare.py; 2 seeds paired, 2,000 test
+# images): with the default w8a8 recipe 200 iterations calibrated no better than 100 (deployed
+# top-1 -0.38 points, range -0.85 to +0.10), and 100 halves the synthesis, which is most of the
+# main job's 20-minute budget on 2 cores (wall time in the README).
 ZOO_EXTRA: dict[str, dict] = {
-    "dinov2_s14_fmnist": {"synthesis_iters": 200},
-    "dinov2_s14_fmnist@224": {"synthesis_iters": 200},
+    "dinov2_s14_fmnist": {"synthesis_iters": 100},
+    "dinov2_s14_fmnist@224": {"synthesis_iters": 100},
 }
 
 
