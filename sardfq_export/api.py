@@ -62,6 +62,9 @@ class QuantizeConfig:
     # 4-bit weights, nearest for 8-bit (DINOv2, 32 images: w4a16 drop 14.3 → 1.15 points with GPTQ;
     # w8a8 0.9 → 1.7: at 8 bits the 32-image Hessian overfits).
     weight_rounding: str = "auto"
+    # GPTQ's Hessian from the calibration images plus label-preserving variants of them (flip,
+    # resized crops; calibrators.gptq.hessian_views): 1 = the images alone.
+    gptq_views: int = 1
     keep_fp: tuple[str, ...] = ()  # Linears left float (timm module-name globs): mixed precision
     # SmoothQuant migration strength (0-1) folded into LayerNorm→Linear pairs; None: off.
     smoothquant: float | None = None
@@ -88,6 +91,8 @@ class QuantizeConfig:
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
         if self.finetune not in FINETUNES:
             raise UserInputError(f"unknown finetune {self.finetune!r}: use one of {', '.join(FINETUNES)}")
+        if not isinstance(self.gptq_views, int) or self.gptq_views < 1:
+            raise UserInputError(f"gptq_views counts the images' views in GPTQ's Hessian (>= 1), got {self.gptq_views!r}")
         if self.auto_keep_fp is not None and not 0.0 < self.auto_keep_fp <= 1.0:
             raise UserInputError(f"auto_keep_fp is a top-1 agreement in (0, 1], got {self.auto_keep_fp}")
         if self.precision not in PRECISION_CHOICES:
@@ -307,7 +312,9 @@ def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: QuantizeConfig, sch
         ),
     }
     if recipe["weight_rounding"] == "gptq":
-        summary["gptq"] = calibrators.gptq_weights(qmodel, images, progress=progress)
+        summary["gptq"] = calibrators.gptq_weights(
+            qmodel, images, views=cfg.gptq_views, seed=cfg.seed, progress=progress
+        )
     return summary
 
 

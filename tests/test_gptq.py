@@ -78,6 +78,43 @@ def test_quantize_with_gptq_marks_weights_and_survives_save_and_load(tmp_path):
     assert all(torch.equal(p, model.state_dict()[k]) for k, p in loaded.model.state_dict().items())
 
 
+def test_hessian_views_are_the_images_their_mirror_and_seeded_crops():
+    from sardfq_export.calibrators.gptq import hessian_views
+
+    images = torch.randn(5, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(hessian_views(images, 1), images)
+    v = hessian_views(images, 4, seed=7)
+    assert v.shape == (20, 3, 28, 28)
+    assert torch.equal(v[:5], images) and torch.equal(v[5:10], images.flip(-1))
+    assert torch.equal(v, hessian_views(images, 4, seed=7))  # seeded: the same views again
+    assert not torch.equal(v[10:], hessian_views(images, 4, seed=8)[10:])
+    assert not torch.equal(v[10:15], v[15:20])  # each crop view is drawn anew
+    # A crop view is the image resampled, not noise: values stay within the image's own range.
+    assert float(v[10:].abs().max()) <= float(images.abs().max()) * 1.2
+    state = torch.random.get_rng_state()
+    hessian_views(images, 3, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is left alone
+
+
+def test_gptq_views_multiply_the_hessian_tokens_and_keep_the_export():
+    import sardfq_export as sx
+    from sardfq_export.models import LoadedModel
+
+    model = tiny_vit()
+    loaded = LoadedModel(model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    one = sx.quantize(loaded, images, scheme="w4a16", weight_rounding="gptq", progress=False)
+    three = sx.quantize(loaded, images, scheme="w4a16", weight_rounding="gptq", gptq_views=3, progress=False)
+    assert one.summary["gptq"]["tokens"] == 8 * 17 and three.summary["gptq"]["tokens"] == 3 * 8 * 17
+    assert three.summary["gptq"]["views"] == 3
+    for (name, a), (_, b) in zip(one.model.named_modules(), three.model.named_modules(), strict=True):
+        if isinstance(b, calibrators.QuantLinear):  # same scales (calibrated on the images alone)
+            assert torch.equal(a.weight_quantizer.scale, b.weight_quantizer.scale), name
+            assert torch.equal(b.weight_quantizer.fake_quant(b.weight), b.weight), name
+    with pytest.raises(sx.UserInputError, match="gptq_views"):
+        sx.QuantizeConfig(gptq_views=0)
+
+
 def test_unknown_rounding_is_one_line():
     import sardfq_export as sx
 
