@@ -44,6 +44,7 @@ FINETUNES = ("none", "recon", "kd", "recon+kd")
 # methods: the student is calibrators' fake-quant model): ``--calib psaq2`` = PSAQ-ViT V2.
 ADAPTIVE_CALIBS = _ADAPTIVE_CALIBS
 ROUNDINGS = ("auto", "nearest", "gptq")
+DEFAULT_NUM_IMAGES = 32  # calibration images a source makes or reads when the caller gives no count
 
 
 @dataclass(frozen=True)
@@ -244,25 +245,29 @@ def synthesize(
 def calibration_set(
     spec: str | CalibSet | torch.Tensor,
     model: LoadedModel | nn.Module,
-    num_images: int = 32,
+    num_images: int | None = None,
     *,
     holdout: int = 0,
     seed: int = 0,
     progress: bool = True,
     device: str | torch.device | None = None,
 ) -> tuple[CalibSet, CalibSet | None]:
-    """Resolve a calibration source (``sardfq``/``psaq``/``noise``, ``real:DIR``, a file, a set, a tensor)."""
+    """Resolve a calibration source (``sardfq``/``psaq``/``noise``, ``real:DIR``, a file, a set, a tensor).
+
+    ``num_images``: how many calibrate. None: all of a given set or tensor (a caller who made 128
+    images means all 128), ``DEFAULT_NUM_IMAGES`` of a source that makes or reads them.
+    """
     from sardfq_export.synthesis.sources import resolve_calibration
 
     if isinstance(spec, torch.Tensor):
         spec = CalibSet(images=spec, meta={"method": "tensor", "num_images": len(spec)})
     if isinstance(spec, CalibSet):
-        if holdout and len(spec) > num_images:
-            return spec.split(num_images)
-        return (spec.split(num_images)[0] if len(spec) > num_images else spec), None
-    return resolve_calibration(
-        str(spec), as_loaded(model), num_images, holdout, seed, progress=progress, device=device
-    )
+        n = len(spec) if num_images is None else num_images
+        if holdout and len(spec) > n:
+            return spec.split(n)
+        return (spec.split(n)[0] if len(spec) > n else spec), None
+    n = DEFAULT_NUM_IMAGES if num_images is None else num_images
+    return resolve_calibration(str(spec), as_loaded(model), n, holdout, seed, progress=progress, device=device)
 
 
 def _scheme_of(cfg: QuantizeConfig):
@@ -342,7 +347,7 @@ def quantize(
     calib: str | CalibSet | torch.Tensor,
     config: QuantizeConfig | None = None,
     *,
-    num_images: int = 32,
+    num_images: int | None = None,
     holdout: CalibSet | torch.Tensor | None = None,
     progress: bool = True,
     adaptive: AdaptiveConfig | None = None,
@@ -353,7 +358,8 @@ def quantize(
 
     ``calib`` is a calibration set (from :func:`synthesize`), a tensor of images in the model's
     normalized space, or a spec string (``"real:fashion-mnist"``, ``"sardfq"``, a file). The
-    float model is untouched. Keyword arguments override fields of ``QuantizeConfig()``.
+    float model is untouched. ``num_images``: all of a given set or tensor unless set; 32
+    (``DEFAULT_NUM_IMAGES``) from a spec string. Keyword arguments override fields of ``QuantizeConfig()``.
     ``holdout``: images the calibration did not see, for ``auto_keep_fp``'s fidelity measurement
     (default: the calibration images themselves). ``calib="psaq2"``: PSAQ-ViT V2 (:func:`psaq2`,
     with ``adaptive`` as its schedule) builds the model and its images together. ``device``: where
@@ -367,7 +373,7 @@ def quantize(
             loaded,
             cfg,
             adaptive=adaptive,
-            num_images=num_images,
+            num_images=DEFAULT_NUM_IMAGES if num_images is None else num_images,
             seed=cfg.seed,
             progress=progress,
             device=device,
@@ -431,7 +437,7 @@ def psaq2(
     *,
     adaptive: AdaptiveConfig | None = None,
     synth: SynthConfig | None = None,
-    num_images: int = 32,
+    num_images: int = DEFAULT_NUM_IMAGES,
     holdout: int = 0,
     seed: int = 0,
     iters: int | None = None,

@@ -59,6 +59,18 @@ def test_quantize_and_export_a_plain_module_from_a_tensor(tmp_path):
     assert res.lint.passed and res.path.is_file()
 
 
+def test_quantize_calibrates_on_all_the_images_it_is_given_unless_told_fewer():
+    """A caller who made 40 images means 40 (it used to keep the first 32 silently)."""
+    model = tiny_vit()
+    images = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    q = sx.quantize(model, images, scheme="w4a16", progress=False)
+    assert q.summary["calib"]["num_images"] == 40 and q.summary["gptq"]["tokens"] == 40 * 17
+    q = sx.quantize(model, sx.CalibSet(images=images, meta={}), scheme="w8a8", num_images=24, progress=False)
+    assert q.summary["calib"]["num_images"] == 24
+    cal, held = sx.calibration_set(images, model, 30, holdout=1)
+    assert len(cal) == 30 and len(held) == 10 and torch.equal(held.images, images[30:])
+
+
 def test_unknown_setting_is_a_one_line_user_error():
     with pytest.raises(sx.UserInputError, match="QuantizeConfig has no setting schem"):
         sx.quantize(tiny_vit(), torch.zeros(1, 3, 32, 32), schem="w8a8")
