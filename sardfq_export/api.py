@@ -93,7 +93,9 @@ class QuantizeConfig:
         if self.finetune not in FINETUNES:
             raise UserInputError(f"unknown finetune {self.finetune!r}: use one of {', '.join(FINETUNES)}")
         if not isinstance(self.gptq_views, int) or self.gptq_views < 1:
-            raise UserInputError(f"gptq_views counts the images' views in GPTQ's Hessian (>= 1), got {self.gptq_views!r}")
+            raise UserInputError(
+                f"gptq_views counts the images' views in GPTQ's Hessian (>= 1), got {self.gptq_views!r}"
+            )
         if self.auto_keep_fp is not None and not 0.0 < self.auto_keep_fp <= 1.0:
             raise UserInputError(f"auto_keep_fp is a top-1 agreement in (0, 1], got {self.auto_keep_fp}")
         if self.precision not in PRECISION_CHOICES:
@@ -267,7 +269,9 @@ def calibration_set(
             return spec.split(n)
         return (spec.split(n)[0] if len(spec) > n else spec), None
     n = DEFAULT_NUM_IMAGES if num_images is None else num_images
-    return resolve_calibration(str(spec), as_loaded(model), n, holdout, seed, progress=progress, device=device)
+    return resolve_calibration(
+        str(spec), as_loaded(model), n, holdout, seed, progress=progress, device=device
+    )
 
 
 def _scheme_of(cfg: QuantizeConfig):
