@@ -86,9 +86,12 @@ def shifted_copy(model: nn.Module, images: torch.Tensor, where: set[str]) -> tup
     width = {}
     for i, blk in enumerate(m.blocks):
 
-        def centre(key):
+        def centre(key, i=i):
             lo, hi = ranges[f"{i}.{key}"]
-            width[f"{i}.{key}"] = (float(torch.maximum(lo.abs(), hi.abs()).max()), float(((hi - lo) / 2).max()))
+            width[f"{i}.{key}"] = (
+                float(torch.maximum(lo.abs(), hi.abs()).max()),
+                float(((hi - lo) / 2).max()),
+            )
             return (hi + lo) / 2
 
         if "ln" in where:
