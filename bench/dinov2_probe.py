@@ -105,7 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--range", default="auto")
     ap.add_argument("--weight-range", default="mse")
     ap.add_argument("--rounding", default="auto")
-    ap.add_argument("--gptq-views", type=int, default=1, help="GPTQ Hessian from the images and their variants")
+    ap.add_argument(
+        "--gptq-views", type=int, default=1, help="GPTQ Hessian from the images and their variants"
+    )
     ap.add_argument("--finetune", default="none")
     ap.add_argument("--smoothquant", type=float, default=None)
     ap.add_argument("--smooth-fc2", action="store_true")

@@ -40,6 +40,8 @@ PSAQ2 = "psaq2"
 # The product's recipe per row (QuantizeConfig fields); "recon" rows add block reconstruction.
 RECIPES = {
     "w8a8": {"scheme": "w8a8"},  # GPTQ at 8 bits overfits 32 images: measured worse (bench/dinov2_probe.py)
+    # fc2's one-sided post-GELU input centred per channel (calibrators.centre; bench/dinov2_shift_probe.py)
+    "w8a8+c": {"scheme": "w8a8", "centre_fc2": True},
     # SmoothQuant α 0.8 folded into LayerNorms and V, explicit before fc2: the candidate default for
     # real ViTs (bench/dinov2_error_budget.py: activation error from 96.25% to 99.0% agreement)
     "w8a8+sq": {"scheme": "w8a8", "smoothquant": 0.8, "smooth_fc2": True},

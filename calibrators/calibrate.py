@@ -173,6 +173,10 @@ def calibrate(
     was_training = qmodel.training
     qmodel.eval()
     scheme = getattr(qmodel, "scheme", None)
+    if scheme is not None and scheme.centre_fc2:
+        from sardfq_export.calibrators.centre import centre_inputs  # moves biases: before smoothing
+
+        centre_inputs(qmodel, data, progress)
     if scheme is not None and scheme.smoothquant_alpha is not None:
         from sardfq_export.calibrators.smooth import (
             smooth_quant,  # folds factors into weights: before weight ranges

@@ -82,9 +82,7 @@ def _input_hessian(qmodel: nn.Module, lin: QuantLinear, data, batch_size: int) -
     count = [0]
 
     def hook(m, args):
-        x = args[0].detach()
-        smooth = m._buffers.get("input_smooth")  # what F.linear sees: smoothed, then quantized
-        x = m.input_quantizer(x * smooth if smooth is not None else x).reshape(-1, m.in_features).double()
+        x = m.quant_input(args[0].detach()).reshape(-1, m.in_features).double()  # what F.linear sees
         h.addmm_(x.T, x)
         count[0] += x.shape[0]
         raise _Stop  # nothing after this layer is needed

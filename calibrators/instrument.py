@@ -100,6 +100,8 @@ def _convert_block(name: str, block: nn.Module, scheme: Scheme) -> None:
             QuantLinear.convert(sub, scheme, f"{name}.{sub_name}")
             if scheme.smooth_explicit and sub_name == "mlp.fc2":
                 sub.add_input_smoothing()
+            if scheme.centre_fc2 and sub_name == "mlp.fc2":
+                sub.add_input_shift()
     quant_attn_cls.convert(block.attn, scheme, f"{name}.attn")
     if scheme.quantize_residual:
         residual_cls.convert(block, scheme, name)

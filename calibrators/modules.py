@@ -63,11 +63,23 @@ class QuantLinear(nn.Linear):
         ones until calibrators.smooth sets it (x·1 is exact: the float function is unchanged)."""
         self.register_buffer("input_smooth", torch.ones(self.in_features, device=self.weight.device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def add_input_shift(self) -> None:
+        """A per-input-channel shift subtracted before the input quantizer (and before the smoothing
+        factor): zeros until calibrators.centre sets it and adds ``W·shift`` to the bias."""
+        self.register_buffer("input_shift", torch.zeros(self.in_features, device=self.weight.device))
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the GEMM sees: x shifted, smoothed, then through the input quantizer."""
+        shift = self._buffers.get("input_shift")
+        if shift is not None:
+            x = x - shift
         smooth = self._buffers.get("input_smooth")
         if smooth is not None:
             x = x * smooth
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return self.input_quantizer(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quant_input(x), self.weight_quantizer(self.weight), self.bias)
 
 
 class QuantConv2d(nn.Conv2d):

@@ -79,6 +79,11 @@ class Scheme:
     # affine op to fold into: an explicit per-channel Mul before its input quantizer (a pointwise
     # op TensorRT fuses into the GELU kernel; one Mul in ONNX Runtime).
     smooth_explicit: bool = False
+    # Centre the MLP's second Linear input per channel (Outlier Suppression+'s shift): post-GELU
+    # values lie in [-0.17, max], so symmetric INT8 wastes half its levels; an explicit per-channel
+    # Sub before the input quantizer (a pointwise op TensorRT fuses into the GELU kernel), W·shift
+    # added to the bias, so the float function is unchanged.
+    centre_fc2: bool = False
     # Linears left in float (timm module-name globs, e.g. "blocks.11.mlp.fc2"): mixed precision
     # that TensorRT runs as is (a float GEMM between Q/DQ ones). Saved with the scheme.
     keep_fp: tuple[str, ...] = ()
@@ -105,6 +110,8 @@ class Scheme:
             raise UserInputError("log2_softmax needs quantize_attn_matmuls")
         if self.smooth_explicit and self.smoothquant_alpha is None:
             raise UserInputError("smooth_explicit needs smoothquant_alpha")
+        if self.centre_fc2 and self.a_bits is None:
+            raise UserInputError("centre_fc2 centres a quantized activation: a weight-only scheme has none")
         if self.smoothquant_alpha is not None and not 0.0 < self.smoothquant_alpha < 1.0:
             raise UserInputError(f"smoothquant_alpha must be in (0, 1), got {self.smoothquant_alpha}")
 
@@ -169,6 +176,8 @@ class Scheme:
         ]
         if self.smoothquant_alpha is not None:
             flags.append(f"smoothquant={self.smoothquant_alpha}")
+        if self.centre_fc2:
+            flags.append("centred fc2 input")
         if self.keep_fp:
             flags.append(f"float: {' '.join(self.keep_fp)}")
         acts = f"A{self.a_bits} per-tensor" if self.a_bits else "A16 (float activations)"

@@ -71,7 +71,9 @@ def smooth_quant(qmodel: nn.Module, data, alpha: float = 0.5, progress: bool = F
     for lin_name, lin in [(p[2], p[3]) for p in pairs] + [(p[2], p[3]) for p in v_pairs] + explicit:
 
         def hook(m, args, n=lin_name):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            x = args[0].detach()
+            shift = m._buffers.get("input_shift")  # a centred input is what gets smoothed
+            x = (x - shift if shift is not None else x).abs().reshape(-1, x.shape[-1]).amax(0)
             amax[n] = x if n not in amax else torch.maximum(amax[n], x)
 
         hooks.append(lin.register_forward_pre_hook(hook))

@@ -73,6 +73,9 @@ class QuantizeConfig:
     # its input quantizer (TensorRT fuses it into the GELU; DINOv2 w8a8: held-out logit error
     # 0.0040 → 0.0026, docs/dinov2-accuracy.md).
     smooth_fc2: bool = False
+    # Centre the MLP's second Linear input per channel (calibrators.centre: an explicit Sub before
+    # its input quantizer, the shift folded into its bias; TensorRT fuses it into the GELU).
+    centre_fc2: bool = False
     # Leave the fewest most-sensitive Linears float for this top-1 agreement with the float model
     # on held-out images (0-1); None: off.
     auto_keep_fp: float | None = None
@@ -281,7 +284,10 @@ def _scheme_of(cfg: QuantizeConfig):
     if cfg.smooth_fc2 and cfg.smoothquant is None:
         raise UserInputError("smooth_fc2 (--smooth-fc2) needs smoothquant (--smoothquant ALPHA)")
     return scheme.with_options(
-        keep_fp=cfg.keep_fp or None, smoothquant_alpha=cfg.smoothquant, smooth_explicit=cfg.smooth_fc2 or None
+        keep_fp=cfg.keep_fp or None,
+        smoothquant_alpha=cfg.smoothquant,
+        smooth_explicit=cfg.smooth_fc2 or None,
+        centre_fc2=cfg.centre_fc2 or None,
     )
 
 

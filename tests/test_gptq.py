@@ -255,6 +255,75 @@ def test_explicit_smoothing_keeps_the_function_exports_and_reloads(tmp_path):
         assert torch.equal(back(held), want)
 
 
+@pytest.mark.parametrize("smooth", [False, True])
+def test_centring_fc2_shifts_by_the_channel_centres_keeps_the_function_exports_and_reloads(tmp_path, smooth):
+    from sardfq_export.exporters.onnx_export import export_onnx
+    from sardfq_export.exporters.ort import OrtConfig, create_session, write_deployment_graph
+
+    model = tiny_vit(embed_dim=64)
+    gen = torch.Generator().manual_seed(8)
+    cal, held = torch.randn(16, 3, 32, 32, generator=gen), torch.randn(8, 3, 32, 32, generator=gen)
+    seen = {}
+    hooks = [
+        model.blocks[b].mlp.fc2.register_forward_pre_hook(lambda m, a, b=b: seen.__setitem__(b, a[0].reshape(-1, a[0].shape[-1])))
+        for b in (0, 1)
+    ]  # fmt: skip
+    with torch.no_grad():
+        model(cal)
+    for h in hooks:
+        h.remove()
+    plain = calibrators.quantize_model(model, calibrators.get_scheme("w8a8"))
+    calibrators.calibrate(plain, cal, method="minmax", progress=False)
+    opts = {"smoothquant_alpha": 0.5, "smooth_explicit": True} if smooth else {}
+    q = calibrators.quantize_model(
+        model, calibrators.get_scheme("w8a8").with_options(centre_fc2=True, **opts)
+    )
+    calibrators.calibrate(q, cal, method="minmax", progress=False)
+    for b in (0, 1):
+        fc2, x = q.blocks[b].mlp.fc2, seen[b]
+        lo, hi = x.amin(0), x.amax(0)
+        assert torch.equal(fc2.input_shift, (lo + hi) / 2)  # the float input's channel centres
+        assert float(lo.min()) < -0.1  # post-GELU: one-sided, down to GELU's minimum (-0.17)
+        if not smooth:  # the symmetric range now covers the widest channel's half-width, not its max
+            iq, before = fc2.input_quantizer, plain.blocks[b].mlp.fc2.input_quantizer
+            # (ranges are taken with the weights already quantized upstream: close, not equal)
+            torch.testing.assert_close(
+                (iq.scale * iq.qmax).reshape(()), ((hi - lo) / 2).max(), rtol=0.01, atol=0
+            )
+            assert float(iq.scale) < float(before.scale)
+    calibrators.set_quantizers_enabled(q, False)  # the shift alone keeps the float function
+    with torch.no_grad():
+        torch.testing.assert_close(q(held), model(held), rtol=1e-4, atol=1e-4)
+    calibrators.set_quantizers_enabled(q, True)
+    res = export_onnx(q, tmp_path / "m.onnx", (3, 32, 32))
+    assert res.lint.passed, res.lint.violations
+    got = torch.from_numpy(create_session(tmp_path / "m.onnx").run(None, {"input": held.numpy()})[0])
+    with torch.no_grad():
+        want = q(held)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    path, cfg = write_deployment_graph(tmp_path / "m.onnx", tmp_path / "m.ort.onnx", OrtConfig(threads=1))
+    dep = torch.from_numpy(create_session(path, cfg).run(None, {"input": held.numpy()})[0])
+    assert torch.equal(dep.argmax(1), want.argmax(1))  # the rewritten graph ONNX Runtime deploys
+    calibrators.save_quantized(q, tmp_path / "q", {"name": "tiny"})
+    back = calibrators.load_quantized(tmp_path / "q", model)
+    with torch.no_grad():
+        assert torch.equal(back(held), want)
+    assert all(torch.equal(p, model.state_dict()[k]) for k, p in model.state_dict().items())
+
+
+def test_centre_fc2_needs_quantized_activations_and_reaches_the_scheme():
+    import sardfq_export as sx
+
+    with pytest.raises(sx.UserInputError, match="centre_fc2"):
+        calibrators.get_scheme("w4a16").with_options(centre_fc2=True)
+    q = sx.quantize(tiny_vit(), torch.randn(4, 3, 32, 32), scheme="w8a8", centre_fc2=True, progress=False)
+    assert q.scheme.centre_fc2 and "centred fc2 input" in str(q.scheme)
+    assert not torch.equal(
+        q.model.blocks[0].mlp.fc2.input_shift, torch.zeros(q.model.blocks[0].mlp.fc2.in_features)
+    )
+
+
 def test_quantize_config_smoothquant_and_smooth_fc2():
     import sardfq_export as sx
     from sardfq_export.models import LoadedModel

@@ -162,6 +162,12 @@ recipe_options = _stack(
         help="With --smoothquant: also the MLP's second Linear, via an explicit per-channel Mul (TensorRT fuses it).",
     ),
     click.option(
+        "--centre-fc2",
+        is_flag=True,
+        help="Centre the MLP's second Linear input per channel (post-GELU values are one-sided): an "
+        "explicit Sub before its quantizer, folded into its bias (TensorRT fuses it into the GELU).",
+    ),
+    click.option(
         "--auto-keep-fp",
         type=click.FloatRange(0.0, 1.0, min_open=True),
         metavar="AGREEMENT",
@@ -185,7 +191,7 @@ def recipe_config(opts: dict, **fields):
     return QuantizeConfig(range=opts["range_method"], weight_range=opts["weight_range"],
                           weight_rounding=opts["weight_rounding"], keep_fp=tuple(opts["keep_fp"]),
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
-                          smooth_fc2=opts["smooth_fc2"],
+                          smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
                           finetune=opts["finetune"], **fields)  # fmt: skip
 
 
