@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--gptq-views", type=int, default=1, help="GPTQ Hessian from the images and their variants"
     )
+    ap.add_argument(
+        "--gptq-damp", type=float, default=0.01, help="GPTQ dampening (fraction of the mean diagonal)"
+    )
     ap.add_argument("--finetune", default="none")
     ap.add_argument("--smoothquant", type=float, default=None)
     ap.add_argument("--smooth-fc2", action="store_true")
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
     q = sx.quantize(loaded, cal, scheme=a.scheme, range=a.range, weight_range=a.weight_range,
-                    weight_rounding=a.rounding, gptq_views=a.gptq_views, finetune=a.finetune, seed=a.seed, smoothquant=a.smoothquant,
+                    weight_rounding=a.rounding, gptq_views=a.gptq_views, gptq_damp=a.gptq_damp, finetune=a.finetune, seed=a.seed, smoothquant=a.smoothquant,
                     smooth_fc2=a.smooth_fc2, keep_fp=tuple(a.keep_fp), progress=False)  # fmt: skip
     t_q = time.perf_counter() - t0
     fq_top1, fq_logits = top1(q.model, x, y)
@@ -154,7 +157,7 @@ def main(argv=None) -> int:
         }
     row = {
         "model": a.model, "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": a.num_images, "iters": a.iters, "seed": a.seed,
-        "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding, "gptq_views": a.gptq_views,
+        "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding, "gptq_views": a.gptq_views, "gptq_damp": a.gptq_damp,
         "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
         "drop_points": round(100 * (fp_top1 - fq_top1), 2),
         "agreement_vs_fp32": float((fq_logits.argmax(1) == fp_logits.argmax(1)).float().mean()),

@@ -66,6 +66,9 @@ class QuantizeConfig:
     # GPTQ's Hessian from the calibration images plus label-preserving variants of them (flip,
     # resized crops; calibrators.gptq.hessian_views): 1 = the images alone.
     gptq_views: int = 1
+    # GPTQ's dampening, a fraction of the mean Hessian diagonal added to it (the paper's 0.01);
+    # larger values trust the calibration tokens' correlations less.
+    gptq_damp: float = 0.01
     keep_fp: tuple[str, ...] = ()  # Linears left float (timm module-name globs): mixed precision
     # SmoothQuant migration strength (0-1) folded into LayerNorm→Linear pairs; None: off.
     smoothquant: float | None = None
@@ -95,6 +98,10 @@ class QuantizeConfig:
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
         if self.finetune not in FINETUNES:
             raise UserInputError(f"unknown finetune {self.finetune!r}: use one of {', '.join(FINETUNES)}")
+        if not self.gptq_damp > 0:
+            raise UserInputError(
+                f"gptq_damp must be > 0 (a fraction of the mean Hessian diagonal), got {self.gptq_damp}"
+            )
         if not isinstance(self.gptq_views, int) or self.gptq_views < 1:
             raise UserInputError(
                 f"gptq_views counts the images' views in GPTQ's Hessian (>= 1), got {self.gptq_views!r}"
@@ -328,7 +335,7 @@ def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: QuantizeConfig, sch
     }
     if recipe["weight_rounding"] == "gptq":
         summary["gptq"] = calibrators.gptq_weights(
-            qmodel, images, views=cfg.gptq_views, seed=cfg.seed, progress=progress
+            qmodel, images, damp=cfg.gptq_damp, views=cfg.gptq_views, seed=cfg.seed, progress=progress
         )
     return summary
 

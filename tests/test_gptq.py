@@ -113,6 +113,10 @@ def test_gptq_views_multiply_the_hessian_tokens_and_keep_the_export():
             assert torch.equal(b.weight_quantizer.fake_quant(b.weight), b.weight), name
     with pytest.raises(sx.UserInputError, match="gptq_views"):
         sx.QuantizeConfig(gptq_views=0)
+    damped = sx.quantize(loaded, images, scheme="w4a16", weight_rounding="gptq", gptq_damp=0.5, progress=False)
+    assert damped.summary["gptq"]["damp"] == 0.5 and one.summary["gptq"]["damp"] == 0.01
+    with pytest.raises(sx.UserInputError, match="gptq_damp"):
+        sx.QuantizeConfig(gptq_damp=0.0)
 
 
 def test_unknown_rounding_is_one_line():
