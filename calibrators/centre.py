@@ -25,6 +25,8 @@ import torch.nn as nn
 from sardfq_export.calibrators.instrument import iter_quantizers, mark_modified
 from sardfq_export.calibrators.modules import QuantLinear
 
+from sardfq_export.core.errors import UserInputError
+
 
 @torch.no_grad()
 def centre_inputs(qmodel: nn.Module, data, progress: bool = False) -> int:
@@ -36,6 +38,8 @@ def centre_inputs(qmodel: nn.Module, data, progress: bool = False) -> int:
                if isinstance(m, QuantLinear) and m._buffers.get("input_shift") is not None]  # fmt: skip
     if not targets:
         return 0
+    if missing := [n for n, m in targets if m.bias is None]:  # the shift has nowhere to go back
+        raise UserInputError(f"centre_fc2 needs a bias on {', '.join(missing)} (folds W·shift into it)")
     lo: dict[str, torch.Tensor] = {}
     hi: dict[str, torch.Tensor] = {}
     hooks = []
@@ -61,11 +65,7 @@ def centre_inputs(qmodel: nn.Module, data, progress: bool = False) -> int:
     for name, lin in targets:
         z = (lo[name] + hi[name]) / 2
         lin.input_shift.copy_(z)
-        shifted = lin.weight.detach().double() @ z.double()
-        if lin.bias is None:
-            lin.bias = nn.Parameter(shifted.to(lin.weight.dtype))
-        else:
-            lin.bias.add_(shifted.to(lin.bias.dtype))
+        lin.bias.add_((lin.weight.detach().double() @ z.double()).to(lin.bias.dtype))
         changed |= {f"{name}.input_shift", f"{name}.bias"}
     mark_modified(qmodel, changed)
     return len(targets)

@@ -323,6 +323,10 @@ def test_centre_fc2_needs_quantized_activations_and_reaches_the_scheme():
         calibrators.get_scheme("w4a16").with_options(centre_fc2=True)
     q = sx.quantize(tiny_vit(), torch.randn(4, 3, 32, 32), scheme="w8a8", centre_fc2=True, progress=False)
     assert q.scheme.centre_fc2 and "centred fc2 input" in str(q.scheme)
+    no_bias = tiny_vit()
+    no_bias.blocks[1].mlp.fc2.bias = None
+    with pytest.raises(sx.UserInputError, match="centre_fc2 needs a bias on blocks.1.mlp.fc2"):
+        sx.quantize(no_bias, torch.randn(4, 3, 32, 32), scheme="w8a8", centre_fc2=True, progress=False)
     assert not torch.equal(
         q.model.blocks[0].mlp.fc2.input_shift, torch.zeros(q.model.blocks[0].mlp.fc2.in_features)
     )
