@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dinov2_probe import _commit, calib_set, emit, fp32_top1, model_cache, top1  # noqa: E402
+from dinov2_probe import _commit, emit, setup, top1  # noqa: E402
 
 import sardfq_export as sx  # noqa: E402
-from sardfq_export.data import load_raw, preprocess  # noqa: E402
 
 ROLES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -63,13 +62,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     commit = _commit()
 
-    loaded = sx.load_model(a.model)
-    raw = load_raw("fashion-mnist", "test")
-    x = preprocess(raw.images[: a.limit], loaded.data_config)
-    y = torch.as_tensor(raw.labels[: a.limit]).long()
-    a.cache = model_cache(a.cache, loaded)
-    fp_top1, fp = fp32_top1(loaded, x, y, a.cache, a.limit)
-    cal = calib_set(loaded, a.calib, a.num_images, a.seed, a.cache, a.iters)
+    p = setup(a.model, a.calib, a.num_images, a.seed, a.cache, a.iters, a.limit)
+    loaded, x, y, cal, fp_top1, fp = p.loaded, p.x, p.y, p.cal, p.fp32_top1, p.fp32_logits
     q = sx.quantize(loaded, cal, scheme=a.scheme, seed=a.seed, smoothquant=a.smoothquant,
                     smooth_fc2=a.smooth_fc2, keep_fp=tuple(a.keep_fp), progress=False)  # fmt: skip
     qs = quantizers(q.model)

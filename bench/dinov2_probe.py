@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,6 +86,34 @@ def fp32_top1(
     return acc, logits
 
 
+@dataclass
+class Setup:
+    """What every DINOv2 probe starts from: the model, the first ``limit`` test images and labels,
+    the per-weights cache folder, the float model's top-1 and logits, and the calibration set."""
+
+    loaded: object
+    x: torch.Tensor
+    y: torch.Tensor
+    cache: Path
+    fp32_top1: float
+    fp32_logits: torch.Tensor
+    cal: object
+    calib_seconds: float
+
+
+def setup(model: str, calib: str, num_images: int, seed: int, cache: Path, iters: int | None, limit: int,
+          bf16: bool = False) -> Setup:  # fmt: skip
+    loaded = sx.load_model(model)
+    raw = load_raw("fashion-mnist", "test")
+    x = preprocess(raw.images[:limit], loaded.data_config)
+    y = torch.as_tensor(raw.labels[:limit]).long()
+    cache = model_cache(cache, loaded)
+    fp_top1, fp_logits = fp32_top1(loaded, x, y, cache, limit)
+    t0 = time.perf_counter()
+    cal = calib_set(loaded, calib, num_images, seed, cache, iters, bf16)
+    return Setup(loaded, x, y, cache, fp_top1, fp_logits, cal, time.perf_counter() - t0)
+
+
 def emit(row: dict, log: Path | None) -> None:
     """One JSON line on stdout, appended to ``log`` when given."""
     line = json.dumps(row)
@@ -114,6 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune", default="none")
     ap.add_argument("--smoothquant", type=float, default=None)
     ap.add_argument("--smooth-fc2", action="store_true")
+    ap.add_argument("--centre-fc2", action="store_true")
     ap.add_argument("--keep-fp", nargs="*", default=[])
     ap.add_argument("--bf16", action="store_true", help="synthesize under bf16 autocast")
     ap.add_argument("--deployed", action="store_true", help="also export and run the ONNX Runtime graph")
@@ -123,19 +153,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     commit = _commit()  # at the start: the code this process imported, not HEAD when it ends
 
-    loaded = sx.load_model(a.model)
-    raw = load_raw("fashion-mnist", "test")
-    x = preprocess(raw.images[: a.limit], loaded.data_config)
-    y = torch.as_tensor(raw.labels[: a.limit]).long()
-    a.cache = model_cache(a.cache, loaded)
-    fp_top1, fp_logits = fp32_top1(loaded, x, y, a.cache, a.limit)
-    t0 = time.perf_counter()
-    cal = calib_set(loaded, a.calib, a.num_images, a.seed, a.cache, a.iters, a.bf16)
-    t_cal = time.perf_counter() - t0
+    p = setup(a.model, a.calib, a.num_images, a.seed, a.cache, a.iters, a.limit, a.bf16)
+    loaded, x, y, cal = p.loaded, p.x, p.y, p.cal
+    fp_top1, fp_logits, t_cal = p.fp32_top1, p.fp32_logits, p.calib_seconds
     t0 = time.perf_counter()
     q = sx.quantize(loaded, cal, scheme=a.scheme, range=a.range, weight_range=a.weight_range,
                     weight_rounding=a.rounding, gptq_views=a.gptq_views, gptq_damp=a.gptq_damp, finetune=a.finetune, seed=a.seed, smoothquant=a.smoothquant,
-                    smooth_fc2=a.smooth_fc2, keep_fp=tuple(a.keep_fp), progress=False)  # fmt: skip
+                    smooth_fc2=a.smooth_fc2, centre_fc2=a.centre_fc2, keep_fp=tuple(a.keep_fp), progress=False)  # fmt: skip
     t_q = time.perf_counter() - t0
     fq_top1, fq_logits = top1(q.model, x, y)
     gen = torch.Generator().manual_seed(1)
@@ -158,7 +182,7 @@ def main(argv=None) -> int:
     row = {
         "model": a.model, "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": a.num_images, "iters": a.iters, "seed": a.seed,
         "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding, "gptq_views": a.gptq_views, "gptq_damp": a.gptq_damp,
-        "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
+        "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "centre_fc2": a.centre_fc2, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
         "drop_points": round(100 * (fp_top1 - fq_top1), 2),
         "agreement_vs_fp32": float((fq_logits.argmax(1) == fp_logits.argmax(1)).float().mean()),
         "noise_flip_rate": flips, "calib_seconds": round(t_cal, 1), "quantize_seconds": round(t_q, 1),

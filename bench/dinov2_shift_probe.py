@@ -32,10 +32,10 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dinov2_probe import _commit, calib_set, emit, fp32_top1, model_cache, top1  # noqa: E402
+from dinov2_probe import _commit, emit, setup, top1  # noqa: E402
+from sardfq_export.calibrators.centre import input_channel_ranges  # noqa: E402
 
 import sardfq_export as sx  # noqa: E402
-from sardfq_export.data import load_raw, preprocess  # noqa: E402
 
 WHERE = ("ln", "v", "fc2")
 
@@ -52,29 +52,6 @@ class Shift(nn.Module):
 
 
 @torch.no_grad()
-def channel_ranges(model: nn.Module, images: torch.Tensor, targets: dict[str, nn.Linear]) -> dict:
-    """Per-channel (min, max) of each target Linear's input over every token of ``images``."""
-    lo: dict[str, torch.Tensor] = {}
-    hi: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, lin in targets.items():
-
-        def hook(m, args, n=name):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            lo[n] = x.amin(0) if n not in lo else torch.minimum(lo[n], x.amin(0))
-            hi[n] = x.amax(0) if n not in hi else torch.maximum(hi[n], x.amax(0))
-
-        hooks.append(lin.register_forward_pre_hook(hook))
-    try:
-        for b in images.split(32):
-            model(b)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: (lo[n], hi[n]) for n in targets}
-
-
-@torch.no_grad()
 def shifted_copy(model: nn.Module, images: torch.Tensor, where: set[str]) -> tuple[nn.Module, dict]:
     """A float-equivalent copy of ``model`` with the inputs of the chosen Linears centred."""
     m = copy.deepcopy(model)
@@ -82,7 +59,7 @@ def shifted_copy(model: nn.Module, images: torch.Tensor, where: set[str]) -> tup
     for i, blk in enumerate(m.blocks):
         targets |= {f"{i}.qkv": blk.attn.qkv, f"{i}.fc1": blk.mlp.fc1, f"{i}.proj": blk.attn.proj,
                     f"{i}.fc2": blk.mlp.fc2}  # fmt: skip
-    ranges = channel_ranges(m, images, targets)
+    ranges = input_channel_ranges(targets, lambda: [m(b) for b in images.split(32)])
     width = {}
     for i, blk in enumerate(m.blocks):
 
@@ -133,13 +110,8 @@ def main(argv=None) -> int:
     # the GELU would; the instrumenter refuses unknown modules, so this probe names it as safe.
     instrument.SAFE_LEAVES = (*instrument.SAFE_LEAVES, Shift)
 
-    loaded = sx.load_model("dinov2_s14_fmnist")
-    raw = load_raw("fashion-mnist", "test")
-    x = preprocess(raw.images[: a.limit], loaded.data_config)
-    y = torch.as_tensor(raw.labels[: a.limit]).long()
-    a.cache = model_cache(a.cache, loaded)
-    fp_top1, fp = fp32_top1(loaded, x, y, a.cache, a.limit)
-    cal = calib_set(loaded, a.calib, a.num_images, a.seed, a.cache, a.iters)
+    p = setup("dinov2_s14_fmnist", a.calib, a.num_images, a.seed, a.cache, a.iters, a.limit)
+    loaded, x, y, cal, fp_top1, fp = p.loaded, p.x, p.y, p.cal, p.fp32_top1, p.fp32_logits
     t0 = time.perf_counter()
     model, width = shifted_copy(loaded.model, cal.images, where)
     with torch.inference_mode():  # the surgery keeps the float function (rounding aside)

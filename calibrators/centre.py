@@ -20,12 +20,37 @@ Runs before SmoothQuant (whose factors then see the centred input) and before th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 from sardfq_export.calibrators.instrument import iter_quantizers, mark_modified
 from sardfq_export.calibrators.modules import QuantLinear
 
 from sardfq_export.core.errors import UserInputError
+
+
+@torch.no_grad()
+def input_channel_ranges(targets: dict[str, nn.Module], run: Callable[[], object]) -> dict:
+    """Per-channel (min, max) of each target module's input over every token seen while ``run()``
+    feeds the model: {name: (lo, hi)}."""
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in targets.items():
+
+        def hook(m, args, n=name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            lo[n] = x.amin(0) if n not in lo else torch.minimum(lo[n], x.amin(0))
+            hi[n] = x.amax(0) if n not in hi else torch.maximum(hi[n], x.amax(0))
+
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (lo[n], hi[n]) for n in targets}
 
 
 @torch.no_grad()
@@ -40,30 +65,18 @@ def centre_inputs(qmodel: nn.Module, data, progress: bool = False) -> int:
         return 0
     if missing := [n for n, m in targets if m.bias is None]:  # the shift has nowhere to go back
         raise UserInputError(f"centre_fc2 needs a bias on {', '.join(missing)} (folds W·shift into it)")
-    lo: dict[str, torch.Tensor] = {}
-    hi: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, lin in targets:
-
-        def hook(m, args, n=name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            lo[n] = x.amin(0) if n not in lo else torch.minimum(lo[n], x.amin(0))
-            hi[n] = x.amax(0) if n not in hi else torch.maximum(hi[n], x.amax(0))
-
-        hooks.append(lin.register_forward_pre_hook(hook))
     state = [(q, q.enabled) for _, q in iter_quantizers(qmodel)]
     try:
         for q, _ in state:  # the float model's inputs, even when re-calibrating a calibrated model
             q.enabled = False
-        _run_data(qmodel, data, progress, "centre")
+        ranges = input_channel_ranges(dict(targets), lambda: _run_data(qmodel, data, progress, "centre"))
     finally:
         for q, on in state:
             q.enabled = on
-        for h in hooks:
-            h.remove()
     changed = set()
     for name, lin in targets:
-        z = (lo[name] + hi[name]) / 2
+        lo, hi = ranges[name]
+        z = (lo + hi) / 2
         lin.input_shift.copy_(z)
         lin.bias.add_((lin.weight.detach().double() @ z.double()).to(lin.bias.dtype))
         changed |= {f"{name}.input_shift", f"{name}.bias"}

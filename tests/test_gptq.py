@@ -113,7 +113,9 @@ def test_gptq_views_multiply_the_hessian_tokens_and_keep_the_export():
             assert torch.equal(b.weight_quantizer.fake_quant(b.weight), b.weight), name
     with pytest.raises(sx.UserInputError, match="gptq_views"):
         sx.QuantizeConfig(gptq_views=0)
-    damped = sx.quantize(loaded, images, scheme="w4a16", weight_rounding="gptq", gptq_damp=0.5, progress=False)
+    damped = sx.quantize(
+        loaded, images, scheme="w4a16", weight_rounding="gptq", gptq_damp=0.5, progress=False
+    )
     assert damped.summary["gptq"]["damp"] == 0.5 and one.summary["gptq"]["damp"] == 0.01
     with pytest.raises(sx.UserInputError, match="gptq_damp"):
         sx.QuantizeConfig(gptq_damp=0.0)
@@ -229,10 +231,30 @@ def test_quantize_auto_keep_fp_rebuilds_with_those_layers_float():
 
 
 # --- explicit SmoothQuant on the MLP's second Linear --------------------------------------------
-def test_explicit_smoothing_keeps_the_function_exports_and_reloads(tmp_path):
+def _exports_lints_runs_and_reloads(q, model, held, tmp_path, deployment_graph=False):
+    """Export + lint, ONNX Runtime's argmax equal to the fake-quant model's (and, when asked, the
+    rewritten graph ONNX Runtime deploys), and save/reload bit-exact. Returns (ORT out, fake-quant out)."""
     from sardfq_export.exporters.onnx_export import export_onnx
-    from sardfq_export.exporters.ort import create_session
+    from sardfq_export.exporters.ort import OrtConfig, create_session, write_deployment_graph
 
+    res = export_onnx(q, tmp_path / "m.onnx", (3, 32, 32))
+    assert res.lint.passed, res.lint.violations
+    got = torch.from_numpy(create_session(tmp_path / "m.onnx").run(None, {"input": held.numpy()})[0])
+    with torch.no_grad():
+        want = q(held)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    if deployment_graph:
+        path, cfg = write_deployment_graph(tmp_path / "m.onnx", tmp_path / "m.ort.onnx", OrtConfig(threads=1))
+        dep = torch.from_numpy(create_session(path, cfg).run(None, {"input": held.numpy()})[0])
+        assert torch.equal(dep.argmax(1), want.argmax(1))
+    calibrators.save_quantized(q, tmp_path / "q", {"name": "tiny"})
+    back = calibrators.load_quantized(tmp_path / "q", model)
+    with torch.no_grad():
+        assert torch.equal(back(held), want)
+    return got, want
+
+
+def test_explicit_smoothing_keeps_the_function_exports_and_reloads(tmp_path):
     model = tiny_vit(embed_dim=64)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():  # an outlier channel entering fc2, as in real ViTs
@@ -247,23 +269,11 @@ def test_explicit_smoothing_keeps_the_function_exports_and_reloads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(q(held), model(held), rtol=1e-4, atol=1e-4)
     calibrators.set_quantizers_enabled(q, True)
-    res = export_onnx(q, tmp_path / "m.onnx", (3, 32, 32))
-    assert res.lint.passed, res.lint.violations
-    got = torch.from_numpy(create_session(tmp_path / "m.onnx").run(None, {"input": held.numpy()})[0])
-    with torch.no_grad():
-        want = q(held)
-    assert torch.equal(got.argmax(1), want.argmax(1))
-    calibrators.save_quantized(q, tmp_path / "q", {"name": "tiny"})
-    back = calibrators.load_quantized(tmp_path / "q", model)
-    with torch.no_grad():
-        assert torch.equal(back(held), want)
+    _exports_lints_runs_and_reloads(q, model, held, tmp_path)
 
 
 @pytest.mark.parametrize("smooth", [False, True])
 def test_centring_fc2_shifts_by_the_channel_centres_keeps_the_function_exports_and_reloads(tmp_path, smooth):
-    from sardfq_export.exporters.onnx_export import export_onnx
-    from sardfq_export.exporters.ort import OrtConfig, create_session, write_deployment_graph
-
     model = tiny_vit(embed_dim=64)
     gen = torch.Generator().manual_seed(8)
     cal, held = torch.randn(16, 3, 32, 32, generator=gen), torch.randn(8, 3, 32, 32, generator=gen)
@@ -299,20 +309,8 @@ def test_centring_fc2_shifts_by_the_channel_centres_keeps_the_function_exports_a
     with torch.no_grad():
         torch.testing.assert_close(q(held), model(held), rtol=1e-4, atol=1e-4)
     calibrators.set_quantizers_enabled(q, True)
-    res = export_onnx(q, tmp_path / "m.onnx", (3, 32, 32))
-    assert res.lint.passed, res.lint.violations
-    got = torch.from_numpy(create_session(tmp_path / "m.onnx").run(None, {"input": held.numpy()})[0])
-    with torch.no_grad():
-        want = q(held)
-    assert torch.equal(got.argmax(1), want.argmax(1))
+    got, want = _exports_lints_runs_and_reloads(q, model, held, tmp_path, deployment_graph=True)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
-    path, cfg = write_deployment_graph(tmp_path / "m.onnx", tmp_path / "m.ort.onnx", OrtConfig(threads=1))
-    dep = torch.from_numpy(create_session(path, cfg).run(None, {"input": held.numpy()})[0])
-    assert torch.equal(dep.argmax(1), want.argmax(1))  # the rewritten graph ONNX Runtime deploys
-    calibrators.save_quantized(q, tmp_path / "q", {"name": "tiny"})
-    back = calibrators.load_quantized(tmp_path / "q", model)
-    with torch.no_grad():
-        assert torch.equal(back(held), want)
     assert all(torch.equal(p, model.state_dict()[k]) for k, p in model.state_dict().items())
 
 
