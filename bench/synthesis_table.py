@@ -218,9 +218,11 @@ class Bench:
         if self.args.cache_only:
             return None
         calib = calib_fn()
-        base, _, recon = scheme.partition("+")
+        base, *mods = scheme.split("+")
+        recon = "recon" in mods
         t = time.monotonic()
-        q = calibrators.quantize_model(self.fp, base)
+        # "+c": fc2's input centred per channel (QuantizeConfig.centre_fc2, calibrators/centre.py)
+        q = calibrators.quantize_model(self.fp, calibrators.get_scheme(base).with_options(centre_fc2="c" in mods))
         calibrators.calibrate(q, calib.images, method=self.args.range, progress=False)
         if recon:
             calibrators.reconstruct_blocks(q, self.fp, calib, progress=False)
@@ -245,6 +247,8 @@ class Bench:
         if a.cache_only:
             return None
         base, _, recon = scheme.partition("+")
+        if recon not in ("", "recon"):
+            raise SystemExit(f"psaq2 rows take {base} or {base}+recon, not {scheme}")
         t = time.monotonic()
         print(f"psaq2 {tag} {scheme}", flush=True)
         adapted = sx.psaq2(self.loaded, scheme=base, range=a.range, weight_range="minmax", weight_rounding="nearest",
@@ -343,7 +347,8 @@ def write_doc(args, b: Bench, fp_top1, schemes, main_rows, abl_rows, elapsed) ->
         f"- calibration: {args.num_images} images per set; seeds {args.seeds}; synthesis iterations: {iters}"
         f"{'; bf16 autocast' if args.bf16 else ''}; `real` = {args.num_images} random Fashion-MNIST *train* images",
         f"- quantization: `calibrators.quantize_model` + `calibrate(method={args.range!r})`; `+recon` adds "
-        "`calibrators.reconstruct_blocks` (block-wise MSE to the FP model, 100 it/block, lr 4e-5)",
+        "`calibrators.reconstruct_blocks` (block-wise MSE to the FP model, 100 it/block, lr 4e-5); `+c` centres "
+        "`mlp.fc2`'s input per channel first (`centre_fc2`, calibrators/centre.py)",
         "- `psaq2` (PSAQ-ViT V2): not a calibration set but the student `sx.psaq2` distills per scheme "
         "(same ranges, calibrated on its warm-up images, then its teacher-student rounds: "
         f"{args.psaq2_rounds if args.psaq2_rounds is not None else 'the default'}; schedule in "
