@@ -13,6 +13,7 @@ Imports only sardfq_export.core and sardfq_export.models (the layering test chec
 """
 
 from sardfq_export.calibrators.adaptive import AdaptiveConfig, discrepancy, teacher_student
+from sardfq_export.calibrators.bias_correct import correct_biases
 from sardfq_export.calibrators.calibrate import (
     ACT_METHODS,
     WEIGHT_METHODS,
@@ -48,7 +49,7 @@ from sardfq_export.calibrators.sensitivity import fidelity_to_float, keep_fp_for
 from sardfq_export.calibrators.smooth import smooth_quant
 
 __all__ = [
-    "ACT_METHODS", "WEIGHT_METHODS", "HistogramCollector", "calibrate", "calibrate_weight",
+    "ACT_METHODS", "WEIGHT_METHODS", "HistogramCollector", "calibrate", "calibrate_weight", "correct_biases",
     "UnsupportedModelError", "block_names", "check_model", "iter_quantizers", "mark_modified", "quant_summary",
     "quantize_model", "set_explicit_attention", "set_quantizers_enabled",
     "QuantAttention", "QuantConv2d", "QuantLinear", "QuantWindowAttention",

@@ -79,6 +79,9 @@ class QuantizeConfig:
     # Centre the MLP's second Linear input per channel (calibrators.centre: an explicit Sub before
     # its input quantizer, the shift folded into its bias; TensorRT fuses it into the GELU).
     centre_fc2: bool = False
+    # After ranges and rounding, each quantized Linear's bias absorbs its output's mean error on the
+    # calibration images (calibrators.bias_correct, empirical bias correction); the export is unchanged.
+    bias_correct: bool = False
     # Leave the fewest most-sensitive Linears float for this top-1 agreement with the float model
     # on held-out images (0-1); None: off.
     auto_keep_fp: float | None = None
@@ -313,13 +316,15 @@ def _build(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme, prog
 
     torch.manual_seed(cfg.seed)
     qmodel = calibrators.quantize_model(loaded.model, scheme)
-    summary = _calibrate(qmodel, cal.images, cfg, scheme, progress)
+    summary = _calibrate(qmodel, cal.images, cfg, scheme, progress, loaded.model)
     _finetune(qmodel, loaded, cal, cfg, summary, progress)
     return qmodel, summary
 
 
-def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: QuantizeConfig, scheme, progress: bool) -> dict:
-    """Ranges and weight rounding of an instrumented model, as the recipe says: the summary."""
+def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: QuantizeConfig, scheme, progress: bool,
+               float_model: nn.Module) -> dict:  # fmt: skip
+    """Ranges, weight rounding and bias correction of an instrumented model, as the recipe says:
+    the summary."""
     from sardfq_export import calibrators
 
     recipe = resolved_recipe(cfg, scheme)
@@ -336,6 +341,10 @@ def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: QuantizeConfig, sch
     if recipe["weight_rounding"] == "gptq":
         summary["gptq"] = calibrators.gptq_weights(
             qmodel, images, damp=cfg.gptq_damp, views=cfg.gptq_views, seed=cfg.seed, progress=progress
+        )
+    if cfg.bias_correct:  # last: the biases absorb what ranges and rounding left
+        summary["bias_correction"] = calibrators.correct_biases(
+            qmodel, float_model, images, progress=progress
         )
     return summary
 
@@ -515,7 +524,7 @@ def psaq2(
                                                   "holdout": "warm-up only: the prior, no student"})  # fmt: skip
     images, run = teacher_student(
         student, teacher, teacher.start_images(range(num_images)), acfg, clip=clip,
-        prepare=lambda qm, x: _calibrate(qm, x, cfg, scheme, progress),
+        prepare=lambda qm, x: _calibrate(qm, x, cfg, scheme, progress, loaded.model),
         checkpoint=ckpt.with_name(ckpt.name + ".ckpt") if ckpt else None, identity=identity,
         resume=resume, callback=callback, progress=progress,
     )  # fmt: skip

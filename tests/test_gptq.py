@@ -342,3 +342,54 @@ def test_quantize_config_smoothquant_and_smooth_fc2():
     assert all(not torch.equal(b.mlp.fc2.input_smooth, torch.ones(64 * 4)) for b in q.model.blocks)
     with pytest.raises(sx.UserInputError, match="needs smoothquant"):
         sx.quantize(loaded, cal, scheme="w8a8", smooth_fc2=True, progress=False)
+
+
+# --- empirical bias correction ------------------------------------------------------------------
+def test_bias_correction_matches_every_linears_mean_output_to_the_float_model_and_exports(tmp_path):
+    model = tiny_vit(embed_dim=64)
+    gen = torch.Generator().manual_seed(9)
+    cal, held = torch.randn(16, 3, 32, 32, generator=gen), torch.randn(8, 3, 32, 32, generator=gen)
+    q = calibrators.quantize_model(model, "w4a8")
+    calibrators.calibrate(q, cal, method="mse", weight_method="mse", progress=False)
+    names = [n for n, m in q.named_modules() if isinstance(m, calibrators.QuantLinear)]
+
+    def means(net):
+        out, hooks = {}, []
+        for n in names:
+            hooks.append(net.get_submodule(n).register_forward_hook(
+                lambda m, a, o, n=n: out.__setitem__(n, o.reshape(-1, o.shape[-1]).double().mean(0))))  # fmt: skip
+        with torch.no_grad():
+            net(cal)
+        for h in hooks:
+            h.remove()
+        return out
+
+    want, before = means(model), means(q)
+    assert max(float((before[n] - want[n]).abs().max()) for n in names) > 1e-3  # 4-bit weights: biased
+    summary = calibrators.correct_biases(q, model, cal)
+    assert summary["corrected"] == len(names) == 8 and summary["images"] == 16
+    after = means(q)
+    for n in names:  # each Linear's mean output over the calibration tokens is the float model's
+        torch.testing.assert_close(after[n], want[n], rtol=0, atol=1e-5)
+    assert all(
+        torch.equal(p, model.state_dict()[k]) for k, p in model.state_dict().items()
+    )  # float untouched
+    _exports_lints_runs_and_reloads(q, model, held, tmp_path, deployment_graph=True)
+
+
+def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
+    from click.testing import CliRunner
+
+    import sardfq_export as sx
+    from sardfq_export.cli.app import cli
+    from sardfq_export.cli.options import recipe_config
+
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    q = sx.quantize(tiny_vit(), images, scheme="w8a8", bias_correct=True, progress=False)
+    assert q.config.bias_correct and q.summary["bias_correction"]["corrected"] == 8
+    assert "bias_correction" not in sx.quantize(tiny_vit(), images, scheme="w8a8", progress=False).summary
+    for argv in (["--help"], ["quantize", "--help"]):  # the main job and the quantize command
+        assert "--bias-correct" in CliRunner().invoke(cli, argv).output
+    opts = {"range_method": "auto", "weight_range": "mse", "weight_rounding": "auto", "keep_fp": (), "auto_keep_fp": None,
+            "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True, "finetune": "none"}  # fmt: skip
+    assert recipe_config(opts, scheme="w4a8").bias_correct

@@ -168,6 +168,12 @@ recipe_options = _stack(
         "explicit Sub before its quantizer, folded into its bias (TensorRT fuses it into the GELU).",
     ),
     click.option(
+        "--bias-correct",
+        is_flag=True,
+        help="After ranges and rounding, each quantized Linear's bias absorbs its output's mean error "
+        "on the calibration images (empirical bias correction; the exported graph is unchanged).",
+    ),
+    click.option(
         "--auto-keep-fp",
         type=click.FloatRange(0.0, 1.0, min_open=True),
         metavar="AGREEMENT",
@@ -192,7 +198,7 @@ def recipe_config(opts: dict, **fields):
                           weight_rounding=opts["weight_rounding"], keep_fp=tuple(opts["keep_fp"]),
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
-                          finetune=opts["finetune"], **fields)  # fmt: skip
+                          bias_correct=opts["bias_correct"], finetune=opts["finetune"], **fields)  # fmt: skip
 
 
 # The commands that claim an output (the main job's --out, synthesize's --out file): the free-space
