@@ -222,7 +222,9 @@ class Bench:
         recon = "recon" in mods
         t = time.monotonic()
         # "+c": fc2's input centred per channel (QuantizeConfig.centre_fc2, calibrators/centre.py)
-        q = calibrators.quantize_model(self.fp, calibrators.get_scheme(base).with_options(centre_fc2="c" in mods))
+        q = calibrators.quantize_model(
+            self.fp, calibrators.get_scheme(base).with_options(centre_fc2="c" in mods)
+        )
         calibrators.calibrate(q, calib.images, method=self.args.range, progress=False)
         if recon:
             calibrators.reconstruct_blocks(q, self.fp, calib, progress=False)
