@@ -226,6 +226,8 @@ class Bench:
             self.fp, calibrators.get_scheme(base).with_options(centre_fc2="c" in mods)
         )
         calibrators.calibrate(q, calib.images, method=self.args.range, progress=False)
+        if "bc" in mods:  # "+bc": empirical bias correction (calibrators.bias_correct)
+            calibrators.correct_biases(q, self.fp, calib.images)
         if recon:
             calibrators.reconstruct_blocks(q, self.fp, calib, progress=False)
         acc = self.top1(q)
@@ -350,7 +352,8 @@ def write_doc(args, b: Bench, fp_top1, schemes, main_rows, abl_rows, elapsed) ->
         f"{'; bf16 autocast' if args.bf16 else ''}; `real` = {args.num_images} random Fashion-MNIST *train* images",
         f"- quantization: `calibrators.quantize_model` + `calibrate(method={args.range!r})`; `+recon` adds "
         "`calibrators.reconstruct_blocks` (block-wise MSE to the FP model, 100 it/block, lr 4e-5); `+c` centres "
-        "`mlp.fc2`'s input per channel first (`centre_fc2`, calibrators/centre.py)",
+        "`mlp.fc2`'s input per channel first (`centre_fc2`, calibrators/centre.py); `+bc` corrects every "
+        "quantized Linear's bias after calibration (`calibrators.correct_biases`)",
         "- `psaq2` (PSAQ-ViT V2): not a calibration set but the student `sx.psaq2` distills per scheme "
         "(same ranges, calibrated on its warm-up images, then its teacher-student rounds: "
         f"{args.psaq2_rounds if args.psaq2_rounds is not None else 'the default'}; schedule in "
