@@ -50,6 +50,9 @@ RECIPES = {
     "w4a4": {"scheme": "w4a4", "weight_rounding": "gptq"},
     "w4a4+recon": {"scheme": "w4a4", "weight_rounding": "gptq", "finetune": "recon"},
 }
+# Each row states its recipe in full: the switches a model may turn on by default (api.MODEL_RECIPE_FIELDS)
+# are off unless the row names them, so a row means the same whatever the product's defaults become.
+EXPLICIT = {"centre_fc2": False, "bias_correct": False}
 # Bump when the product's "auto" recipe (api.resolved_recipe) or the export changes: cached cells
 # of an older version are then measured again.
 RECIPE_VERSION = 1
@@ -190,12 +193,12 @@ def run_ours(loaded, cell: dict, x, y, fp_logits, calib_dir: Path, iters: int, n
     t0 = time.perf_counter()
     if cell["calib"] == PSAQ2:  # V2 makes the student itself (per recipe), with its own images
         adapted = sx.psaq2(loaded, adaptive=sx.AdaptiveConfig.from_dict(cell["schedule"]), num_images=n,
-                           seed=cell["seed"], progress=True, **cell["recipe"])  # fmt: skip
+                           seed=cell["seed"], progress=True, **{**EXPLICIT, **cell["recipe"]})  # fmt: skip
         q, cal = adapted.quantized, adapted.calib
     else:
         cal = calibration(loaded, cell["calib"], cell["seed"], n, iters, calib_dir, cell.get("synth"))
         t0 = time.perf_counter()
-        q = sx.quantize(loaded, cal, seed=cell["seed"], progress=False, **cell["recipe"])
+        q = sx.quantize(loaded, cal, seed=cell["seed"], progress=False, **{**EXPLICIT, **cell["recipe"]})
     quant_s = time.perf_counter() - t0
     fq = logits_of(q.model, x)
     with tempfile.TemporaryDirectory() as tmp:

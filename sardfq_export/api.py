@@ -78,10 +78,12 @@ class QuantizeConfig:
     smooth_fc2: bool = False
     # Centre the MLP's second Linear input per channel (calibrators.centre: an explicit Sub before
     # its input quantizer, the shift folded into its bias; TensorRT fuses it into the GELU).
-    centre_fc2: bool = False
+    # None: the model's own default (MODEL_RECIPE_FIELDS), else off.
+    centre_fc2: bool | None = None
     # After ranges and rounding, each quantized Linear's bias absorbs its output's mean error on the
-    # calibration images (calibrators.bias_correct, empirical bias correction); the export is unchanged.
-    bias_correct: bool = False
+    # calibration images (calibrators.bias_correct, empirical bias correction); the export is
+    # unchanged. None: the model's own default, else off.
+    bias_correct: bool | None = None
     # Leave the fewest most-sensitive Linears float for this top-1 agreement with the float model
     # on held-out images (0-1); None: off.
     auto_keep_fp: float | None = None
@@ -155,6 +157,19 @@ class Quantized:
 
 def _checkpoint_of(loaded: LoadedModel) -> str | None:
     return loaded.settings.checkpoint if loaded.settings is not None else None
+
+
+# QuantizeConfig fields whose None means "this model's default": LoadedModel.extra["quantize"]
+# (models.loading.ZOO_EXTRA, measured per model), else False.
+MODEL_RECIPE_FIELDS = ("centre_fc2", "bias_correct")
+
+
+def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
+    """``cfg`` with every field left at None (``MODEL_RECIPE_FIELDS``) set to the model's default."""
+    own = loaded.extra.get("quantize", {})
+    return replace(
+        cfg, **{k: bool(own.get(k, False)) for k in MODEL_RECIPE_FIELDS if getattr(cfg, k) is None}
+    )
 
 
 def _configure(config, cls, overrides: dict):
@@ -393,7 +408,7 @@ def quantize(
     model's device.
     """
     loaded = as_loaded(model)
-    cfg = _configure(config, QuantizeConfig, overrides)
+    cfg = model_recipe(_configure(config, QuantizeConfig, overrides), loaded)
     if isinstance(calib, str) and calib in ADAPTIVE_CALIBS:
         return psaq2(
             loaded,
@@ -492,7 +507,7 @@ def psaq2(
     from sardfq_export.synthesis.prior import PatchSimilarityTeacher
 
     loaded = as_loaded(model)
-    cfg = _configure(config, QuantizeConfig, overrides)
+    cfg = model_recipe(_configure(config, QuantizeConfig, overrides), loaded)
     if cfg.auto_keep_fp is not None:
         raise UserInputError(
             "--auto-keep-fp does not combine with --calib psaq2 (its student is trained as built)"

@@ -221,7 +221,9 @@ def _run_locked(
     # PSAQ-ViT V2 (--calib psaq2) trains the quantized student together with its images: its
     # "synthesize" stage depends on the scheme and recipe too, and it writes quantized/ as well.
     adaptive = cfg.calib in api.ADAPTIVE_CALIBS
-    qcfg = replace(cfg.quantize, scheme=scheme.name, seed=cfg.seed)
+    qcfg = api.model_recipe(
+        replace(cfg.quantize, scheme=scheme.name, seed=cfg.seed), loaded
+    )  # its own defaults
     # --iters: synthesis iterations, or V2's rounds (another unit: the model's synthesis default is not one)
     iters = cfg.iters if cfg.iters is not None or adaptive else loaded.extra.get("synthesis_iters")
     student = {

@@ -393,3 +393,21 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     opts = {"range_method": "auto", "weight_range": "mse", "weight_rounding": "auto", "keep_fp": (), "auto_keep_fp": None,
             "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True, "finetune": "none"}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
+
+
+def test_recipe_switches_left_unset_take_the_models_own_defaults():
+    import sardfq_export as sx
+    from sardfq_export.models import LoadedModel
+
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    own = {"quantize": {"centre_fc2": True, "bias_correct": True}}
+    loaded = LoadedModel(tiny_vit(), "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init", extra=own)
+    plain = LoadedModel(loaded.model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
+    assert sx.QuantizeConfig().centre_fc2 is None and sx.QuantizeConfig().bias_correct is None
+    q = sx.quantize(loaded, images, scheme="w8a8", progress=False)  # the model's own defaults
+    assert q.config.centre_fc2 is True and q.config.bias_correct is True
+    assert q.scheme.centre_fc2 and q.summary["bias_correction"]["corrected"] == 8
+    off = sx.quantize(loaded, images, scheme="w8a8", centre_fc2=False, bias_correct=False, progress=False)
+    assert not off.scheme.centre_fc2 and "bias_correction" not in off.summary  # a stated False wins
+    bare = sx.quantize(plain, images, scheme="w8a8", progress=False)  # no defaults of its own: off
+    assert bare.config.centre_fc2 is False and bare.config.bias_correct is False

@@ -162,16 +162,18 @@ recipe_options = _stack(
         help="With --smoothquant: also the MLP's second Linear, via an explicit per-channel Mul (TensorRT fuses it).",
     ),
     click.option(
-        "--centre-fc2",
-        is_flag=True,
+        "--centre-fc2/--no-centre-fc2",
+        default=None,
         help="Centre the MLP's second Linear input per channel (post-GELU values are one-sided): an "
-        "explicit Sub before its quantizer, folded into its bias (TensorRT fuses it into the GELU).",
+        "explicit Sub before its quantizer, folded into its bias (TensorRT fuses it into the GELU). "
+        "[default: the model's own, else off]",
     ),
     click.option(
-        "--bias-correct",
-        is_flag=True,
+        "--bias-correct/--no-bias-correct",
+        default=None,
         help="After ranges and rounding, each quantized Linear's bias absorbs its output's mean error "
-        "on the calibration images (empirical bias correction; the exported graph is unchanged).",
+        "on the calibration images (empirical bias correction; the exported graph is unchanged). "
+        "[default: the model's own, else off]",
     ),
     click.option(
         "--auto-keep-fp",
