@@ -342,7 +342,7 @@ def write_doc(args, b: Bench, fp_top1, schemes, main_rows, abl_rows, elapsed) ->
     lines = [
         "# Synthetic calibration data vs quantized accuracy (reference model, Fashion-MNIST)",
         "",
-        "Produced by (results and synthetic sets cached in `bench-out/synthesis/`):",
+        f"Produced by (results and synthetic sets cached in `{args.work}`):",
         "",
         f"    {cmd}",
         "",
