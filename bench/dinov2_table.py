@@ -42,6 +42,9 @@ RECIPES = {
     "w8a8": {"scheme": "w8a8"},  # GPTQ at 8 bits overfits 32 images: measured worse (bench/dinov2_probe.py)
     # fc2's one-sided post-GELU input centred per channel (calibrators.centre; bench/dinov2_shift_probe.py)
     "w8a8+c": {"scheme": "w8a8", "centre_fc2": True},
+    # + empirical bias correction (calibrators.bias_correct): undoes the centring's cost to the weights'
+    # error, (W_q − W)(x − z), and the rest of the mean error (bench/dinov2_probe.py --bias-correct)
+    "w8a8+c+bc": {"scheme": "w8a8", "centre_fc2": True, "bias_correct": True},
     # SmoothQuant α 0.8 folded into LayerNorms and V, explicit before fc2: the candidate default for
     # real ViTs (bench/dinov2_error_budget.py: activation error from 96.25% to 99.0% agreement)
     "w8a8+sq": {"scheme": "w8a8", "smoothquant": 0.8, "smooth_fc2": True},
