@@ -14,8 +14,10 @@ model's (quantized weights, quantized input, everything upstream quantized and c
 is a float in the deployed graph (TensorRT and ONNX Runtime add it after the integer GEMM), so the
 export is unchanged; save/load carries the new biases (``mark_modified``).
 
-The fake-quant model's forward stops right after the Linear being corrected (an exception from
-its hook), so N Linears cost about N/2 forwards over the images, not N.
+Cost: the model's transformer blocks (``block_names``: units that chain) are run one at a time
+from the previous block's corrected output, each once per Linear inside it, stopping right after
+that Linear (an exception from its hook): about one forward per Linear *of one block*, a few full
+forwards in all. A Linear outside the blocks (a quantized head) is measured by a full forward.
 """
 
 from __future__ import annotations
@@ -23,8 +25,28 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from sardfq_export.calibrators.calibrate import iter_batches
-from sardfq_export.calibrators.instrument import mark_modified
+from sardfq_export.calibrators.instrument import block_names, mark_modified
 from sardfq_export.calibrators.modules import QuantLinear
+
+
+def _unit_inputs(qmodel: nn.Module, unit: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What ``unit`` receives for each batch: the model run up to it (and stopped there)."""
+    got: list[torch.Tensor] = []
+
+    def pre(m, args):
+        got.append(args[0])
+        raise _Stop
+
+    h = unit.register_forward_pre_hook(pre)
+    try:
+        for b in batches:
+            try:
+                qmodel(b)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return got
 
 
 class _Stop(Exception):
@@ -73,32 +95,47 @@ def correct_biases(qmodel: nn.Module, float_model: nn.Module, data, progress: bo
         for h in hooks:
             h.remove()
 
+    def correct(name: str, lin: nn.Module, run) -> float:
+        """Measure ``lin``'s mean output while ``run(batch)`` feeds each batch, then fix its bias."""
+        acc: list[torch.Tensor] = []
+
+        def hook(m, args, out):
+            acc.append(_channel_mean(out)[0])
+            raise _Stop
+
+        h = lin.register_forward_hook(hook)
+        try:
+            for i, b in enumerate(batches):
+                try:
+                    run(i, b)
+                except _Stop:
+                    pass
+        finally:
+            h.remove()
+        delta = (sums[name] - torch.stack(acc).sum(0)) / count[name]
+        lin.bias.add_(delta.to(lin.bias.dtype))
+        return float(delta.abs().max())
+
     was = qmodel.training
     qmodel.eval()
     largest = 0.0
+    units = [(u, qmodel.get_submodule(u)) for u in block_names(qmodel)]
+    in_unit = {n: u for n, _ in targets for u, _ in units if n.startswith(u + ".")}
+    bar = progress_bar(
+        total=len(targets), desc="bias correction", unit="layer", disable=not progress, leave=False
+    )
     try:
-        for name, lin in progress_bar(
-            targets, desc="bias correction", unit="layer", disable=not progress, leave=False
-        ):
-            acc: list[torch.Tensor] = []
-
-            def hook(m, args, out, acc=acc):
-                acc.append(_channel_mean(out)[0])
-                raise _Stop
-
-            h = lin.register_forward_hook(hook)
-            try:
-                for b in batches:
-                    try:
-                        qmodel(b)
-                    except _Stop:
-                        pass
-            finally:
-                h.remove()
-            delta = (sums[name] - torch.stack(acc).sum(0)) / count[name]
-            largest = max(largest, float(delta.abs().max()))
-            lin.bias.add_(delta.to(lin.bias.dtype))
+        xs = _unit_inputs(qmodel, units[0][1], batches) if units else []
+        for u, unit in units:
+            for name, lin in ((n, m) for n, m in targets if in_unit.get(n) == u):
+                largest = max(largest, correct(name, lin, lambda i, b, unit=unit, xs=xs: unit(xs[i])))
+                bar.update(1)
+            xs = [unit(x) for x in xs]  # the next unit's input, with this one corrected
+        for name, lin in ((n, m) for n, m in targets if n not in in_unit):
+            largest = max(largest, correct(name, lin, lambda i, b: qmodel(b)))
+            bar.update(1)
     finally:
+        bar.close()
         qmodel.train(was)
     mark_modified(qmodel, {f"{n}.bias" for n, _ in targets})
     return {"corrected": len(targets), "images": sum(int(b.shape[0]) for b in batches),

@@ -345,13 +345,13 @@ def test_quantize_config_smoothquant_and_smooth_fc2():
 
 
 # --- empirical bias correction ------------------------------------------------------------------
-def test_bias_correction_matches_every_linears_mean_output_to_the_float_model_and_exports(tmp_path):
-    model = tiny_vit(embed_dim=64)
-    gen = torch.Generator().manual_seed(9)
-    cal, held = torch.randn(16, 3, 32, 32, generator=gen), torch.randn(8, 3, 32, 32, generator=gen)
-    q = calibrators.quantize_model(model, "w4a8")
+def _bias_corrected(model, cal, scheme="w4a8"):
+    """Quantize + calibrate ``model``, correct its biases on ``cal``, and check what correction
+    promises exactly: every corrected Linear's mean output over the calibration tokens is the float
+    model's (it was not before). Returns (qmodel, summary)."""
+    q = calibrators.quantize_model(model, scheme)
     calibrators.calibrate(q, cal, method="mse", weight_method="mse", progress=False)
-    names = [n for n, m in q.named_modules() if isinstance(m, calibrators.QuantLinear)]
+    names = [n for n, m in q.named_modules() if isinstance(m, calibrators.QuantLinear) and m.bias is not None]
 
     def means(net):
         out, hooks = {}, []
@@ -367,14 +367,33 @@ def test_bias_correction_matches_every_linears_mean_output_to_the_float_model_an
     want, before = means(model), means(q)
     assert max(float((before[n] - want[n]).abs().max()) for n in names) > 1e-3  # 4-bit weights: biased
     summary = calibrators.correct_biases(q, model, cal)
-    assert summary["corrected"] == len(names) == 8 and summary["images"] == 16
+    assert summary["corrected"] == len(names) and summary["images"] == len(cal)
     after = means(q)
-    for n in names:  # each Linear's mean output over the calibration tokens is the float model's
+    for n in names:
         torch.testing.assert_close(after[n], want[n], rtol=0, atol=1e-5)
     assert all(
         torch.equal(p, model.state_dict()[k]) for k, p in model.state_dict().items()
     )  # float untouched
+    return q, summary
+
+
+def test_bias_correction_matches_every_linears_mean_output_to_the_float_model_and_exports(tmp_path):
+    model = tiny_vit(embed_dim=64)
+    gen = torch.Generator().manual_seed(9)
+    cal, held = torch.randn(16, 3, 32, 32, generator=gen), torch.randn(8, 3, 32, 32, generator=gen)
+    q, summary = _bias_corrected(model, cal)
+    assert summary["corrected"] == 8  # 2 blocks × qkv, proj, fc1, fc2
     _exports_lints_runs_and_reloads(q, model, held, tmp_path, deployment_graph=True)
+
+
+def test_bias_correction_on_swin_walks_its_stages_and_patch_merging():
+    import timm
+
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, window_size=7,
+                              depths=(2, 2), num_heads=(2, 4), embed_dim=64, num_classes=10).eval()  # fmt: skip
+    cal = torch.randn(8, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    _, summary = _bias_corrected(model, cal)
+    assert summary["corrected"] == 16  # 4 blocks × 4 Linears with a bias (PatchMerging's has none)
 
 
 def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
