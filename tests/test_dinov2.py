@@ -243,7 +243,7 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
                         lambda size: (tiny_vit(), {"input_size": (3, 32, 32), "mean": (0.5,) * 3,
                                                    "std": (0.5,) * 3}, "stand-in"))  # fmt: skip
     loaded = sx.load_model("dinov2_s14_fmnist")
-    assert loaded.extra == {"synthesis_iters": 100}
+    assert loaded.extra == {"synthesis_iters": 100, "quantize": {"centre_fc2": True, "bias_correct": True}}
     seen = []
     from sardfq_export.synthesis import runner
 
@@ -251,3 +251,12 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
     sx.synthesize(loaded, method="sardfq", num_images=1, progress=False)
     sx.synthesize(loaded, method="sardfq", num_images=1, iters=3, progress=False)
     assert seen == [100, 3]
+    # its quantization recipe: fc2 centred and biases corrected unless the caller says otherwise
+    from sardfq_export.api import model_recipe
+
+    assert model_recipe(sx.QuantizeConfig(), loaded).centre_fc2 is True
+    q = sx.quantize(loaded, torch.randn(4, 3, 32, 32), progress=False)
+    assert q.scheme.centre_fc2 and q.summary["bias_correction"]["corrected"] == 8
+    assert not sx.quantize(
+        loaded, torch.randn(4, 3, 32, 32), centre_fc2=False, progress=False
+    ).scheme.centre_fc2
