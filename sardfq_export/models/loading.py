@@ -196,7 +196,8 @@ ZOO.update({"dinov2_s14_fmnist": _dinov2(112), "dinov2_s14_fmnist@224": _dinov2(
 # main job's 20-minute budget on 2 cores (wall time in the README).
 # Its quantization recipe centres fc2's input and corrects biases (api.MODEL_RECIPE_FIELDS):
 # w8a8 from SARDFQ data, all 10k test images, 3 seeds (bench/dinov2_table.py, docs/dinov2-results.md):
-# deployed top-1 85.80% plain, 86.19% centred, higher still with bias correction on every seed.
+# deployed top-1 85.80 ± 0.15% plain, 86.19 ± 0.23% centred, 86.41 ± 0.13% centred + bias-corrected
+# (FP32 86.75%; bias correction added +0.12, +0.41, +0.12 points per seed).
 # The embedded reference model keeps both off: there centring alone cost 0.12-0.23 points and bias
 # correction only won that back (docs/centre-fc2-reference-a8.md).
 _DINOV2_QUANTIZE = {"centre_fc2": True, "bias_correct": True}
