@@ -210,9 +210,13 @@ def test_main_job_on_dinov2_exports_lints_and_runs_in_onnxruntime(tmp_path, caps
     from sardfq_export.cli import main
 
     out = tmp_path / "dv"
+    # Noise calibration keeps this test fast, so it turns this model's own recipe (centred fc2 +
+    # bias correction, chosen on SARDFQ data) off: a centre and a mean error estimated on 8 noise
+    # images do not fit real ones. Measured on these 200 images (fake-quant / deployed top-1): plain
+    # 0.875 / 0.885, centred 0.855 / 0.855, centred + corrected 0.88 / 0.87.
     args = ["--model", "dinov2_s14_fmnist", "--calib", "noise", "--num-images", "8", "--range", "minmax",
-            "--weight-range", "minmax", "--data", "fashion-mnist", "--limit", "200", "--out", str(out),
-            "--quiet", "--json"]  # fmt: skip
+            "--weight-range", "minmax", "--no-centre-fc2", "--no-bias-correct", "--data", "fashion-mnist",
+            "--limit", "200", "--out", str(out), "--quiet", "--json"]  # fmt: skip
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["gates"]["passed"]
