@@ -29,6 +29,19 @@ from sardfq_export.calibrators.instrument import block_names, mark_modified
 from sardfq_export.calibrators.modules import QuantLinear
 
 
+class _Stop(Exception):
+    """Raised by a hook once what is needed has been seen: the rest of the forward is skipped."""
+
+
+def _feed(run, batches: list[torch.Tensor]) -> None:
+    """``run(i, batch)`` for every batch, each stopped early by ``_Stop`` where a hook raises it."""
+    for i, b in enumerate(batches):
+        try:
+            run(i, b)
+        except _Stop:
+            pass
+
+
 def _unit_inputs(qmodel: nn.Module, unit: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     """What ``unit`` receives for each batch: the model run up to it (and stopped there)."""
     got: list[torch.Tensor] = []
@@ -39,18 +52,10 @@ def _unit_inputs(qmodel: nn.Module, unit: nn.Module, batches: list[torch.Tensor]
 
     h = unit.register_forward_pre_hook(pre)
     try:
-        for b in batches:
-            try:
-                qmodel(b)
-            except _Stop:
-                pass
+        _feed(lambda i, b: qmodel(b), batches)
     finally:
         h.remove()
     return got
-
-
-class _Stop(Exception):
-    """Raised by the hook of the Linear being corrected: nothing after it is needed."""
 
 
 def _channel_mean(out: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -105,11 +110,7 @@ def correct_biases(qmodel: nn.Module, float_model: nn.Module, data, progress: bo
 
         h = lin.register_forward_hook(hook)
         try:
-            for i, b in enumerate(batches):
-                try:
-                    run(i, b)
-                except _Stop:
-                    pass
+            _feed(run, batches)
         finally:
             h.remove()
         delta = (sums[name] - torch.stack(acc).sum(0)) / count[name]
