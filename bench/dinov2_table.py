@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dinov2_probe import model_cache  # noqa: E402
 
 import sardfq_export as sx  # noqa: E402
+from sardfq_export.api import MODEL_RECIPE_FIELDS  # noqa: E402
 from sardfq_export.data import load_raw, preprocess  # noqa: E402
 
 CMD = "nice bash tools/dev.sh python bench/dinov2_table.py"
@@ -55,7 +56,7 @@ RECIPES = {
 }
 # Each row states its recipe in full: the switches a model may turn on by default (api.MODEL_RECIPE_FIELDS)
 # are off unless the row names them, so a row means the same whatever the product's defaults become.
-EXPLICIT = {"centre_fc2": False, "bias_correct": False}
+EXPLICIT = dict(MODEL_RECIPE_FIELDS)
 # Bump when the product's "auto" recipe (api.resolved_recipe) or the export changes: cached cells
 # of an older version are then measured again.
 RECIPE_VERSION = 1

@@ -64,8 +64,9 @@ class QuantizeConfig:
     # w8a8 0.9 → 1.7: at 8 bits the 32-image Hessian overfits).
     weight_rounding: str = "auto"
     # GPTQ's Hessian from the calibration images plus label-preserving variants of them (flip,
-    # resized crops; calibrators.gptq.hessian_views): 1 = the images alone.
-    gptq_views: int = 1
+    # resized crops; calibrators.gptq.hessian_views): 1 = the images alone. None: the model's own
+    # default (MODEL_RECIPE_FIELDS), else 1.
+    gptq_views: int | None = None
     # GPTQ's dampening, a fraction of the mean Hessian diagonal added to it (the paper's 0.01);
     # larger values trust the calibration tokens' correlations less.
     gptq_damp: float = 0.01
@@ -107,7 +108,9 @@ class QuantizeConfig:
             raise UserInputError(
                 f"gptq_damp must be > 0 (a fraction of the mean Hessian diagonal), got {self.gptq_damp}"
             )
-        if not isinstance(self.gptq_views, int) or self.gptq_views < 1:
+        if self.gptq_views is not None and (
+            not isinstance(self.gptq_views, int) or isinstance(self.gptq_views, bool) or self.gptq_views < 1
+        ):
             raise UserInputError(
                 f"gptq_views counts the images' views in GPTQ's Hessian (>= 1), got {self.gptq_views!r}"
             )
@@ -160,16 +163,23 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 
 
 # QuantizeConfig fields whose None means "this model's default": LoadedModel.extra["quantize"]
-# (models.loading.ZOO_EXTRA, measured per model), else False.
-MODEL_RECIPE_FIELDS = ("centre_fc2", "bias_correct")
+# (models.loading.ZOO_EXTRA, measured per model), else the value here.
+MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1}
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
     """``cfg`` with every field left at None (``MODEL_RECIPE_FIELDS``) set to the model's default."""
+    from sardfq_export import calibrators
+
     own = loaded.extra.get("quantize", {})
-    return replace(
-        cfg, **{k: bool(own.get(k, False)) for k in MODEL_RECIPE_FIELDS if getattr(cfg, k) is None}
-    )
+    resolved = {
+        k: type(fallback)(own.get(k, fallback))
+        for k, fallback in MODEL_RECIPE_FIELDS.items()
+        if getattr(cfg, k) is None
+    }
+    if resolved.get("centre_fc2") and calibrators.get_scheme(cfg.scheme).a_bits is None:
+        resolved["centre_fc2"] = False  # a weight-only scheme has no activation quantizer to centre for
+    return replace(cfg, **resolved)
 
 
 def _configure(config, cls, overrides: dict):

@@ -247,7 +247,10 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
                         lambda size: (tiny_vit(), {"input_size": (3, 32, 32), "mean": (0.5,) * 3,
                                                    "std": (0.5,) * 3}, "stand-in"))  # fmt: skip
     loaded = sx.load_model("dinov2_s14_fmnist")
-    assert loaded.extra == {"synthesis_iters": 100, "quantize": {"centre_fc2": True, "bias_correct": True}}
+    assert loaded.extra == {
+        "synthesis_iters": 100,
+        "quantize": {"centre_fc2": True, "bias_correct": True, "gptq_views": 4},
+    }
     seen = []
     from sardfq_export.synthesis import runner
 
@@ -264,3 +267,6 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
     assert not sx.quantize(
         loaded, torch.randn(4, 3, 32, 32), centre_fc2=False, progress=False
     ).scheme.centre_fc2
+    # 4-bit weights: GPTQ over 4 views of each image; weight-only schemes have no activation to centre
+    w4 = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a16", progress=False)
+    assert w4.summary["gptq"]["views"] == 4 and not w4.scheme.centre_fc2 and w4.config.centre_fc2 is False

@@ -408,10 +408,13 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     assert q.config.bias_correct and q.summary["bias_correction"]["corrected"] == 8
     assert "bias_correction" not in sx.quantize(tiny_vit(), images, scheme="w8a8", progress=False).summary
     for argv in (["--help"], ["quantize", "--help"]):  # the main job and the quantize command
-        assert "--bias-correct" in CliRunner().invoke(cli, argv).output
-    opts = {"range_method": "auto", "weight_range": "mse", "weight_rounding": "auto", "keep_fp": (), "auto_keep_fp": None,
-            "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True, "finetune": "none"}  # fmt: skip
+        out = CliRunner().invoke(cli, argv).output
+        assert "--bias-correct" in out and "--gptq-views" in out
+    opts = {"range_method": "auto", "weight_range": "mse", "weight_rounding": "auto", "gptq_views": None, "keep_fp": (),
+            "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
+            "finetune": "none"}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
+    assert recipe_config(opts | {"gptq_views": 4}, scheme="w4a8").gptq_views == 4
 
 
 def test_recipe_switches_left_unset_take_the_models_own_defaults():
@@ -419,7 +422,7 @@ def test_recipe_switches_left_unset_take_the_models_own_defaults():
     from sardfq_export.models import LoadedModel
 
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    own = {"quantize": {"centre_fc2": True, "bias_correct": True}}
+    own = {"quantize": {"centre_fc2": True, "bias_correct": True, "gptq_views": 3}}
     loaded = LoadedModel(tiny_vit(), "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init", extra=own)
     plain = LoadedModel(loaded.model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
     assert sx.QuantizeConfig().centre_fc2 is None and sx.QuantizeConfig().bias_correct is None
@@ -430,3 +433,10 @@ def test_recipe_switches_left_unset_take_the_models_own_defaults():
     assert not off.scheme.centre_fc2 and "bias_correction" not in off.summary  # a stated False wins
     bare = sx.quantize(plain, images, scheme="w8a8", progress=False)  # no defaults of its own: off
     assert bare.config.centre_fc2 is False and bare.config.bias_correct is False
+    # GPTQ's views (4-bit weights): the model's count, else the images alone; a stated count wins
+    assert sx.quantize(loaded, images, scheme="w4a16", progress=False).summary["gptq"]["views"] == 3
+    assert sx.quantize(plain, images, scheme="w4a16", progress=False).summary["gptq"]["views"] == 1
+    assert (
+        sx.quantize(loaded, images, scheme="w4a16", gptq_views=2, progress=False).summary["gptq"]["views"]
+        == 2
+    )

@@ -145,6 +145,14 @@ recipe_options = _stack(
         "auto: gptq for 4-bit weights, nearest for 8-bit.",
     ),
     click.option(
+        "--gptq-views",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="GPTQ's Hessian from each calibration image and N-1 label-preserving variants of it (mirror, "
+        "resized crops); 1: the images alone. [default: the model's own, else 1]",
+    ),
+    click.option(
         "--keep-fp",
         metavar="PATTERN",
         multiple=True,
@@ -197,7 +205,8 @@ def recipe_config(opts: dict, **fields):
     from sardfq_export.api import QuantizeConfig
 
     return QuantizeConfig(range=opts["range_method"], weight_range=opts["weight_range"],
-                          weight_rounding=opts["weight_rounding"], keep_fp=tuple(opts["keep_fp"]),
+                          weight_rounding=opts["weight_rounding"], gptq_views=opts["gptq_views"],
+                          keep_fp=tuple(opts["keep_fp"]),
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
                           bias_correct=opts["bias_correct"], finetune=opts["finetune"], **fields)  # fmt: skip
