@@ -146,6 +146,13 @@ def main(argv=None) -> int:
     ap.add_argument("--centre-fc2", action="store_true")
     ap.add_argument("--bias-correct", action="store_true")
     ap.add_argument("--keep-fp", nargs="*", default=[])
+    ap.add_argument(
+        "--calib-seeds",
+        type=int,
+        nargs="+",
+        help="calibrate on the union of these seeds' sets (--num-images each; synthetic sets are cached "
+        "per seed, so more images without a longer synthesis)",
+    )
     ap.add_argument("--bf16", action="store_true", help="synthesize under bf16 autocast")
     ap.add_argument("--deployed", action="store_true", help="also export and run the ONNX Runtime graph")
     ap.add_argument("--limit", type=int, default=2000)
@@ -157,6 +164,9 @@ def main(argv=None) -> int:
     p = setup(a.model, a.calib, a.num_images, a.seed, a.cache, a.iters, a.limit, a.bf16)
     loaded, x, y, cal = p.loaded, p.x, p.y, p.cal
     fp_top1, fp_logits, t_cal = p.fp32_top1, p.fp32_logits, p.calib_seconds
+    if a.calib_seeds:
+        parts = [calib_set(loaded, a.calib, a.num_images, s, p.cache, a.iters, a.bf16) for s in a.calib_seeds]
+        cal = torch.cat([c.images for c in parts])
     t0 = time.perf_counter()
     q = sx.quantize(loaded, cal, scheme=a.scheme, range=a.range, weight_range=a.weight_range,
                     weight_rounding=a.rounding, gptq_views=a.gptq_views, gptq_damp=a.gptq_damp, finetune=a.finetune, seed=a.seed, smoothquant=a.smoothquant,
@@ -181,7 +191,7 @@ def main(argv=None) -> int:
             "deployed_vs_fakequant": float((dep_logits.argmax(1) == fq_logits.argmax(1)).float().mean()),
         }
     row = {
-        "model": a.model, "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": a.num_images, "iters": a.iters, "seed": a.seed,
+        "model": a.model, "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": len(cal), "calib_seeds": a.calib_seeds, "iters": a.iters, "seed": a.seed,
         "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding, "gptq_views": a.gptq_views, "gptq_damp": a.gptq_damp,
         "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "centre_fc2": a.centre_fc2, "bias_correct": a.bias_correct, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
         "drop_points": round(100 * (fp_top1 - fq_top1), 2),
