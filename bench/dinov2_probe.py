@@ -147,6 +147,14 @@ def main(argv=None) -> int:
     ap.add_argument("--bias-correct", action="store_true")
     ap.add_argument("--keep-fp", nargs="*", default=[])
     ap.add_argument(
+        "--sensitivity",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also rank the quantized Linears by what each alone costs (calibrators.layer_sensitivity) on "
+        "the first N test images and on a held-out synthetic set (the next seed's)",
+    )
+    ap.add_argument(
         "--calib-seeds",
         type=int,
         nargs="+",
@@ -177,6 +185,14 @@ def main(argv=None) -> int:
     noisy = x[:500] + 1e-6 * torch.randn(x[:500].shape, generator=gen)
     _, noisy_logits = top1(q.model, noisy, y[:500])
     flips = float((noisy_logits.argmax(1) != fq_logits[:500].argmax(1)).float().mean())
+    sensitivity = {}
+    if a.sensitivity:  # which layers the drop comes from, on real images and on what the product sees
+        from sardfq_export import calibrators
+
+        held = calib_set(loaded, "sardfq", 32, a.seed + 1, p.cache, a.iters or 100)
+        for where, imgs in (("real", x[: a.sensitivity]), ("synthetic_holdout", held.images)):
+            sens = calibrators.layer_sensitivity(q.model, imgs)
+            sensitivity[where] = {"images": sens["images"], "all": sens["all"], "layers": sens["layers"][:12]}
     deployed = {}
     if a.deployed:  # the ONNX Runtime graph the main job deploys, on the same images
         import tempfile
@@ -198,6 +214,7 @@ def main(argv=None) -> int:
         "agreement_vs_fp32": float((fq_logits.argmax(1) == fp_logits.argmax(1)).float().mean()),
         "noise_flip_rate": flips, "calib_seconds": round(t_cal, 1), "quantize_seconds": round(t_q, 1),
         "summary": {k: v for k, v in q.summary.items() if k in ("gptq", "recon", "bias_correction")},
+        **({"sensitivity": sensitivity} if sensitivity else {}),
         "commit": commit,
     }  # fmt: skip
     emit(row, a.log)
