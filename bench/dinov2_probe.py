@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smooth-fc2", action="store_true")
     ap.add_argument("--centre-fc2", action="store_true")
     ap.add_argument("--bias-correct", action="store_true")
+    ap.add_argument("--awq", action="store_true", help="activation-aware scaling of 4-bit weights")
     ap.add_argument("--keep-fp", nargs="*", default=[])
     ap.add_argument(
         "--sensitivity",
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     q = sx.quantize(loaded, cal, scheme=a.scheme, range=a.range, weight_range=a.weight_range,
                     weight_rounding=a.rounding, gptq_views=a.gptq_views, gptq_damp=a.gptq_damp, finetune=a.finetune, seed=a.seed, smoothquant=a.smoothquant,
-                    smooth_fc2=a.smooth_fc2, centre_fc2=a.centre_fc2, bias_correct=a.bias_correct, keep_fp=tuple(a.keep_fp), progress=False)  # fmt: skip
+                    smooth_fc2=a.smooth_fc2, centre_fc2=a.centre_fc2, bias_correct=a.bias_correct, awq=a.awq, keep_fp=tuple(a.keep_fp), progress=False)  # fmt: skip
     t_q = time.perf_counter() - t0
     fq_top1, fq_logits = top1(q.model, x, y)
     gen = torch.Generator().manual_seed(1)
@@ -209,11 +210,13 @@ def main(argv=None) -> int:
     row = {
         "model": a.model, "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": len(cal), "calib_seeds": a.calib_seeds, "iters": a.iters, "seed": a.seed,
         "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding, "gptq_views": a.gptq_views, "gptq_damp": a.gptq_damp,
-        "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "centre_fc2": a.centre_fc2, "bias_correct": a.bias_correct, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
+        "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "centre_fc2": a.centre_fc2, "bias_correct": a.bias_correct, "awq": a.awq, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
         "drop_points": round(100 * (fp_top1 - fq_top1), 2),
         "agreement_vs_fp32": float((fq_logits.argmax(1) == fp_logits.argmax(1)).float().mean()),
         "noise_flip_rate": flips, "calib_seconds": round(t_cal, 1), "quantize_seconds": round(t_q, 1),
         "summary": {k: v for k, v in q.summary.items() if k in ("gptq", "recon", "bias_correction")},
+        **({"awq": {**{k: v for k, v in aw.items() if k != "layers"}, "alpha": {r["name"]: r["alpha"] for r in aw["layers"]}}}
+           if (aw := q.summary.get("calibration", {}).get("awq")) else {}),
         **({"sensitivity": sensitivity} if sensitivity else {}),
         "commit": commit,
     }  # fmt: skip

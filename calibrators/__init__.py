@@ -46,6 +46,7 @@ from sardfq_export.calibrators.quantizer import TensorQuantizer
 from sardfq_export.calibrators.reconstruct import distill, reconstruct_blocks
 from sardfq_export.calibrators.scheme import SCHEMES, PerBlock, PerChannel, PerTensor, Scheme, get_scheme
 from sardfq_export.calibrators.sensitivity import fidelity_to_float, keep_fp_for_target, layer_sensitivity
+from sardfq_export.calibrators.awq import awq_scale
 from sardfq_export.calibrators.smooth import smooth_quant
 
 __all__ = [
@@ -57,5 +58,5 @@ __all__ = [
     "TensorQuantizer", "gptq_round", "gptq_weights", "fidelity_to_float", "keep_fp_for_target", "layer_sensitivity",
     "distill", "AdaptiveConfig", "discrepancy", "teacher_student",
     "reconstruct_blocks",
-    "smooth_quant", "SCHEMES", "PerBlock", "PerChannel", "PerTensor", "Scheme", "get_scheme",
+    "smooth_quant", "awq_scale", "SCHEMES", "PerBlock", "PerChannel", "PerTensor", "Scheme", "get_scheme",
 ]  # fmt: skip

@@ -98,21 +98,32 @@ def _weight_views(w: torch.Tensor, q: TensorQuantizer) -> tuple[torch.Tensor, in
 
 
 @torch.no_grad()
-def calibrate_weight(q: TensorQuantizer, weight: torch.Tensor, method: str = "minmax") -> None:
-    """Per channel (or block) scales for ``weight``: max |w|, or the MSE-best clip ratio."""
+def calibrate_weight(
+    q: TensorQuantizer, weight: torch.Tensor, method: str = "minmax", importance: torch.Tensor | None = None
+) -> None:
+    """Per channel (or block) scales for ``weight``: max |w|, or the MSE-best clip ratio.
+
+    ``importance`` (one value per input channel, e.g. the layer input's mean square): the MSE
+    weighs each weight's error by it, i.e. the output error when input channels are uncorrelated
+    (activation-aware clipping, as AWQ's clip search; without it a clip would cut exactly the
+    weights AWQ scaled up to protect)."""
     if method not in WEIGHT_METHODS:
         raise UserInputError(
             f"unknown weight range method {method!r}: choose one of {', '.join(WEIGHT_METHODS)}"
         )
-    rows, _ = _weight_views(weight.detach().float(), q)
+    w = weight.detach().float()
+    rows, _ = _weight_views(w, q)
     amax = rows.abs().amax(1)
     if method == "mse":
+        weigh = 1.0
+        if importance is not None:  # the same per-input-channel weights, laid out as the rows are
+            weigh = _weight_views(importance.float().reshape(1, -1).expand_as(w), q)[0]
         best_err = torch.full_like(amax, float("inf"))
         best = amax.clone()
         for ratio in torch.linspace(1.0, 0.3, 71).tolist():
             cand = (amax * ratio).clamp(min=1e-8)
             fq = _fq_channel(rows, cand / q.qmax, 0, q.bits)
-            err = ((fq - rows) ** 2).sum(1)
+            err = ((fq - rows) ** 2 * weigh).sum(1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, cand, best)
@@ -183,12 +194,18 @@ def calibrate(
         )
 
         smooth_quant(qmodel, data, scheme.smoothquant_alpha, progress)
+    awq = None
+    if scheme is not None and scheme.awq:
+        from sardfq_export.calibrators.awq import awq_scale  # folds factors into weights: before weight ranges
+
+        awq = awq_scale(qmodel, data, weight_method, progress=progress)
     weight_qs = set()
     for m in qmodel.modules():
         if isinstance(m, QUANT_WEIGHTED):
             weight_qs.add(id(m.weight_quantizer))
             if m.weight_quantizer.enabled:
-                calibrate_weight(m.weight_quantizer, m.weight, weight_method)
+                importance = awq["importance"].get(id(m)) if awq is not None else None
+                calibrate_weight(m.weight_quantizer, m.weight, weight_method, importance)
     acts = [
         m for m in qmodel.modules()
         if isinstance(m, TensorQuantizer) and id(m) not in weight_qs and m.enabled
@@ -216,6 +233,8 @@ def calibrate(
             1 for m in qmodel.modules() if isinstance(m, QUANT_WEIGHTED) and m.weight_quantizer.enabled
         ),
     }
+    if awq is not None:
+        summary["awq"] = {k: v for k, v in awq.items() if k != "importance"}
     info = getattr(qmodel, "sardfq_quant", None)
     if info is not None:
         info["calibration"].update(summary)

@@ -98,7 +98,7 @@ def _convert_block(name: str, block: nn.Module, scheme: Scheme) -> None:
     for sub_name, sub in list(block.named_modules()):
         if type(sub) is nn.Linear and not kept_float(f"{name}.{sub_name}", scheme):
             QuantLinear.convert(sub, scheme, f"{name}.{sub_name}")
-            if scheme.smooth_explicit and sub_name == "mlp.fc2":
+            if (scheme.smooth_explicit or scheme.awq) and sub_name == "mlp.fc2":
                 sub.add_input_smoothing()
             if scheme.centre_fc2 and sub_name == "mlp.fc2":
                 sub.add_input_shift()

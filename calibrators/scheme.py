@@ -84,6 +84,9 @@ class Scheme:
     # Sub before the input quantizer (a pointwise op TensorRT fuses into the GELU kernel), W·shift
     # added to the bias, so the float function is unchanged.
     centre_fc2: bool = False
+    # Activation-aware scaling of 4-bit weights (calibrators.awq): per-input-channel factors searched
+    # on the calibration images, folded like SmoothQuant's (fc2 through the same explicit Mul).
+    awq: bool = False
     # Linears left in float (timm module-name globs, e.g. "blocks.11.mlp.fc2"): mixed precision
     # that TensorRT runs as is (a float GEMM between Q/DQ ones). Saved with the scheme.
     keep_fp: tuple[str, ...] = ()
@@ -112,6 +115,10 @@ class Scheme:
             raise UserInputError("smooth_explicit needs smoothquant_alpha")
         if self.centre_fc2 and self.a_bits is None:
             raise UserInputError("centre_fc2 centres a quantized activation: a weight-only scheme has none")
+        if self.awq and self.w_bits != 4:
+            raise UserInputError("awq scales 4-bit weights: use a w4 scheme (w4a16, w4a8, w4a4)")
+        if self.awq and self.smoothquant_alpha is not None:
+            raise UserInputError("awq and smoothquant both rescale the Linears' inputs: choose one")
         if self.smoothquant_alpha is not None and not 0.0 < self.smoothquant_alpha < 1.0:
             raise UserInputError(f"smoothquant_alpha must be in (0, 1), got {self.smoothquant_alpha}")
 
@@ -178,6 +185,8 @@ class Scheme:
             flags.append(f"smoothquant={self.smoothquant_alpha}")
         if self.centre_fc2:
             flags.append("centred fc2 input")
+        if self.awq:
+            flags.append("awq")
         if self.keep_fp:
             flags.append(f"float: {' '.join(self.keep_fp)}")
         acts = f"A{self.a_bits} per-tensor" if self.a_bits else "A16 (float activations)"

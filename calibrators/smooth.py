@@ -57,18 +57,66 @@ def _factors(amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Te
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
 
 
+def _explicit(qmodel: nn.Module) -> list[tuple[str, QuantLinear]]:
+    """Quantized Linears with an explicit per-channel factor before their input (``input_smooth``)."""
+    return [(n, m) for n, m in qmodel.named_modules()
+            if isinstance(m, QuantLinear) and m._buffers.get("input_smooth") is not None]  # fmt: skip
+
+
+def scalable(qmodel: nn.Module) -> list[tuple[str, QuantLinear]]:
+    """(name, Linear) of every Linear whose input channels can be rescaled without changing the float
+    function (:func:`fold_factors`), in the order the folds are applied: V → proj first (it rescales
+    rows of qkv, whose columns the norm1 → qkv fold then rescales), LayerNorm → Linear, explicit."""
+    return ([(p[2], p[3]) for p in _v_proj_pairs(qmodel)] + [(p[2], p[3]) for p in _pairs(qmodel)]
+            + _explicit(qmodel))  # fmt: skip
+
+
+@torch.no_grad()
+def fold_factors(qmodel: nn.Module, factors: dict[str, torch.Tensor]) -> set[str]:
+    """For each Linear named in ``factors`` (one of :func:`scalable`): its weight's input channel j
+    ← ·s_j and 1/s_j folded where its input is made, so the float function is unchanged. Returns
+    (and marks modified) the changed parameter and buffer names."""
+    changed = set()
+    for qkv_name, qkv, proj_name, proj in _v_proj_pairs(qmodel):
+        if (s := factors.get(proj_name)) is None:
+            continue
+        c = proj.in_features
+        qkv.weight[2 * c :].div_(s[:, None])
+        if qkv.bias is not None:
+            qkv.bias[2 * c :].div_(s)
+        proj.weight.mul_(s[None, :])
+        changed |= {f"{qkv_name}.weight", f"{proj_name}.weight"} | (
+            {f"{qkv_name}.bias"} if qkv.bias is not None else set()
+        )
+    for ln_name, ln, lin_name, lin in _pairs(qmodel):
+        if (s := factors.get(lin_name)) is None:
+            continue
+        ln.weight.div_(s)
+        if ln.bias is not None:
+            ln.bias.div_(s)
+        lin.weight.mul_(s[None, :])
+        changed |= {f"{ln_name}.weight", f"{lin_name}.weight"} | (
+            {f"{ln_name}.bias"} if ln.bias is not None else set()
+        )
+    for lin_name, lin in _explicit(qmodel):  # no op to fold into: the factor stays as an explicit Mul
+        if (s := factors.get(lin_name)) is None:
+            continue
+        lin.input_smooth.copy_(1.0 / s)
+        lin.weight.mul_(s[None, :])
+        changed |= {f"{lin_name}.weight", f"{lin_name}.input_smooth"}
+    mark_modified(qmodel, changed)
+    return changed
+
+
 @torch.no_grad()
 def smooth_quant(qmodel: nn.Module, data, alpha: float = 0.5, progress: bool = False) -> int:
     """Fold SmoothQuant factors into LayerNorm/Linear pairs; returns how many pairs were smoothed."""
     from sardfq_export.calibrators.calibrate import _run_data
 
-    pairs = _pairs(qmodel)
-    v_pairs = _v_proj_pairs(qmodel)
-    explicit = [(n, m) for n, m in qmodel.named_modules()
-                if isinstance(m, QuantLinear) and m._buffers.get("input_smooth") is not None]  # fmt: skip
+    sites = scalable(qmodel)
     amax: dict[str, torch.Tensor] = {}
     hooks = []
-    for lin_name, lin in [(p[2], p[3]) for p in pairs] + [(p[2], p[3]) for p in v_pairs] + explicit:
+    for lin_name, lin in sites:
 
         def hook(m, args, n=lin_name):
             x = args[0].detach()
@@ -82,33 +130,10 @@ def smooth_quant(qmodel: nn.Module, data, alpha: float = 0.5, progress: bool = F
     finally:
         for h in hooks:
             h.remove()
-    changed = set()
     # One pass measured every input: each fold keeps the float function, so none changes the input
-    # of a Linear folded after it. V's fold goes first: it rescales rows of qkv, whose column maxima
-    # the norm1 → qkv factors must see (then both end balanced).
-    for qkv_name, qkv, proj_name, proj in v_pairs:
-        s = _factors(amax[proj_name], proj.weight, alpha)
-        c = proj.in_features
-        qkv.weight[2 * c :].div_(s[:, None])
-        if qkv.bias is not None:
-            qkv.bias[2 * c :].div_(s)
-        proj.weight.mul_(s[None, :])
-        changed |= {f"{qkv_name}.weight", f"{proj_name}.weight"} | (
-            {f"{qkv_name}.bias"} if qkv.bias is not None else set()
-        )
-    for ln_name, ln, lin_name, lin in pairs:
-        s = _factors(amax[lin_name], lin.weight, alpha)
-        ln.weight.div_(s)
-        if ln.bias is not None:
-            ln.bias.div_(s)
-        lin.weight.mul_(s[None, :])
-        changed |= {f"{ln_name}.weight", f"{lin_name}.weight"} | (
-            {f"{ln_name}.bias"} if ln.bias is not None else set()
-        )
-    for lin_name, lin in explicit:  # no op to fold into: the factor stays as an explicit Mul
-        s = _factors(amax[lin_name], lin.weight, alpha)
-        lin.input_smooth.copy_(1.0 / s)
-        lin.weight.mul_(s[None, :])
-        changed |= {f"{lin_name}.weight", f"{lin_name}.input_smooth"}
-    mark_modified(qmodel, changed)
-    return len(pairs) + len(v_pairs) + len(explicit)
+    # of a Linear folded after it. V's fold goes first (fold_factors' order): it rescales rows of
+    # qkv, whose column maxima the norm1 → qkv factors must see (then both end balanced).
+    v = {proj_name: _factors(amax[proj_name], proj.weight, alpha) for _, _, proj_name, proj in _v_proj_pairs(qmodel)}
+    fold_factors(qmodel, v)
+    fold_factors(qmodel, {n: _factors(amax[n], lin.weight, alpha) for n, lin in sites if n not in v})
+    return len(sites)

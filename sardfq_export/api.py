@@ -85,6 +85,10 @@ class QuantizeConfig:
     # calibration images (calibrators.bias_correct, empirical bias correction); the export is
     # unchanged. None: the model's own default, else off.
     bias_correct: bool | None = None
+    # Activation-aware scaling of 4-bit weights (calibrators.awq, AWQ): per-input-channel factors
+    # searched on the calibration images, folded into LayerNorms / V / an explicit Mul before fc2,
+    # before ranges and rounding. None: the model's own default for 4-bit weights, else off.
+    awq: bool | None = None
     # Leave the fewest most-sensitive Linears float for this top-1 agreement with the float model
     # on held-out images (0-1); None: off.
     auto_keep_fp: float | None = None
@@ -164,7 +168,7 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 
 # QuantizeConfig fields whose None means "this model's default": LoadedModel.extra["quantize"]
 # (models.loading.ZOO_EXTRA, measured per model), else the value here.
-MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1}
+MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "awq": False}
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -177,8 +181,11 @@ def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
         for k, fallback in MODEL_RECIPE_FIELDS.items()
         if getattr(cfg, k) is None
     }
-    if resolved.get("centre_fc2") and calibrators.get_scheme(cfg.scheme).a_bits is None:
+    scheme = calibrators.get_scheme(cfg.scheme)
+    if resolved.get("centre_fc2") and scheme.a_bits is None:
         resolved["centre_fc2"] = False  # a weight-only scheme has no activation quantizer to centre for
+    if resolved.get("awq") and scheme.w_bits != 4:
+        resolved["awq"] = False  # AWQ is for 4-bit weights
     return replace(cfg, **resolved)
 
 
@@ -323,6 +330,7 @@ def _scheme_of(cfg: QuantizeConfig):
         smoothquant_alpha=cfg.smoothquant,
         smooth_explicit=cfg.smooth_fc2 or None,
         centre_fc2=cfg.centre_fc2 or None,
+        awq=cfg.awq or None,
     )
 
 

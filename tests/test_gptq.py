@@ -412,7 +412,7 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
         assert "--bias-correct" in out and "--gptq-views" in out
     opts = {"range_method": "auto", "weight_range": "mse", "weight_rounding": "auto", "gptq_views": None, "keep_fp": (),
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
-            "finetune": "none"}  # fmt: skip
+            "awq": None, "finetune": "none"}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
     assert recipe_config(opts | {"gptq_views": 4}, scheme="w4a8").gptq_views == 4
 

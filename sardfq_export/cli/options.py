@@ -184,6 +184,13 @@ recipe_options = _stack(
         "[default: the model's own, else off]",
     ),
     click.option(
+        "--awq/--no-awq",
+        default=None,
+        help="4-bit weights: activation-aware per-input-channel scales (AWQ) searched on the calibration "
+        "images and folded into the LayerNorms / V / a Mul before fc2; then ranges and rounding. "
+        "[default: the model's own, else off]",
+    ),
+    click.option(
         "--auto-keep-fp",
         type=click.FloatRange(0.0, 1.0, min_open=True),
         metavar="AGREEMENT",
@@ -209,7 +216,8 @@ def recipe_config(opts: dict, **fields):
                           keep_fp=tuple(opts["keep_fp"]),
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
-                          bias_correct=opts["bias_correct"], finetune=opts["finetune"], **fields)  # fmt: skip
+                          bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
+                          **fields)  # fmt: skip
 
 
 # The commands that claim an output (the main job's --out, synthesize's --out file): the free-space
