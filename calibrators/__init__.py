@@ -13,6 +13,7 @@ Imports only sardfq_export.core and sardfq_export.models (the layering test chec
 """
 
 from sardfq_export.calibrators.adaptive import AdaptiveConfig, discrepancy, teacher_student
+from sardfq_export.calibrators.awq import awq_scale
 from sardfq_export.calibrators.bias_correct import correct_biases
 from sardfq_export.calibrators.calibrate import (
     ACT_METHODS,
@@ -46,7 +47,6 @@ from sardfq_export.calibrators.quantizer import TensorQuantizer
 from sardfq_export.calibrators.reconstruct import distill, reconstruct_blocks
 from sardfq_export.calibrators.scheme import SCHEMES, PerBlock, PerChannel, PerTensor, Scheme, get_scheme
 from sardfq_export.calibrators.sensitivity import fidelity_to_float, keep_fp_for_target, layer_sensitivity
-from sardfq_export.calibrators.awq import awq_scale
 from sardfq_export.calibrators.smooth import smooth_quant
 
 __all__ = [

@@ -30,6 +30,7 @@ from sardfq_export.calibrators.smooth import fold_factors, scalable
 
 GRID = 20  # [paper] α ∈ {0, 0.05, …, 0.95}
 MAX_TOKENS = 2048  # input rows kept per Linear for the search (a seeded sample beyond that)
+SEARCH_RANGES = "minmax"
 
 
 def _search(lin, x: torch.Tensor, grid: int, weight_method: str) -> tuple[float, torch.Tensor, float, float]:
@@ -46,10 +47,10 @@ def _search(lin, x: torch.Tensor, grid: int, weight_method: str) -> tuple[float,
         s = mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()  # [paper] normalised around 1
         ws = w * s[None, :]
-        # Each candidate with the ranges it will get: the scheme's method, an MSE weighed by the
-        # scaled input's power (activation-aware: a plain weight MSE would clip the weights the
-        # factors just protected).
-        calibrate_weight(q, ws, weight_method, power / s.pow(2))
+        # Each candidate with plain max-|w| ranges, as the paper's scale search does (the MSE clip
+        # search is 14× slower per candidate: 10 minutes for DINOv2 ViT-S on 2 cores); the final
+        # ranges then take the scheme's method, activation-aware (calibrate_weight's importance).
+        calibrate_weight(q, ws, SEARCH_RANGES if weight_method == "mse" else weight_method, power / s.pow(2))
         err = float(((x / s) @ q.fake_quant(ws).T - y).pow(2).mean())
         if i == 0:
             plain = err
@@ -61,7 +62,12 @@ def _search(lin, x: torch.Tensor, grid: int, weight_method: str) -> tuple[float,
 
 @torch.no_grad()
 def awq_scale(
-    qmodel: nn.Module, data, weight_method: str = "mse", grid: int = GRID, seed: int = 0, progress: bool = False
+    qmodel: nn.Module,
+    data,
+    weight_method: str = "mse",
+    grid: int = GRID,
+    seed: int = 0,
+    progress: bool = False,
 ) -> dict:
     """Search and fold AWQ factors into every scalable quantized Linear of ``qmodel`` (4-bit
     weights, before their ranges are set). Returns a summary: α and the output-error ratio to

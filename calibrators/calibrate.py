@@ -196,7 +196,9 @@ def calibrate(
         smooth_quant(qmodel, data, scheme.smoothquant_alpha, progress)
     awq = None
     if scheme is not None and scheme.awq:
-        from sardfq_export.calibrators.awq import awq_scale  # folds factors into weights: before weight ranges
+        from sardfq_export.calibrators.awq import (
+            awq_scale,  # folds factors into weights: before weight ranges
+        )
 
         awq = awq_scale(qmodel, data, weight_method, progress=progress)
     weight_qs = set()

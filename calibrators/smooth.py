@@ -133,7 +133,10 @@ def smooth_quant(qmodel: nn.Module, data, alpha: float = 0.5, progress: bool = F
     # One pass measured every input: each fold keeps the float function, so none changes the input
     # of a Linear folded after it. V's fold goes first (fold_factors' order): it rescales rows of
     # qkv, whose column maxima the norm1 → qkv factors must see (then both end balanced).
-    v = {proj_name: _factors(amax[proj_name], proj.weight, alpha) for _, _, proj_name, proj in _v_proj_pairs(qmodel)}
+    v = {
+        proj_name: _factors(amax[proj_name], proj.weight, alpha)
+        for _, _, proj_name, proj in _v_proj_pairs(qmodel)
+    }
     fold_factors(qmodel, v)
     fold_factors(qmodel, {n: _factors(amax[n], lin.weight, alpha) for n, lin in sites if n not in v})
     return len(sites)
