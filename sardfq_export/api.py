@@ -172,16 +172,20 @@ MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views":
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
-    """``cfg`` with every field left at None (``MODEL_RECIPE_FIELDS``) set to the model's default."""
+    """``cfg`` with every field left at None (``MODEL_RECIPE_FIELDS``) set to the model's default.
+
+    A model's defaults may differ by weight width: ``extra["quantize"]["w4"]`` (or ``"w8"``)
+    overrides the common ones for schemes with 4-bit (8-bit) weights, each measured on the model."""
     from sardfq_export import calibrators
 
-    own = loaded.extra.get("quantize", {})
+    scheme = calibrators.get_scheme(cfg.scheme)
+    common = loaded.extra.get("quantize", {})
+    own = {**common, **common.get(f"w{scheme.w_bits}", {})}
     resolved = {
         k: type(fallback)(own.get(k, fallback))
         for k, fallback in MODEL_RECIPE_FIELDS.items()
         if getattr(cfg, k) is None
     }
-    scheme = calibrators.get_scheme(cfg.scheme)
     if resolved.get("centre_fc2") and scheme.a_bits is None:
         resolved["centre_fc2"] = False  # a weight-only scheme has no activation quantizer to centre for
     if resolved.get("awq") and scheme.w_bits != 4:
