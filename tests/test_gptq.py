@@ -439,7 +439,9 @@ def test_recipe_switches_left_unset_take_the_models_own_defaults():
     # defaults by weight width: "w4" overrides the common ones for 4-bit weights only
     own["quantize"]["w4"] = {"centre_fc2": False, "gptq_views": 2}
     w4 = sx.quantize(loaded, images, scheme="w4a8", progress=False)
-    assert w4.config.centre_fc2 is False and w4.config.bias_correct is True and w4.summary["gptq"]["views"] == 2
+    assert (
+        w4.config.centre_fc2 is False and w4.config.bias_correct is True and w4.summary["gptq"]["views"] == 2
+    )
     assert sx.quantize(loaded, images, scheme="w8a8", progress=False).config.centre_fc2 is True
     del own["quantize"]["w4"]
     assert (
