@@ -174,13 +174,14 @@ MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views":
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
     """``cfg`` with every field left at None (``MODEL_RECIPE_FIELDS``) set to the model's default.
 
-    A model's defaults may differ by weight width: ``extra["quantize"]["w4"]`` (or ``"w8"``)
-    overrides the common ones for schemes with 4-bit (8-bit) weights, each measured on the model."""
+    A model's defaults may differ by weight width and by scheme, each measured on the model:
+    ``extra["quantize"]["w4"]`` (or ``"w8"``) overrides the common ones for schemes with 4-bit
+    (8-bit) weights, and ``extra["quantize"][scheme name]`` (e.g. ``"w4a16"``) overrides both."""
     from sardfq_export import calibrators
 
     scheme = calibrators.get_scheme(cfg.scheme)
     common = loaded.extra.get("quantize", {})
-    own = {**common, **common.get(f"w{scheme.w_bits}", {})}
+    own = {**common, **common.get(f"w{scheme.w_bits}", {}), **common.get(scheme.name, {})}
     resolved = {
         k: type(fallback)(own.get(k, fallback))
         for k, fallback in MODEL_RECIPE_FIELDS.items()

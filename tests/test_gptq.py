@@ -443,7 +443,10 @@ def test_recipe_switches_left_unset_take_the_models_own_defaults():
         w4.config.centre_fc2 is False and w4.config.bias_correct is True and w4.summary["gptq"]["views"] == 2
     )
     assert sx.quantize(loaded, images, scheme="w8a8", progress=False).config.centre_fc2 is True
-    del own["quantize"]["w4"]
+    own["quantize"]["w4a16"] = {"gptq_views": 4}  # and a scheme's own over both
+    assert sx.quantize(loaded, images, scheme="w4a16", progress=False).summary["gptq"]["views"] == 4
+    assert sx.quantize(loaded, images, scheme="w4a8", progress=False).summary["gptq"]["views"] == 2
+    del own["quantize"]["w4"], own["quantize"]["w4a16"]
     assert (
         sx.quantize(loaded, images, scheme="w4a16", gptq_views=2, progress=False).summary["gptq"]["views"]
         == 2
