@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from sardfq_export.calibrators.calibrate import _run_data, calibrate_weight
-from sardfq_export.calibrators.smooth import fold_factors, scalable
+from sardfq_export.calibrators.calibrate import calibrate_weight
+from sardfq_export.calibrators.smooth import fold_factors, observe_inputs, scalable
 
 GRID = 20  # [paper] α ∈ {0, 0.05, …, 0.95}
 MAX_TOKENS = 2048  # input rows kept per Linear for the search (a seeded sample beyond that)
@@ -78,23 +78,14 @@ def awq_scale(
     sites = [(n, m) for n, m in scalable(qmodel) if m.weight_quantizer.enabled]
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n, _ in sites}
     gen = torch.Generator().manual_seed(seed)
-    hooks = []
-    for name, lin in sites:
 
-        def hook(m, args, n=name):
-            x = args[0].detach()
-            shift = m._buffers.get("input_shift")  # a centred input is what the weights see
-            rows = (x - shift if shift is not None else x).reshape(-1, x.shape[-1]).float()
-            if len(rows) > MAX_TOKENS:  # bounded memory per batch; the search samples again below
-                rows = rows[torch.randperm(len(rows), generator=gen)[:MAX_TOKENS].to(rows.device)]
-            inputs[n].append(rows)
+    def keep(n: str, rows: torch.Tensor) -> None:
+        rows = rows.float()
+        if len(rows) > MAX_TOKENS:  # bounded memory per batch; the search samples again below
+            rows = rows[torch.randperm(len(rows), generator=gen)[:MAX_TOKENS].to(rows.device)]
+        inputs[n].append(rows)
 
-        hooks.append(lin.register_forward_pre_hook(hook))
-    try:
-        _run_data(qmodel, data, progress, "awq (inputs)")
-    finally:
-        for h in hooks:
-            h.remove()
+    observe_inputs(qmodel, sites, data, keep, progress, "awq (inputs)")
     layers = []
     factors, importance = {}, {}
     for name, lin in progress_bar(sites, desc="awq", unit="layer", disable=not progress, leave=False):

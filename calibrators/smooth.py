@@ -108,28 +108,39 @@ def fold_factors(qmodel: nn.Module, factors: dict[str, torch.Tensor]) -> set[str
     return changed
 
 
-@torch.no_grad()
-def smooth_quant(qmodel: nn.Module, data, alpha: float = 0.5, progress: bool = False) -> int:
-    """Fold SmoothQuant factors into LayerNorm/Linear pairs; returns how many pairs were smoothed."""
+def observe_inputs(qmodel: nn.Module, sites, data, fn, progress: bool = False, desc: str = "inputs") -> None:
+    """Run ``data`` through ``qmodel`` once, calling ``fn(name, rows)`` with the input of every
+    Linear in ``sites`` (``[(name, Linear)]``) as ``[tokens, channels]`` rows. A centred input
+    (``input_shift``) is given centred: it is what the weights see and what a fold rescales."""
     from sardfq_export.calibrators.calibrate import _run_data
 
-    sites = scalable(qmodel)
-    amax: dict[str, torch.Tensor] = {}
     hooks = []
-    for lin_name, lin in sites:
+    for name, lin in sites:
 
-        def hook(m, args, n=lin_name):
+        def hook(m, args, n=name):
             x = args[0].detach()
-            shift = m._buffers.get("input_shift")  # a centred input is what gets smoothed
-            x = (x - shift if shift is not None else x).abs().reshape(-1, x.shape[-1]).amax(0)
-            amax[n] = x if n not in amax else torch.maximum(amax[n], x)
+            shift = m._buffers.get("input_shift")
+            fn(n, (x - shift if shift is not None else x).reshape(-1, x.shape[-1]))
 
         hooks.append(lin.register_forward_pre_hook(hook))
     try:
-        _run_data(qmodel, data, progress, "smoothquant")
+        _run_data(qmodel, data, progress, desc)
     finally:
         for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def smooth_quant(qmodel: nn.Module, data, alpha: float = 0.5, progress: bool = False) -> int:
+    """Fold SmoothQuant factors into LayerNorm/Linear pairs; returns how many pairs were smoothed."""
+    sites = scalable(qmodel)
+    amax: dict[str, torch.Tensor] = {}
+
+    def observe(n: str, rows: torch.Tensor) -> None:
+        x = rows.abs().amax(0)
+        amax[n] = x if n not in amax else torch.maximum(amax[n], x)
+
+    observe_inputs(qmodel, sites, data, observe, progress, "smoothquant")
     # One pass measured every input: each fold keeps the float function, so none changes the input
     # of a Linear folded after it. V's fold goes first (fold_factors' order): it rescales rows of
     # qkv, whose column maxima the norm1 → qkv factors must see (then both end balanced).
