@@ -9,6 +9,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_vit
 
 from sardfq_export import calibrators as C
@@ -188,14 +189,11 @@ def test_reference_model_acceptance(reference):
     images, labels = load_dataset("fashion-mnist", reference.data_config, "test").take(range(10000))
 
     @torch.inference_mode()
+    def logits(model):
+        return torch.cat([model(c) for c in images.split(1000)])
+
     def top1(model):
-        return (
-            sum(
-                (model(c).argmax(1) == lab).sum().item()
-                for c, lab in zip(images.split(1000), labels.split(1000), strict=True)
-            )
-            / 100
-        )
+        return (logits(model).argmax(1) == labels).sum().item() / 100
 
     fp = top1(reference.model)
     qmodel = C.quantize_model(reference.model, "w8a8")
@@ -208,11 +206,28 @@ def test_reference_model_acceptance(reference):
         drops[scheme] = fp - top1(qmodel)
         assert drops[scheme] <= limit, (scheme, drops)
     # Reconstruction improves a round-to-nearest model (measured 88.31 → 88.67). GPTQ rounding (the
-    # default for 4-bit weights since the real-ViT issue) gets there without fine-tuning (88.52;
-    # recon on top of it measured 88.44: no further gain on this model, docs/dinov2-accuracy.md).
-    plain = top1(sx.quantize(reference, cal, scheme="w4a4", weight_rounding="nearest", progress=False).model)
+    # default for 4-bit weights since the real-ViT issue) is judged on what it minimizes, the
+    # model's error against FP32, not on top-1: this model is saturated, and GPTQ's top-1 against
+    # round-to-nearest's moved with the CPU (88.52 vs 88.31 on one AVX-512 host, 88.33 vs 88.40 on
+    # an AVX2 one, 7 images of 10k) while its logit KL to FP32 stayed lower (AVX2: 0.0286 vs 0.0308;
+    # agreement with FP32 95.37% vs 95.05%).
+    nearest = sx.quantize(reference, cal, scheme="w4a4", weight_rounding="nearest", progress=False).model
+    plain = top1(nearest)
     recon = sx.quantize(
         reference, cal, scheme="w4a4", weight_rounding="nearest", finetune="recon", progress=False
     )
     assert top1(recon.model) > plain
-    assert top1(sx.quantize(reference, cal, scheme="w4a4", progress=False).model) > plain
+    gptq = sx.quantize(reference, cal, scheme="w4a4", progress=False).model
+    with torch.inference_mode():
+        fp_logits = logits(reference.model).log_softmax(1)
+
+        def kl(model):
+            return F.kl_div(
+                logits(model).log_softmax(1), fp_logits, log_target=True, reduction="batchmean"
+            ).item()
+
+        def agreement(model):
+            return (logits(model).argmax(1) == fp_logits.argmax(1)).float().mean().item()
+
+        assert kl(gptq) < kl(nearest)
+        assert agreement(gptq) > agreement(nearest)
