@@ -123,6 +123,31 @@ def emit(row: dict, log: Path | None) -> None:
             fh.write(line + "\n")
 
 
+def _grey_crop_views(data_config: dict) -> None:
+    """Experiment: wrap ``calibrators.gptq.hessian_views`` so that views 4, 6, … (every second
+    random crop) are grey: ``0.299 R + 0.587 G + 0.114 B`` of the un-normalized crop, replicated to
+    three channels and normalized again. Grey images are among DINOv2's training augmentations
+    (RandomGrayscale), so they are label-preserving for the model; here they also happen to be what
+    the Fashion-MNIST test data look like, so a gain is an upper bound for other data."""
+    from sardfq_export.calibrators import gptq
+
+    plain = gptq.hessian_views
+    mean = torch.tensor(data_config["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(data_config["std"]).view(1, -1, 1, 1)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+    def views(images, n, seed=0):
+        out = plain(images, n, seed)
+        k = len(images)
+        for v in range(3, n, 2):
+            crops = out[v * k : (v + 1) * k] * std + mean
+            grey = (crops * luma).sum(1, keepdim=True).expand_as(crops)
+            out[v * k : (v + 1) * k] = (grey - mean) / std
+        return out
+
+    gptq.hessian_views = views
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="dinov2_s14_fmnist")
@@ -162,6 +187,12 @@ def main(argv=None) -> int:
         help="calibrate on the union of these seeds' sets (--num-images each; synthetic sets are cached "
         "per seed, so more images without a longer synthesis)",
     )
+    ap.add_argument(
+        "--grey-views",
+        action="store_true",
+        help="experiment (not in the product yet): every second crop view of --gptq-views is turned grey "
+        "(luminance in pixel space, the model's mean/std), a view from DINOv2's own training augmentations",
+    )
     ap.add_argument("--bf16", action="store_true", help="synthesize under bf16 autocast")
     ap.add_argument("--deployed", action="store_true", help="also export and run the ONNX Runtime graph")
     ap.add_argument("--limit", type=int, default=2000)
@@ -176,6 +207,8 @@ def main(argv=None) -> int:
     if a.calib_seeds:
         parts = [calib_set(loaded, a.calib, a.num_images, s, p.cache, a.iters, a.bf16) for s in a.calib_seeds]
         cal = torch.cat([c.images for c in parts])
+    if a.grey_views:
+        _grey_crop_views(loaded.data_config)
     t0 = time.perf_counter()
     q = sx.quantize(loaded, cal, scheme=a.scheme, range=a.range, weight_range=a.weight_range,
                     weight_rounding=a.rounding, gptq_views=a.gptq_views, gptq_damp=a.gptq_damp, finetune=a.finetune, seed=a.seed, smoothquant=a.smoothquant,
@@ -210,7 +243,7 @@ def main(argv=None) -> int:
     row = {
         "model": a.model, "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": len(cal), "calib_seeds": a.calib_seeds, "iters": a.iters, "seed": a.seed,
         "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding, "gptq_views": a.gptq_views, "gptq_damp": a.gptq_damp,
-        "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "centre_fc2": a.centre_fc2, "bias_correct": a.bias_correct, "awq": a.awq, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
+        **({"grey_views": True} if a.grey_views else {}), "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "centre_fc2": a.centre_fc2, "bias_correct": a.bias_correct, "awq": a.awq, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
         "drop_points": round(100 * (fp_top1 - fq_top1), 2),
         "agreement_vs_fp32": float((fq_logits.argmax(1) == fp_logits.argmax(1)).float().mean()),
         "noise_flip_rate": flips, "calib_seconds": round(t_cal, 1), "quantize_seconds": round(t_q, 1),
