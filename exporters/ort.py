@@ -66,6 +66,9 @@ class OrtConfig:
     extra_config: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # session config entries
     fuse_attention: bool = True  # fold float self-attention into com.microsoft::MultiHeadAttention
     stop_spinning: bool = True  # workers stop spinning when run() returns (session.force_spinning_stop)
+    # INT8 Q/DQ shifted to UINT8 (exact) for a non-saturating integer GEMM: None = where this CPU's
+    # would saturate (x86 without VNNI, int8_gemm_saturates), only on the CPU provider.
+    unsigned_int8: bool | None = None
 
 
 def _ort():
@@ -105,23 +108,60 @@ def session_options(config: OrtConfig = OrtConfig(), optimized_model_path: str |
     return so
 
 
+def int8_gemm_saturates() -> bool:
+    """Whether ONNX Runtime's CPU INT8 GEMM can saturate on this machine: x86 without VNNI
+    (AVX-512 VNNI or AVX-VNNI), where signed weights go through ``vpmaddubsw``'s saturating int16
+    pair sums (onnx_graph.unsigned_int8). Read from /proc/cpuinfo, else numpy's CPU features."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), None)
+        if flags is not None:
+            return not {"avx512_vnni", "avx_vnni"} & set(flags)
+    except OSError:
+        pass
+    try:
+        import numpy as np
+
+        features = getattr(np, "_core", getattr(np, "core", None))._multiarray_umath.__cpu_features__
+        return not (features.get("AVX512VNNI") or features.get("AVXVNNI"))
+    except Exception:  # unknown: leave the graph as exported
+        return False
+
+
+def _unsigned(config: OrtConfig, providers: list[str]) -> bool:
+    if "CPUExecutionProvider" not in providers[:1]:
+        return False  # the rewrite is for ORT's CPU kernels only
+    return int8_gemm_saturates() if config.unsigned_int8 is None else config.unsigned_int8
+
+
 def deployment_graph(path: str | Path, config: OrtConfig = OrtConfig()):
     """What ``create_session`` hands to ONNX Runtime for ``path``: the file's path when no graph
     rewrite applies, else the serialized rewritten model (bytes), and the number of attentions
-    fused."""
+    fused. Rewrites: float attention → MultiHeadAttention (``fuse_attention``), INT8 → UINT8 Q/DQ
+    where the CPU's integer GEMM would saturate (``unsigned_int8``)."""
     providers = _providers(config)
-    if not config.fuse_attention or any(p not in _FUSE_PROVIDERS for p in providers):
+    fuse = config.fuse_attention and all(p in _FUSE_PROVIDERS for p in providers)
+    unsigned = _unsigned(config, providers)
+    if not (fuse or unsigned):
         return str(path), 0
     import onnx
-    from sardfq_export.exporters.onnx_graph import fuse_attention
+    from sardfq_export.exporters.onnx_graph import fuse_attention, unsigned_int8
 
     model = onnx.load(str(path))
     if model.ByteSize() >= 2**31 - 2**20:  # protobuf cannot serialize ≥ 2 GiB: run the file as is
         return str(path), 0
-    fused_model, fused = fuse_attention(model)
-    if not fused:
+    fused = shifted = 0
+    if fuse:
+        model, fused = fuse_attention(model)
+    if unsigned:
+        model, shifted = unsigned_int8(model)
+    if not (fused or shifted):
         return str(path), 0
-    return fused_model.SerializeToString(), fused
+    return model.SerializeToString(), fused
 
 
 def write_deployment_graph(onnx_path: str | Path, out_path: str | Path, config: OrtConfig = OrtConfig()):
@@ -134,10 +174,10 @@ def write_deployment_graph(onnx_path: str | Path, out_path: str | Path, config: 
 
     from sardfq_export.core.io import atomic_write_bytes
 
-    graph, fused = deployment_graph(onnx_path, config)
-    if not fused:
+    graph, _ = deployment_graph(onnx_path, config)
+    if not isinstance(graph, bytes):
         return Path(onnx_path), config
-    return atomic_write_bytes(out_path, graph), replace(config, fuse_attention=False)
+    return atomic_write_bytes(out_path, graph), replace(config, fuse_attention=False, unsigned_int8=False)
 
 
 def _providers(config: OrtConfig) -> list[str]:
@@ -209,4 +249,5 @@ def describe(config: OrtConfig = OrtConfig()) -> dict:
         "optimization_level": config.optimization_level,
         "fuse_attention": config.fuse_attention,
         "stop_spinning": config.stop_spinning,
+        "unsigned_int8": _unsigned(config, list(config.providers)),
     }

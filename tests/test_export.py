@@ -88,6 +88,31 @@ def test_w8a8_graph_is_int8_qdq_and_int8_kernels_fire(w8a8):
     assert census["int8_gemm"] == N_LINEARS and census["ops"].get("MatMulIntegerToFloat") == N_LINEARS
 
 
+def test_unsigned_int8_rewrite_is_exact_and_keeps_parity(w8a8, tmp_path):
+    """INT8 → UINT8 (+128) Q/DQ computes the same numbers; forced on, the int8 kernels still fire and
+    match the fake-quant model on any CPU (auto turns it on where ORT's int8 GEMM saturates)."""
+    from sardfq_export.exporters.onnx_graph import unsigned_int8
+
+    _, qmodel, held, path, _ = w8a8
+    shifted_model, shifted = unsigned_int8(onnx.load(str(path)))
+    # every weight's codes and zero point, and one zero-point constant per activation quantizer
+    zps = {t.name for t in shifted_model.graph.initializer if t.data_type == TensorProto.UINT8}
+    assert shifted == 2 * N_LINEARS + N_LINEARS and len(zps) == 2 * N_LINEARS
+    assert not [t for t in shifted_model.graph.initializer if t.data_type == TensorProto.INT8]
+    onnx.save(shifted_model, str(tmp_path / "u8.onnx"))
+    plain = OrtConfig(optimization_level="disable", fuse_attention=False, unsigned_int8=False)
+    x = {"input": held.numpy()}
+    want = create_session(path, plain).run(None, x)[0]
+    assert np.array_equal(create_session(tmp_path / "u8.onnx", plain).run(None, x)[0], want)
+    forced = OrtConfig(unsigned_int8=True)
+    assert op_census(path, forced)["ops"].get("MatMulIntegerToFloat") == N_LINEARS
+    got = torch.from_numpy(create_session(path, forced).run(None, x)[0])
+    with torch.no_grad():
+        ref = qmodel(held)
+    cos = F.cosine_similarity(got.double(), ref.double(), dim=1)
+    assert float(cos.min()) >= 0.999 and bool((got.argmax(1) == ref.argmax(1)).all())
+
+
 def test_ort_session_folds_float_attention_into_multiheadattention(w8a8):
     """create_session rewrites each float attention (fused SDPA export) into one contrib kernel."""
     _, _, held, path, _ = w8a8
