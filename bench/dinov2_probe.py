@@ -241,7 +241,7 @@ def main(argv=None) -> int:
             "deployed_vs_fakequant": float((dep_logits.argmax(1) == fq_logits.argmax(1)).float().mean()),
         }
     row = {
-        "model": a.model, "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": len(cal), "calib_seeds": a.calib_seeds, "iters": a.iters, "seed": a.seed,
+        "model": a.model, "weights": p.cache.name.removeprefix("model-"), "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": len(cal), "calib_seeds": a.calib_seeds, "iters": a.iters, "seed": a.seed,
         "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding, "gptq_views": a.gptq_views, "gptq_damp": a.gptq_damp,
         **({"grey_views": True} if a.grey_views else {}), "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "centre_fc2": a.centre_fc2, "bias_correct": a.bias_correct, "awq": a.awq, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
         "drop_points": round(100 * (fp_top1 - fq_top1), 2),
