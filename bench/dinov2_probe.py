@@ -49,10 +49,11 @@ def calib_set(model, kind: str, n: int, seed: int, cache: Path, iters: int | Non
     path = cache / f"{kind}-n{n}-s{seed}-it{iters}{'-bf16' if bf16 else ''}.safetensors"
     if path.exists():
         return CalibSet.load(path)
-    cal = sx.synthesize(model, method=kind, num_images=n, seed=seed, iters=iters, bf16=bf16, progress=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cal.save(path)
-    return cal
+    # saved there by the runner; a stopped run (Ctrl-C, SIGTERM) leaves its checkpoint beside it and
+    # the next probe resumes it (a slow host synthesizes for an hour)
+    return sx.synthesize(model, method=kind, num_images=n, seed=seed, iters=iters, bf16=bf16, out=path,
+                         resume=True, progress=True)  # fmt: skip
 
 
 def top1(model, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> tuple[float, torch.Tensor]:
