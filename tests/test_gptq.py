@@ -310,7 +310,12 @@ def test_centring_fc2_shifts_by_the_channel_centres_keeps_the_function_exports_a
         torch.testing.assert_close(q(held), model(held), rtol=1e-4, atol=1e-4)
     calibrators.set_quantizers_enabled(q, True)
     got, want = _exports_lints_runs_and_reloads(q, model, held, tmp_path, deployment_graph=True)
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    # ORT's integer GEMM sums in another order than torch: an activation code may flip at a
+    # rounding boundary (seen on an AVX2 host: 4 of 80 logits off by 0.003), as test_export's
+    # parity allows; anything more than such a flip fails these.
+    cos = torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=1)
+    assert float(cos.min()) >= 0.999 and torch.equal(got.argmax(1), want.argmax(1))
+    assert float((got - want).abs().le(1e-3).float().mean()) >= 0.9
     assert all(torch.equal(p, model.state_dict()[k]) for k, p in model.state_dict().items())
 
 
