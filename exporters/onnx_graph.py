@@ -577,6 +577,7 @@ def unsigned_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     users = consumers(graph)
     prod = producers(graph)
     shift: dict[int, onnx.TensorProto] = {}
+    codes_out: list[str] = []  # the activation codes, whose recorded type changes with them
     for node in graph.node:
         if node.op_type not in QDQ_OPS or len(node.input) < 3 or not node.input[2]:
             continue  # no zero point: UINT8 already
@@ -586,6 +587,7 @@ def unsigned_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if node.op_type == "QuantizeLinear":
             if any(u.op_type != "DequantizeLinear" for u in users.get(node.output[0], [])):
                 return model, 0
+            codes_out.append(node.output[0])
         elif (codes := consts.get(node.input[0])) is not None:
             if codes.data_type != TensorProto.INT8:
                 continue
@@ -599,11 +601,7 @@ def unsigned_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     for tensor in shift.values():
         values = numpy_helper.to_array(tensor).astype(np.int16) + 128
         tensor.CopyFrom(numpy_helper.from_array(values.astype(np.uint8), tensor.name))
-    codes = {
-        n.output[0]
-        for n in graph.node
-        if n.op_type == "QuantizeLinear" and id(consts.get(n.input[2] if len(n.input) > 2 else "")) in shift
-    }
+    codes = set(codes_out)
     for info in graph.value_info:  # the exporter's recorded types of the codes
         if info.name in codes and info.type.tensor_type.elem_type == TensorProto.INT8:
             info.type.tensor_type.elem_type = TensorProto.UINT8

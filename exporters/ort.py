@@ -30,6 +30,7 @@ op census of the graph ORT actually runs.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ def session_options(config: OrtConfig = OrtConfig(), optimized_model_path: str |
     return so
 
 
+@functools.cache  # the CPU does not change while we run; read once, not per session
 def int8_gemm_saturates() -> bool:
     """Whether ONNX Runtime's CPU INT8 GEMM can saturate on this machine: x86 without VNNI
     (AVX-512 VNNI or AVX-VNNI), where signed weights go through ``vpmaddubsw``'s saturating int16
