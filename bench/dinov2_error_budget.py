@@ -56,6 +56,16 @@ def main(argv=None) -> int:
     ap.add_argument("--smoothquant", type=float, default=None)
     ap.add_argument("--smooth-fc2", action="store_true")
     ap.add_argument("--keep-fp", nargs="*", default=[])
+    ap.add_argument("--gptq-views", type=int, default=None, help="None: the model's default")
+    ap.add_argument(
+        "--bias-correct", action=argparse.BooleanOptionalAction, default=None,
+        help="None: the model's default; --no-bias-correct for --weight-groups (a corrected bias "
+        "belongs to the whole quantized model, so a group's row would carry every layer's correction)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--weight-groups", action="store_true",
+        help="also each Linear role's and each block's weights alone (the others float): where 4-bit weights lose",
+    )  # fmt: skip
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-calib")
     ap.add_argument("--log", type=Path)
@@ -65,19 +75,30 @@ def main(argv=None) -> int:
     p = setup(a.model, a.calib, a.num_images, a.seed, a.cache, a.iters, a.limit)
     loaded, x, y, cal, fp_top1, fp = p.loaded, p.x, p.y, p.cal, p.fp32_top1, p.fp32_logits
     q = sx.quantize(loaded, cal, scheme=a.scheme, seed=a.seed, smoothquant=a.smoothquant,
-                    smooth_fc2=a.smooth_fc2, keep_fp=tuple(a.keep_fp), progress=False)  # fmt: skip
+                    smooth_fc2=a.smooth_fc2, keep_fp=tuple(a.keep_fp), gptq_views=a.gptq_views,
+                    bias_correct=a.bias_correct, progress=False)  # fmt: skip
     qs = quantizers(q.model)
+    # GPTQ writes its rounded weights back as floats, so a weight quantizer switched off must also
+    # get the float model's weight back (and the rounded one when switched on again).
+    fp_modules = dict(loaded.model.named_modules())
+    q_modules = dict(q.model.named_modules())
+    rounded = {n: q_modules[n].weight.detach().clone() for n, k, _ in qs if k == "weight"}
+    original = {n: fp_modules[n].weight.detach().clone() for n in rounded}
     t0 = time.perf_counter()
     full_top1, full = top1(q.model, x, y)
 
     def only(pred) -> dict:
         for name, kind, tq in qs:
             tq.enabled = pred(name, kind)
+            if kind == "weight":
+                q_modules[name].weight.data.copy_(rounded[name] if tq.enabled else original[name])
         try:
             t1, z = top1(q.model, x, y)
         finally:
-            for _, _, tq in qs:
+            for name, kind, tq in qs:
                 tq.enabled = True
+                if kind == "weight":
+                    q_modules[name].weight.data.copy_(rounded[name])
         return {"top1": t1, "agreement_vs_fp32": agreement(z, fp)}
 
     groups = {
@@ -87,6 +108,13 @@ def main(argv=None) -> int:
     }
     for role in ROLES:
         groups[f"{role} input only"] = only(lambda n, k, r=role: k == "input" and n.endswith(r))
+    if a.weight_groups:
+        for role in ROLES:
+            groups[f"{role} weights only"] = only(lambda n, k, r=role: k == "weight" and n.endswith(r))
+        for b in range(len(loaded.model.blocks)):
+            groups[f"blocks.{b} weights only"] = only(
+                lambda n, k, p=f"blocks.{b}.": k == "weight" and n.startswith(p)
+            )
 
     # Internal noise floor: a relative 1e-6 perturbation of every activation quantizer's input (the
     # product's own context, as the report measures it; seed + 1 is what the published rows used).
@@ -96,7 +124,7 @@ def main(argv=None) -> int:
         _, perturbed = top1(q.model, x, y)
     row = {
         "model": a.model, "calib": a.calib, "num_images": a.num_images, "iters": a.iters, "seed": a.seed,
-        "scheme": a.scheme, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "keep_fp": a.keep_fp,
+        "scheme": a.scheme, "gptq_views": a.gptq_views, "bias_correct": a.bias_correct, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "keep_fp": a.keep_fp,
         "limit": a.limit, "fp32_top1": fp_top1, "groups": groups,
         "internal_noise_floor": agreement(perturbed, full),
         "seconds": round(time.perf_counter() - t0, 1), "commit": commit,

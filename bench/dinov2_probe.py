@@ -149,6 +149,20 @@ def _grey_crop_views(data_config: dict) -> None:
     gptq.hessian_views = views
 
 
+def _token_mix(mix: float) -> None:
+    """Experiment: GPTQ's rollout token weights (``--gptq-tokens rollout``, calibrators.rollout)
+    blended with uniform ones, ``(1 − mix) + mix·w``; mix 1 is the product's rollout weighting.
+    Wraps what ``calibrators.gptq`` calls (not in the product)."""
+    from sardfq_export.calibrators import gptq
+
+    full = gptq.rollout_token_weights
+
+    def mixed(model, images, batch_size=32):
+        return {k: (1 - mix) + mix * v for k, v in full(model, images, batch_size).items()}
+
+    gptq.rollout_token_weights = mixed
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="dinov2_s14_fmnist")
@@ -195,7 +209,16 @@ def main(argv=None) -> int:
         "(luminance in pixel space, the model's mean/std), a view from DINOv2's own training augmentations",
     )
     ap.add_argument("--bf16", action="store_true", help="synthesize under bf16 autocast")
+    ap.add_argument("--gptq-tokens", choices=["uniform", "rollout"], default="uniform")
+    ap.add_argument(
+        "--token-mix", type=float, default=None,
+        help="experiment (with --gptq-tokens rollout): rollout weights blended with uniform ones",
+    )  # fmt: skip
     ap.add_argument("--deployed", action="store_true", help="also export and run the ONNX Runtime graph")
+    ap.add_argument(
+        "--ort-unsigned", choices=["auto", "on", "off"], default="auto",
+        help="--deployed: UINT8 Q/DQ codes in the ORT graph (auto: where this CPU's INT8 GEMM saturates)",
+    )  # fmt: skip
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-calib")
     ap.add_argument("--log", type=Path)
@@ -210,9 +233,11 @@ def main(argv=None) -> int:
         cal = torch.cat([c.images for c in parts])
     if a.grey_views:
         _grey_crop_views(loaded.data_config)
+    if a.token_mix is not None:
+        _token_mix(a.token_mix)
     t0 = time.perf_counter()
     q = sx.quantize(loaded, cal, scheme=a.scheme, range=a.range, weight_range=a.weight_range,
-                    weight_rounding=a.rounding, gptq_views=a.gptq_views, gptq_damp=a.gptq_damp, finetune=a.finetune, seed=a.seed, smoothquant=a.smoothquant,
+                    weight_rounding=a.rounding, gptq_views=a.gptq_views, gptq_tokens=a.gptq_tokens, gptq_damp=a.gptq_damp, finetune=a.finetune, seed=a.seed, smoothquant=a.smoothquant,
                     smooth_fc2=a.smooth_fc2, centre_fc2=a.centre_fc2, bias_correct=a.bias_correct, awq=a.awq, keep_fp=tuple(a.keep_fp), progress=False)  # fmt: skip
     t_q = time.perf_counter() - t0
     fq_top1, fq_logits = top1(q.model, x, y)
@@ -236,15 +261,20 @@ def main(argv=None) -> int:
 
         with tempfile.TemporaryDirectory() as tmp:
             res = sx.export(q, Path(tmp) / "model.onnx", target="onnxruntime")
-            dep_logits = logits_of(ort_runner(Path(res.path), Path(tmp)), x)
+            unsigned = {"auto": None, "on": True, "off": False}[a.ort_unsigned]
+            dep_logits = logits_of(ort_runner(Path(res.path), Path(tmp), unsigned), x)
         deployed = {
             "deployed_top1": float((dep_logits.argmax(1) == y).float().mean()),
             "deployed_vs_fakequant": float((dep_logits.argmax(1) == fq_logits.argmax(1)).float().mean()),
+            "ort_unsigned_int8": a.ort_unsigned,
+            "deployed_vs_fakequant_cosine": float(
+                torch.nn.functional.cosine_similarity(dep_logits, fq_logits, dim=1).mean()
+            ),
         }
     row = {
         "model": a.model, "weights": p.cache.name.removeprefix("model-"), "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": len(cal), "calib_seeds": a.calib_seeds, "iters": a.iters, "seed": a.seed,
         "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding, "gptq_views": a.gptq_views, "gptq_damp": a.gptq_damp,
-        **({"grey_views": True} if a.grey_views else {}), "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "centre_fc2": a.centre_fc2, "bias_correct": a.bias_correct, "awq": a.awq, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
+        **({"grey_views": True} if a.grey_views else {}), "gptq_tokens": a.gptq_tokens, **({"token_mix": a.token_mix} if a.token_mix is not None else {}), "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "centre_fc2": a.centre_fc2, "bias_correct": a.bias_correct, "awq": a.awq, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
         "drop_points": round(100 * (fp_top1 - fq_top1), 2),
         "agreement_vs_fp32": float((fq_logits.argmax(1) == fp_logits.argmax(1)).float().mean()),
         "noise_flip_rate": flips, "calib_seconds": round(t_cal, 1), "quantize_seconds": round(t_q, 1),

@@ -53,6 +53,9 @@ RECIPES = {
     # GPTQ's Hessian over 4 views of each image (calibrators.gptq.hessian_views): DINOv2's default at
     # w4a16 (bench/dinov2_probe.py --gptq-views 4: w4a16 drop 11.20 → 5.15 points, seed 0)
     "w4a16+v4": {"scheme": "w4a16", "weight_rounding": "gptq", "gptq_views": 4},
+    # + GPTQ's tokens weighted by their rollout reach to the CLS readout (calibrators.rollout): DINOv2's
+    # default at w4a16 (bench/dinov2_probe.py --gptq-tokens rollout: drop 10.15 → 4.55 and 4.50 → 3.80)
+    "w4a16+v4+r": {"scheme": "w4a16", "weight_rounding": "gptq", "gptq_views": 4, "gptq_tokens": "rollout"},
     "w4a8": {"scheme": "w4a8", "weight_rounding": "gptq"},
     # DINOv2's own w4a8 recipe: centred + corrected; no views at w4a8 (bench/dinov2_probe.py: 13.40
     # points lost without, 20.45 with 4 views, seed 0)
@@ -124,13 +127,15 @@ def logits_of(run, x: torch.Tensor, batch: int = 250) -> torch.Tensor:
     return torch.cat([run(c).float() for c in x.split(batch)])
 
 
-def ort_runner(onnx_path: Path, work: Path):
-    """The deployed model as the main job runs it: our ORT graph rewrite + session settings."""
+def ort_runner(onnx_path: Path, work: Path, unsigned_int8: bool | None = None):
+    """The deployed model as the main job runs it: our ORT graph rewrite + session settings
+    (``unsigned_int8``: None = the product's choice for this CPU; True/False forces it)."""
     from sardfq_export.exporters.ort import OrtConfig, create_session, write_deployment_graph
 
     path, cfg = write_deployment_graph(
-        onnx_path, work / "model.ort.onnx", OrtConfig(threads=torch.get_num_threads())
-    )
+        onnx_path, work / "model.ort.onnx",
+        OrtConfig(threads=torch.get_num_threads(), unsigned_int8=unsigned_int8),
+    )  # fmt: skip
     sess = create_session(path, cfg)
     name = sess.get_inputs()[0].name
     return lambda b: torch.from_numpy(sess.run(None, {name: b.contiguous().numpy()})[0])

@@ -23,11 +23,13 @@ from sardfq_export.calibrators.calibrate import iter_batches
 from sardfq_export.calibrators.instrument import mark_modified
 from sardfq_export.calibrators.modules import QuantLinear
 from sardfq_export.calibrators.quantizer import TensorQuantizer
+from sardfq_export.calibrators.rollout import rollout_token_weights
 from sardfq_export.calibrators.scheme import PerBlock
 
 from sardfq_export.core.errors import UserInputError
 
 DAMP = 0.01  # [paper] dampening: 1% of the mean Hessian diagonal (the rank-deficient case is normal)
+TOKEN_WEIGHTS = ("uniform", "rollout")  # how each token's term counts in the Hessian
 COLUMN_BLOCK = 128  # [paper] lazy batch updates: columns rounded together before the trailing update
 
 
@@ -75,14 +77,22 @@ def hessian_views(images: torch.Tensor, views: int, seed: int = 0) -> torch.Tens
     return torch.cat(out)
 
 
-def _input_hessian(qmodel: nn.Module, lin: QuantLinear, data, batch_size: int) -> tuple[torch.Tensor, int]:
-    """Σ x xᵀ over every token of the calibration images at ``lin``'s (quantized) input, float64."""
+def _input_hessian(
+    qmodel: nn.Module, lin: QuantLinear, data, batch_size: int, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """Σ w x xᵀ over every token of the calibration images at ``lin``'s (quantized) input, float64;
+    ``weights``: (images, tokens) per-token weights in the images' order (None: all 1)."""
     device = lin.weight.device
     h = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
-    count = [0]
+    count, seen = [0], [0]
 
     def hook(m, args):
-        x = m.quant_input(args[0].detach()).reshape(-1, m.in_features).double()  # what F.linear sees
+        x = m.quant_input(args[0].detach()).double()  # what F.linear sees
+        if weights is not None:
+            w = weights[seen[0] : seen[0] + x.shape[0]].to(device=device, dtype=torch.float64)
+            seen[0] += x.shape[0]
+            x = x * w.sqrt().unsqueeze(-1)
+        x = x.reshape(-1, m.in_features)
         h.addmm_(x.T, x)
         count[0] += x.shape[0]
         raise _Stop  # nothing after this layer is needed
@@ -157,12 +167,16 @@ def gptq_weights(
     act_order: bool = True,
     views: int = 1,
     seed: int = 0,
+    tokens: str = "uniform",
+    float_model: nn.Module | None = None,
     progress: bool = True,
 ) -> dict:
     """Re-round every enabled, calibrated weight quantizer's Linear in ``qmodel`` with GPTQ.
 
     ``data``: the calibration images (tensor, CalibSet-like or iterable of batches); ``views`` > 1
-    adds label-preserving variants of them to the Hessian (:func:`hessian_views`). Returns the
+    adds label-preserving variants of them to the Hessian (:func:`hessian_views`). ``tokens``:
+    "uniform" (every token's term counts 1, the paper's) or "rollout" (each token weighted by how
+    much it reaches the prediction in ``float_model``, :mod:`calibrators.rollout`). Returns the
     summary: layers re-rounded and the mean relative output-error reduction on the calibration
     inputs (``tr((W−Q) H (W−Q)ᵀ)`` of GPTQ over round-to-nearest's).
     """
@@ -174,14 +188,25 @@ def gptq_weights(
     ]  # fmt: skip
     if not layers:
         raise UserInputError("GPTQ rounding needs calibrated weight quantizers: calibrate the model first")
+    if tokens not in TOKEN_WEIGHTS:
+        raise UserInputError(
+            f"unknown GPTQ token weighting {tokens!r}: use one of {', '.join(TOKEN_WEIGHTS)}"
+        )
     if views > 1:
         data = hessian_views(torch.cat(list(iter_batches(data, batch_size))), views, seed)
+    importance: dict[str, torch.Tensor] = {}
+    if tokens == "rollout":
+        if float_model is None:
+            raise UserInputError("rollout token weights are read from the float model: pass float_model")
+        data = torch.cat(list(iter_batches(data, batch_size)))
+        importance = rollout_token_weights(float_model, data, batch_size)
     was_training = qmodel.training
     qmodel.eval()
-    ratios, tokens = [], 0
+    ratios, seen = [], 0
     for name, lin in progress_bar(layers, desc="gptq", unit="layer", disable=not progress, leave=False):
-        h, tokens = _input_hessian(qmodel, lin, data, batch_size)
-        if tokens == 0:
+        # outside the blocks (a quantized head, say) every token counts 1
+        h, seen = _input_hessian(qmodel, lin, data, batch_size, importance.get(name))
+        if seen == 0:
             raise UserInputError("GPTQ rounding saw no calibration images")
         wq = lin.weight_quantizer
         nearest = wq.fake_quant(lin.weight).double()
@@ -194,10 +219,11 @@ def gptq_weights(
     qmodel.train(was_training)
     summary = {
         "layers": len(layers),
-        "tokens": tokens,
+        "tokens": seen,
         "damp": damp,
         "act_order": act_order,
         "views": views,
+        "token_weights": tokens,
         "mean_output_error_ratio": sum(ratios) / len(ratios),
     }
     info = getattr(qmodel, "sardfq_quant", None)

@@ -44,6 +44,7 @@ FINETUNES = ("none", "recon", "kd", "recon+kd")
 # methods: the student is calibrators' fake-quant model): ``--calib psaq2`` = PSAQ-ViT V2.
 ADAPTIVE_CALIBS = _ADAPTIVE_CALIBS
 ROUNDINGS = ("auto", "nearest", "gptq")
+GPTQ_TOKENS = ("uniform", "rollout")  # calibrators.gptq.TOKEN_WEIGHTS
 DEFAULT_NUM_IMAGES = 32  # calibration images a source makes or reads when the caller gives no count
 
 
@@ -67,6 +68,10 @@ class QuantizeConfig:
     # resized crops; calibrators.gptq.hessian_views): 1 = the images alone. None: the model's own
     # default (MODEL_RECIPE_FIELDS), else 1.
     gptq_views: int | None = None
+    # How each token counts in GPTQ's Hessian: "uniform" (the paper's) or "rollout" (weighted by its
+    # attention-rollout reach to the prediction in the float model; calibrators.rollout). None: the
+    # model's own default (MODEL_RECIPE_FIELDS), else uniform.
+    gptq_tokens: str | None = None
     # GPTQ's dampening, a fraction of the mean Hessian diagonal added to it (the paper's 0.01);
     # larger values trust the calibration tokens' correlations less.
     gptq_damp: float = 0.01
@@ -118,6 +123,10 @@ class QuantizeConfig:
             raise UserInputError(
                 f"gptq_views counts the images' views in GPTQ's Hessian (>= 1), got {self.gptq_views!r}"
             )
+        if self.gptq_tokens is not None and self.gptq_tokens not in GPTQ_TOKENS:
+            raise UserInputError(
+                f"unknown gptq_tokens {self.gptq_tokens!r}: use one of {', '.join(GPTQ_TOKENS)}"
+            )
         if self.auto_keep_fp is not None and not 0.0 < self.auto_keep_fp <= 1.0:
             raise UserInputError(f"auto_keep_fp is a top-1 agreement in (0, 1], got {self.auto_keep_fp}")
         if self.precision not in PRECISION_CHOICES:
@@ -168,7 +177,8 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 
 # QuantizeConfig fields whose None means "this model's default": LoadedModel.extra["quantize"]
 # (models.loading.ZOO_EXTRA, measured per model), else the value here.
-MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "awq": False}
+MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
+                       "awq": False}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -378,8 +388,9 @@ def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: QuantizeConfig, sch
     }
     if recipe["weight_rounding"] == "gptq":
         summary["gptq"] = calibrators.gptq_weights(
-            qmodel, images, damp=cfg.gptq_damp, views=cfg.gptq_views, seed=cfg.seed, progress=progress
-        )
+            qmodel, images, damp=cfg.gptq_damp, views=cfg.gptq_views, seed=cfg.seed, tokens=cfg.gptq_tokens,
+            float_model=float_model, progress=progress,
+        )  # fmt: skip
     if cfg.bias_correct:  # last: the biases absorb what ranges and rounding left
         summary["bias_correction"] = calibrators.correct_biases(
             qmodel, float_model, images, progress=progress

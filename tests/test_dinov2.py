@@ -249,7 +249,11 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
     loaded = sx.load_model("dinov2_s14_fmnist")
     assert loaded.extra == {
         "synthesis_iters": 100,
-        "quantize": {"centre_fc2": True, "bias_correct": True, "w4a16": {"gptq_views": 4}},
+        "quantize": {
+            "centre_fc2": True,
+            "bias_correct": True,
+            "w4a16": {"gptq_views": 4, "gptq_tokens": "rollout"},
+        },
     }
     seen = []
     from sardfq_export.synthesis import runner
@@ -270,5 +274,6 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
     # 4-bit weights: GPTQ over 4 views of each image; weight-only schemes have no activation to centre
     w4 = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a16", progress=False)
     assert w4.summary["gptq"]["views"] == 4 and not w4.scheme.centre_fc2 and w4.config.centre_fc2 is False
+    assert w4.summary["gptq"]["token_weights"] == "rollout"  # tokens weighted by their reach to the CLS
     w4a8 = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", progress=False)
     assert w4a8.summary["gptq"]["views"] == 1 and w4a8.scheme.centre_fc2  # views measured worse at w4a8

@@ -414,12 +414,14 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     assert "bias_correction" not in sx.quantize(tiny_vit(), images, scheme="w8a8", progress=False).summary
     for argv in (["--help"], ["quantize", "--help"]):  # the main job and the quantize command
         out = CliRunner().invoke(cli, argv).output
-        assert "--bias-correct" in out and "--gptq-views" in out
-    opts = {"range_method": "auto", "weight_range": "mse", "weight_rounding": "auto", "gptq_views": None, "keep_fp": (),
+        assert "--bias-correct" in out and "--gptq-views" in out and "--gptq-tokens" in out
+    opts = {"range_method": "auto", "weight_range": "mse", "weight_rounding": "auto", "gptq_views": None,
+            "gptq_tokens": None, "keep_fp": (),
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
             "awq": None, "finetune": "none"}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
     assert recipe_config(opts | {"gptq_views": 4}, scheme="w4a8").gptq_views == 4
+    assert recipe_config(opts | {"gptq_tokens": "rollout"}, scheme="w4a8").gptq_tokens == "rollout"
 
 
 def test_recipe_switches_left_unset_take_the_models_own_defaults():
@@ -448,11 +450,91 @@ def test_recipe_switches_left_unset_take_the_models_own_defaults():
         w4.config.centre_fc2 is False and w4.config.bias_correct is True and w4.summary["gptq"]["views"] == 2
     )
     assert sx.quantize(loaded, images, scheme="w8a8", progress=False).config.centre_fc2 is True
-    own["quantize"]["w4a16"] = {"gptq_views": 4}  # and a scheme's own over both
-    assert sx.quantize(loaded, images, scheme="w4a16", progress=False).summary["gptq"]["views"] == 4
+    own["quantize"]["w4a16"] = {"gptq_views": 4, "gptq_tokens": "rollout"}  # and a scheme's own over both
+    w4a16 = sx.quantize(loaded, images, scheme="w4a16", progress=False).summary["gptq"]
+    assert w4a16["views"] == 4 and w4a16["token_weights"] == "rollout"
     assert sx.quantize(loaded, images, scheme="w4a8", progress=False).summary["gptq"]["views"] == 2
     del own["quantize"]["w4"], own["quantize"]["w4a16"]
     assert (
         sx.quantize(loaded, images, scheme="w4a16", gptq_views=2, progress=False).summary["gptq"]["views"]
         == 2
     )
+
+
+def test_rollout_token_weights_follow_attention_to_the_readout():
+    """Exact where the math is: the last block's proj/fc1/fc2 see the CLS token alone (weight T, the
+    rest 0); qkv's row is the readout pushed back through its block's (½A + ½I) attention, computed
+    here by hand; every row means 1 (uniform = all ones)."""
+    from sardfq_export.calibrators.rollout import rollout_token_weights
+
+    model = tiny_vit()  # 16 patches + CLS, 2 blocks
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    w = rollout_token_weights(model, images, batch_size=2)
+    assert set(w) == {
+        f"blocks.{i}.{r}" for i in (0, 1) for r in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    }
+    t = 17
+    cls_only = torch.zeros(3, t)
+    cls_only[:, 0] = t
+    for role in ("attn.proj", "mlp.fc1", "mlp.fc2"):
+        assert torch.equal(w[f"blocks.1.{role}"], cls_only)
+    for name, v in w.items():
+        assert v.shape == (3, t) and torch.allclose(v.mean(1), torch.ones(3)), name
+    # by hand: block 1's attention probabilities from its own input
+    seen = {}
+    h = model.blocks[1].attn.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(images)
+        h.remove()
+        attn, x = model.blocks[1].attn, seen["x"]
+        qkv = attn.qkv(x).reshape(3, t, 3, 2, 32).permute(2, 0, 3, 1, 4)
+        a = ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1).mean(1)
+    mixed = 0.5 * a + 0.5 * torch.eye(t)
+    row = (mixed / mixed.sum(-1, keepdim=True))[:, 0, :]  # CLS row: what the readout reaches
+    assert torch.allclose(w["blocks.1.attn.qkv"], t * row, atol=1e-5)
+    assert torch.equal(w["blocks.0.mlp.fc2"], w["blocks.1.attn.qkv"])  # nothing mixes between them
+    # mean-pooled ViTs read the patch tokens evenly
+    avg = tiny_vit(global_pool="avg", class_token=False)
+    wa = rollout_token_weights(avg, images)
+    assert torch.allclose(wa["blocks.1.mlp.fc1"], torch.full((3, 16), 1.0))
+
+
+def test_gptq_rollout_tokens_reweight_the_hessian_and_keep_the_export(tmp_path):
+    """Uniform weights reproduce the plain Hessian bit for bit; rollout changes the rounding (not the
+    scales), is recorded, exports and lints; a model without ViT attention is a one-line error."""
+    from sardfq_export.calibrators.gptq import _input_hessian
+
+    import sardfq_export as sx
+    from sardfq_export.models import LoadedModel
+
+    model = tiny_vit()
+    loaded = LoadedModel(model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    plain = sx.quantize(loaded, images, scheme="w4a16", weight_rounding="gptq", progress=False)
+    lin = plain.model.blocks[0].mlp.fc1
+    h, n = _input_hessian(plain.model, lin, images, 4)
+    hw, nw = _input_hessian(plain.model, lin, images, 4, torch.ones(8, 17))
+    assert torch.equal(h, hw) and n == nw == 8 * 17
+    roll = sx.quantize(
+        loaded, images, scheme="w4a16", weight_rounding="gptq", gptq_tokens="rollout", progress=False
+    )
+    assert (
+        plain.summary["gptq"]["token_weights"] == "uniform"
+        and roll.summary["gptq"]["token_weights"] == "rollout"
+    )
+    changed = 0
+    for (name, a), (_, b) in zip(plain.model.named_modules(), roll.model.named_modules(), strict=True):
+        if isinstance(b, calibrators.QuantLinear):
+            assert torch.equal(a.weight_quantizer.scale, b.weight_quantizer.scale), name
+            assert torch.equal(b.weight_quantizer.fake_quant(b.weight), b.weight), name
+            changed += not torch.equal(a.weight, b.weight)
+    assert changed >= 4  # the last block's proj/fc1/fc2 at least: their patch tokens no longer count
+    assert sx.export(roll, tmp_path / "m.onnx").lint.passed
+    with pytest.raises(sx.UserInputError, match="gptq_tokens"):
+        sx.QuantizeConfig(gptq_tokens="cls")
+    import timm
+
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, window_size=7,
+                             embed_dim=32, depths=(1, 1), num_heads=(1, 2), num_classes=4).eval()  # fmt: skip
+    with pytest.raises(sx.UserInputError, match="Swin"):
+        sx.quantize(swin, torch.randn(2, 3, 56, 56), scheme="w4a8", gptq_tokens="rollout", progress=False)

@@ -153,6 +153,13 @@ recipe_options = _stack(
         "resized crops); 1: the images alone. [default: the model's own, else 1]",
     ),
     click.option(
+        "--gptq-tokens",
+        type=click.Choice(["uniform", "rollout"]),
+        default=None,
+        help="How each token counts in GPTQ's Hessian: uniform, or rollout (by how much it reaches the "
+        "prediction through the float model's attention; ViTs only). [default: the model's own, else uniform]",
+    ),
+    click.option(
         "--keep-fp",
         metavar="PATTERN",
         multiple=True,
@@ -213,7 +220,7 @@ def recipe_config(opts: dict, **fields):
 
     return QuantizeConfig(range=opts["range_method"], weight_range=opts["weight_range"],
                           weight_rounding=opts["weight_rounding"], gptq_views=opts["gptq_views"],
-                          keep_fp=tuple(opts["keep_fp"]),
+                          gptq_tokens=opts["gptq_tokens"], keep_fp=tuple(opts["keep_fp"]),
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
                           bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
