@@ -68,6 +68,9 @@ def rollout_token_weights(
     readout itself). The images are the ones the Hessian sees, in the same order.
     """
     blocks = _attention_blocks(model)
+    # A read-only pre-hook recomputes each block's probabilities from its input: the synthesis
+    # Recorder (synthesis.attention) swaps the attention modules for a differentiable explicit
+    # forward, which a no-grad pass over the float model does not need.
     probs: list[torch.Tensor] = []
 
     def grab(attn, args):
