@@ -76,7 +76,8 @@ def rollout_token_weights(
     def grab(attn, args):
         x = args[0]
         b, t, c = x.shape
-        qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+        head_dim = getattr(attn, "head_dim", c // attn.num_heads)
+        qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
         probs.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(1).double())
 
