@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from sardfq_export.calibrators.adaptive import AdaptiveConfig
+from sardfq_export.calibrators.gptq import TOKEN_WEIGHTS as GPTQ_TOKENS
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.device import (
     PRECISION_CHOICES,
@@ -44,7 +45,6 @@ FINETUNES = ("none", "recon", "kd", "recon+kd")
 # methods: the student is calibrators' fake-quant model): ``--calib psaq2`` = PSAQ-ViT V2.
 ADAPTIVE_CALIBS = _ADAPTIVE_CALIBS
 ROUNDINGS = ("auto", "nearest", "gptq")
-GPTQ_TOKENS = ("uniform", "rollout")  # calibrators.gptq.TOKEN_WEIGHTS
 DEFAULT_NUM_IMAGES = 32  # calibration images a source makes or reads when the caller gives no count
 
 
