@@ -76,6 +76,32 @@ def test_explicit_attention_matches_timm_and_is_removed(family):
         assert torch.equal(model(x), ref)
 
 
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_patch_embedding_as_matmul_matches_the_convolution(family):
+    """Synthesis runs the patchify convolution as one matmul: same logits and pixel gradients (up to
+    float summation order), under bf16 autocast too, and the Conv2d is put back afterwards."""
+    from sardfq_export.synthesis.patch_matmul import PatchMatmul, patch_matmul
+
+    model = tiny_vit() if family == "vit" else tiny_swin()
+    size = 32 if family == "vit" else 56
+    x = torch.randn(3, 3, size, size, requires_grad=True)
+    ref = model(x)
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
+    with patch_matmul(model) as swapped:
+        assert swapped == 1 and isinstance(model.patch_embed.proj, PatchMatmul)
+        got = model(x)
+        (got_grad,) = torch.autograd.grad(got.square().sum(), x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_bf16 = model(x).float()
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(got_grad, ref_grad, atol=1e-5, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_bf16 = model(x).float()
+    assert (got_bf16 - ref_bf16).abs().max() <= 0.05 * ref_bf16.abs().max()  # bf16 rounding, not a bug
+    assert type(model.patch_embed.proj) is torch.nn.Conv2d
+    assert torch.equal(model(x), ref)
+
+
 def test_swin_stitching_matches_brute_force():
     """Stitched query-averaged attention equals scattering each window token back to its grid cell."""
     from timm.models.swin_transformer import window_partition

@@ -75,10 +75,16 @@ def _split_qkv(qkv: nn.Linear, x: torch.Tensor, heads: int, head_dim: int):
     """
     b, n, _ = x.shape
     c = heads * head_dim
-    bias = qkv.bias
+    weight, bias = qkv.weight, qkv.bias
+    if torch.is_autocast_enabled(x.device.type):
+        # Cast once, not once per slice: autocast would cast x (and the frozen weight, which its
+        # cache skips) three times forward and sum three casts' gradients backward. Same numbers.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     out = []
     for i in range(3):
-        y = F.linear(x, qkv.weight[i * c : (i + 1) * c], None if bias is None else bias[i * c : (i + 1) * c])
+        y = F.linear(x, weight[i * c : (i + 1) * c], None if bias is None else bias[i * c : (i + 1) * c])
         out.append(y.view(b, n, heads, head_dim).transpose(1, 2))
     return out
 

@@ -21,6 +21,7 @@ from sardfq_export.models.families import get_family
 from sardfq_export.synthesis import losses
 from sardfq_export.synthesis.attention import recording, tokens_for_similarity
 from sardfq_export.synthesis.config import SynthConfig
+from sardfq_export.synthesis.patch_matmul import patch_matmul
 from sardfq_export.synthesis.plan import initial_images, tv_target
 from sardfq_export.synthesis.runner import model_input_size, pixel_range
 
@@ -73,6 +74,7 @@ class PatchSimilarityTeacher:
         self.rec = self._stack.enter_context(
             recording(self.model, self.family, want_out=want_out, fused=self.device.type == "cuda")
         )
+        self._stack.enter_context(patch_matmul(self.model))
         return self
 
     def __exit__(self, *exc) -> None:

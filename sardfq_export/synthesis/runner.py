@@ -30,6 +30,7 @@ from sardfq_export.core.interrupt import Interrupt as _Interrupt
 from sardfq_export.synthesis.attention import block_infos, recording, token_grids
 from sardfq_export.synthesis.config import SynthConfig
 from sardfq_export.synthesis.methods import METHODS, TERM_NAMES, Objective, apa_blocks, augment
+from sardfq_export.synthesis.patch_matmul import patch_matmul
 from sardfq_export.synthesis.plan import (
     augmentation_table,
     draw_labels,
@@ -180,6 +181,7 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
         with (
             _Interrupt() as stop,
             recording(model, family, want_attn=apa_idx, want_out=want_out, fused=fused) as rec,
+            patch_matmul(model),
         ):
             for pos in range(start_batch, len(order)):
                 bi = order[pos]
