@@ -3,6 +3,7 @@
     bash tools/dev.sh python bench/synthesis_speed.py [--model deit_tiny_patch16_224] [--iters 4]
     bash tools/dev.sh python bench/synthesis_speed.py --memory deit_base_patch16_224 --iters 4
     bash tools/dev.sh python bench/synthesis_speed.py --step-ratio dinov2_s14_fmnist --rounds 3 --iters 4
+    bash tools/dev.sh python bench/synthesis_speed.py --fraction deit_tiny_patch16_224 --rounds 5 --iters 6
 
 Throughput: SARDFQ image-iterations/s at batch 32 (random-init timm model, 224×224) for ours in
 fp32 and with bf16 autocast, against the straightforward implementation in
@@ -15,6 +16,12 @@ Step ratio (``--step-ratio MODEL``): a SARDFQ step against a PSAQ-ViT step on MO
 weights; fp32, or ``--bf16``), interleaved over ``--rounds`` rounds, with the two ratios that
 should bound it measured in the same steps: images forwarded through the teacher per step (SARDFQ
 adds its MSR region crops to the batch) and matmul FLOPs per step (``torch.utils.flop_counter``).
+
+FLOP fraction (``--fraction MODEL``): only our SARDFQ step in ``--dtype`` (bf16 autocast by
+default), over ``--rounds`` rounds; each round's matmul peak is measured just before and just after
+its steps and their mean is the round's peak, so a shared machine's drift hits both sides of the
+ratio alike. Zoo models (``dinov2_s14_fmnist``) are loaded with their weights, timm names
+random-init. Prints every round and the median / min / max.
 
 Memory (``--memory``): peak resident memory of one synthesis process, sampled after every
 iteration, to show it does not grow with the iteration count. Prints JSON.
@@ -117,6 +124,43 @@ def measure(model: str = "deit_tiny_patch16_224", batch: int = 32, iters: int = 
     }
 
 
+def flop_fraction(model: str, batch: int, iters: int, rounds: int, bf16: bool, threads: int = 2) -> dict:
+    """Our step's matmul FLOP/s as a fraction of the same-dtype matmul peak, ``rounds`` times."""
+    import statistics
+
+    from sardfq_export.models.loading import ZOO
+
+    torch.set_num_threads(threads)
+    loaded = load_model(model) if model in ZOO else _model(model)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    flops = ours(loaded, batch, 1, bf16=bf16, count_flops=True)["flops_per_iter"]  # also warms up
+    runs = []
+    for _ in range(rounds):
+        before = matmul_peak(dtype)
+        s = ours(loaded, batch, iters, bf16=bf16)["s_per_iter"]
+        after = matmul_peak(dtype)
+        peak = (before + after) / 2
+        runs.append({"s_per_iter": s, "peak_tflops_before": before / 1e12, "peak_tflops_after": after / 1e12,
+                     "tflops": flops / s / 1e12, "fraction_of_matmul_peak": flops / s / peak})  # fmt: skip
+    fr = [r["fraction_of_matmul_peak"] for r in runs]
+    return {
+        "model": model, "batch": batch, "timed_iters": iters, "rounds": rounds, "threads": threads,
+        "precision": "bf16" if bf16 else "fp32", "flops_per_iter": flops, "runs": runs,
+        "fraction_median": statistics.median(fr), "fraction_min": min(fr), "fraction_max": max(fr),
+        "s_per_iter_median": statistics.median(r["s_per_iter"] for r in runs),
+        "cpu_flags": _cpu_flags(),
+    }  # fmt: skip
+
+
+def _cpu_flags() -> list[str]:
+    """The ISA flags that decide bf16 speed on this CPU (AVX512-BF16, AMX), from /proc/cpuinfo."""
+    try:
+        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"))
+
+
 def step(loaded, method: str, batch: int, iters: int, bf16: bool) -> dict:
     """Seconds per step of ``method`` (after one warm-up step), and per step: images through the
     teacher (a forward hook counts its batch) and matmul FLOPs (counted in step 2)."""
@@ -217,10 +261,14 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--step-ratio", default=None, metavar="MODEL", help="SARDFQ step / PSAQ-ViT step on MODEL"
     )
-    ap.add_argument("--rounds", type=int, default=3, help="--step-ratio: interleaved rounds")
+    ap.add_argument("--fraction", default=None, metavar="MODEL", help="our step's FLOP fraction on MODEL")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="--fraction: precision")
+    ap.add_argument("--rounds", type=int, default=3, help="--step-ratio / --fraction: rounds")
     ap.add_argument("--bf16", action="store_true", help="--step-ratio: bf16 autocast")
     args = ap.parse_args(argv)
-    if args.step_ratio:
+    if args.fraction:
+        res = flop_fraction(args.fraction, args.batch, args.iters, args.rounds, args.dtype == "bf16", args.threads)
+    elif args.step_ratio:
         res = step_ratio(args.step_ratio, args.batch, args.iters, args.rounds, args.bf16, args.threads)
     elif args.memory:
         res = memory(args.memory, args.batch, args.iters, bf16=not args.fp32, threads=args.threads)
