@@ -267,7 +267,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true", help="--step-ratio: bf16 autocast")
     args = ap.parse_args(argv)
     if args.fraction:
-        res = flop_fraction(args.fraction, args.batch, args.iters, args.rounds, args.dtype == "bf16", args.threads)
+        res = flop_fraction(
+            args.fraction, args.batch, args.iters, args.rounds, args.dtype == "bf16", args.threads
+        )
     elif args.step_ratio:
         res = step_ratio(args.step_ratio, args.batch, args.iters, args.rounds, args.bf16, args.threads)
     elif args.memory:
