@@ -12,6 +12,7 @@ from PIL import Image
 from sardfq_export import api
 from sardfq_export.cli import main
 from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.device import bf16_native
 from sardfq_export.core.errors import UserInputError
 from sardfq_export.data import check_disjoint
 from sardfq_export.job import REAL_FIDELITY_IMAGES, JobConfig, holdout_plan
@@ -89,7 +90,9 @@ def test_swin_through_the_main_job_with_preprocessing_overrides(tmp_path):
     assert report["calibration"]["holdout"] == 8 and report["fidelity"]["n"] == 8
     assert len(CalibSet.load(out / "calib.safetensors")) == 8
     assert report["fidelity"]["agreement_vs_fakequant"] >= 0.875
-    assert report["runtime"]["device"] == "cpu" and report["runtime"]["precision"] == "fp32"
+    # --precision auto: bf16 where this CPU computes it natively (AVX512-BF16/AMX), else fp32
+    assert report["runtime"]["device"] == "cpu"
+    assert report["runtime"]["precision"] == ("bf16" if bf16_native("cpu") else "fp32")
     want = {"interpolation": "bilinear", "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3}
     assert report["preprocessing"]["overrides"] == want
     props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
