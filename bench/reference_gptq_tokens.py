@@ -28,7 +28,9 @@ def main() -> None:
         return torch.cat([m(c) for c in images.split(1000)])
 
     fp = logits(ref.model).log_softmax(1)
-    print(json.dumps({"fp32_top1": round(100 * (fp.argmax(1) == labels).float().mean().item(), 2)}), flush=True)
+    print(
+        json.dumps({"fp32_top1": round(100 * (fp.argmax(1) == labels).float().mean().item(), 2)}), flush=True
+    )
     cals = {
         "real": sx.calibration_set("real:fashion-mnist", ref, 32)[0],
         "sardfq": sx.synthesize(ref, method="sardfq", num_images=32, seed=0, progress=False),

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive_synthesis import NaiveSARDFQ, time_steps  # noqa: E402
 
+from sardfq_export.core.device import bf16_native  # noqa: E402
 from sardfq_export.models import load_model  # noqa: E402
 from sardfq_export.synthesis import SynthConfig, synthesize  # noqa: E402
 
@@ -148,17 +149,8 @@ def flop_fraction(model: str, batch: int, iters: int, rounds: int, bf16: bool, t
         "precision": "bf16" if bf16 else "fp32", "flops_per_iter": flops, "runs": runs,
         "fraction_median": statistics.median(fr), "fraction_min": min(fr), "fraction_max": max(fr),
         "s_per_iter_median": statistics.median(r["s_per_iter"] for r in runs),
-        "cpu_flags": _cpu_flags(),
+        "bf16_native": bf16_native("cpu"),
     }  # fmt: skip
-
-
-def _cpu_flags() -> list[str]:
-    """The ISA flags that decide bf16 speed on this CPU (AVX512-BF16, AMX), from /proc/cpuinfo."""
-    try:
-        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"))
 
 
 def step(loaded, method: str, batch: int, iters: int, bf16: bool) -> dict:

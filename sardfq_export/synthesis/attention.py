@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from sardfq_export.core.errors import UserInputError
 from sardfq_export.models.families import get_family
+from sardfq_export.synthesis.patch_matmul import autocast_operands
 
 
 @dataclass
@@ -75,13 +76,9 @@ def _split_qkv(qkv: nn.Linear, x: torch.Tensor, heads: int, head_dim: int):
     """
     b, n, _ = x.shape
     c = heads * head_dim
-    weight, bias = qkv.weight, qkv.bias
-    if torch.is_autocast_enabled(x.device.type):
-        # Cast once, not once per slice: autocast would cast x (and the frozen weight, which its
-        # cache skips) three times forward and sum three casts' gradients backward. Same numbers.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    # Cast once, not once per slice: autocast would cast x three times forward and sum three
+    # casts' gradients backward.
+    x, weight, bias = autocast_operands(x, qkv.weight, qkv.bias)
     out = []
     for i in range(3):
         y = F.linear(x, weight[i * c : (i + 1) * c], None if bias is None else bias[i * c : (i + 1) * c])

@@ -31,6 +31,18 @@ def _is_patchify(conv: object) -> bool:
     )
 
 
+def autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``x``, ``weight``, ``bias`` cast to the autocast dtype when autocast is on (else as given).
+
+    What autocast does to a Linear's operands, done once by the caller: the frozen teacher's
+    weights are skipped by autocast's cast cache, and an input used by several Linears would be
+    cast once per use. The same numbers either way."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 class PatchMatmul(nn.Module):
     """Drop-in for a patchify ``Conv2d``: (B, C, H, W) → (B, D, H/p, W/p), computed as one matmul."""
 
@@ -44,12 +56,8 @@ class PatchMatmul(nn.Module):
         b, c, h, w = x.shape
         gh, gw = h // ph, w // pw
         x = x[:, :, : gh * ph, : gw * pw]  # a conv with stride p drops a partial last patch
-        weight, bias = conv.weight, conv.bias
-        if torch.is_autocast_enabled(x.device.type):
-            # Cast before the patch reshuffle, so the copy it needs moves half the bytes.
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        # Cast before the patch reshuffle, so the copy it needs moves half the bytes.
+        x, weight, bias = autocast_operands(x, conv.weight, conv.bias)
         patches = x.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
         y = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)  # (B, gh·gw, D)
         return y.transpose(1, 2).unflatten(2, (gh, gw))  # the conv's NCHW layout, as a view
