@@ -232,7 +232,14 @@ def run_ours(loaded, cell: dict, x, y, fp_logits, calib_dir: Path, iters: int, n
         "noise_floor_agreement_500": floor, "activation_noise_floor_2000": inner, "lint_passed": bool(res.lint.passed) if res.lint else None,
         "quantize_seconds": round(quant_s, 1), "calib_wall_time_s": cal.meta.get("wall_time_s"),
         "keep_fp": list(q.scheme.keep_fp),
+        # bf16 or fp32 autocast of the synthesis (--precision auto: bf16 where the CPU has it natively)
+        "synthesis_precision": synthesis_precision(cal),
     }  # fmt: skip
+
+
+def synthesis_precision(cal) -> str | None:
+    config = cal.meta.get("config")
+    return None if config is None else ("bf16" if config.get("bf16") else "fp32")
 
 
 def run_peer(loaded, cell: dict, x, y, calib_dir: Path, iters: int, n: int) -> dict:
@@ -290,6 +297,19 @@ def latency_cell(loaded, x) -> dict:
     return out
 
 
+def machine() -> str:
+    """'AMD EPYC, AVX512 ISA, 2 threads': which CPU measured a cell (the table pools machines)."""
+    name = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()} ISA, {torch.get_num_threads()} threads"
+
+
 # --- the document ------------------------------------------------------------------------------------
 def _ms(values: list[float]) -> str:
     if not values:
@@ -313,8 +333,15 @@ def write_doc(doc: Path, json_out: Path, cache: Cache, meta: dict, seeds: list[i
         f"Calibration: {meta['num_images']} images; synthetic ones with {meta['iters']} iterations. Seeds {seeds}; "
         "cells show mean ± standard deviation over seeds (top-1, %).",
         f"Machine: {meta['machine']}.",
-        "",
     ]
+    # Cells measured on other machines (and synthesized in other precisions) pool: say which.
+    machines = sorted({r.get("machine", "not recorded") for r in rows})
+    precisions = sorted({p for r in rows if (p := r.get("synthesis_precision"))})
+    if machines:
+        lines.append(f"Cells measured on: {'; '.join(machines)}.")
+    if precisions:
+        lines.append(f"Synthesis precision (per cell in the JSON): {', '.join(precisions)}.")
+    lines.append("")
     if fp:
         lines += [f"**FP32 top-1: {100 * fp['top1']:.2f}%.**", ""]
     lines += ["## Ours: deployed (ONNX Runtime) top-1 / fake-quant top-1", "",
@@ -523,6 +550,7 @@ def main(argv=None) -> int:
             print("stopped; finished cells are kept", flush=True)
             return 130
         result["cell_seconds"] = round(time.perf_counter() - t0, 1)
+        result["machine"] = machine()  # the model's weights are pinned, so cells from any CPU pool
         row = cache.put(cell, result)
         done += 1
         print(

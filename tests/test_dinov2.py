@@ -110,6 +110,29 @@ def test_pos_embed_resample_is_hf_bicubic_without_antialias():
     )
     assert torch.equal(out[:, :1], pos[:, :1])
     torch.testing.assert_close(out[:, 1:], ref.permute(0, 2, 3, 1).reshape(1, 16, 8))
+    # The same interpolation in float64, rounded to float32 once: the bits any CPU gets.
+    ref64 = torch.nn.functional.interpolate(
+        grid.double(), size=(4, 4), mode="bicubic", align_corners=False, antialias=False
+    )
+    assert out.dtype == torch.float32
+    assert torch.equal(out[:, 1:], ref64.permute(0, 2, 3, 1).reshape(1, 16, 8).float())
+
+
+def test_pinned_head_is_shipped_and_checked():
+    """The 112-px head ships in the package (sha256-checked); a build whose own head agrees with it on
+    fewer than PIN_MIN_AGREEMENT of the test images fails, one that agrees passes with its numbers."""
+    w, b, meta = dinov2.pinned_head(112)
+    assert w.shape == (10, 384) and b.shape == (10,) and w.dtype == torch.float32
+    assert "bf16 features" in meta["source"] and dinov2.pinned_head(224) is None
+    assert dinov2.recipe(112)["pinned_head"] == dinov2.PINNED_HEADS[112][1]
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(1000, 384, generator=gen)
+    labels = (feats @ w.T + b).argmax(1).numpy()
+    same = dinov2.check_pinned_head(feats, labels, (w.clone(), b.clone()), (w, b, meta))
+    assert same["agreement"] == 1.0 and same["trained_top1"] == same["pinned_top1"] == 1.0
+    assert same["max_abs_weight_diff"] == 0.0
+    with pytest.raises(dinov2.GateFailedError, match="no longer reproduces the pinned model"):
+        dinov2.check_pinned_head(feats, labels, (w[torch.randperm(10, generator=gen)], b), (w, b, meta))
 
 
 def test_ambiguous_pos_embed_is_a_user_error():
@@ -169,6 +192,17 @@ def test_card_records_a_passing_conversion_check(built):
     card = dinov2.cache_dir(112).joinpath("MODEL_CARD.md").read_text()
     value = float(re.search(r"224 px on [^:]*: \*\*([0-9.e+-]+)\*\*", card)[1])
     assert value <= 1e-4
+
+
+@needs_build
+def test_built_model_ships_the_pinned_head(built):
+    """The shipped head is the pinned one, bit for bit, and the card says how the head trained here
+    compared with it."""
+    model, _, _, cfg = built
+    w, b, _ = dinov2.pinned_head(112)
+    assert torch.equal(model.head.weight, w) and torch.equal(model.head.bias, b)
+    assert cfg["build"]["head"]["pinned"]["agreement"] >= dinov2.PIN_MIN_AGREEMENT
+    assert "Pinned head" in dinov2.cache_dir(112).joinpath("MODEL_CARD.md").read_text()
 
 
 @needs_build

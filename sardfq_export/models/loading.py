@@ -195,7 +195,7 @@ ZOO.update({"dinov2_s14_fmnist": _dinov2(112), "dinov2_s14_fmnist@224": _dinov2(
 # top-1 -0.38 points, range -0.85 to +0.10), and 100 halves the synthesis, which is most of the
 # main job's 20-minute budget on 2 cores (wall time in the README).
 # Its quantization recipe centres fc2's input and corrects biases (api.MODEL_RECIPE_FIELDS):
-# w8a8 from SARDFQ data, all 10k test images, 3 seeds (bench/dinov2_table.py, docs/dinov2-results.md):
+# w8a8 from SARDFQ data, all 10k test images, 3 seeds (bench/dinov2_table.py, docs/dinov2-results-62f705a0675c.md, build 62f705a0675c):
 # deployed top-1 85.80 ± 0.15% plain, 86.19 ± 0.23% centred, 86.41 ± 0.13% centred + bias-corrected
 # (FP32 86.75%; bias correction added +0.12, +0.41, +0.12 points per seed).
 # The embedded reference model keeps both off: there centring alone cost 0.12-0.23 points and bias
