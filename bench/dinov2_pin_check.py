@@ -23,7 +23,6 @@ from pathlib import Path
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--features", choices=("fp32", "bf16"), required=True)
-    ap.add_argument("--img-size", type=int, default=112)
     a = ap.parse_args(argv)
     downloads = (
         Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "sardfq-export/models/downloads"
@@ -36,7 +35,7 @@ def main(argv=None) -> int:
             shutil.copytree(downloads, dinov2.cache_root() / "downloads")
         dinov2.feature_precision = lambda: a.features  # what a CPU with (without) native bf16 picks
         bar, dinov2.PIN_MIN_AGREEMENT = dinov2.PIN_MIN_AGREEMENT, 0.0  # measure, then judge against the bar
-        folder = dinov2.build(a.img_size, progress=True)
+        folder = dinov2.build(112, progress=True)  # the pinned model
         build = json.loads((folder / "config.json").read_text())["build"]
         out = {
             "features": a.features,

@@ -238,8 +238,14 @@ def run_ours(loaded, cell: dict, x, y, fp_logits, calib_dir: Path, iters: int, n
 
 
 def synthesis_precision(cal) -> str | None:
-    config = cal.meta.get("config")
-    return None if config is None else ("bf16" if config.get("bf16") else "fp32")
+    """bf16 or fp32 (autocast of the image updates); None for real images. A synthesized set keeps
+    it in its SynthConfig (``config``), a PSAQ-ViT V2 student's images in their prior's."""
+    meta = cal.meta
+    if "config" in meta and "bf16" in meta["config"]:
+        return "bf16" if meta["config"]["bf16"] else "fp32"
+    if "bf16" in meta.get("prior", {}):
+        return "bf16" if meta["prior"]["bf16"] else "fp32"
+    return None
 
 
 def run_peer(loaded, cell: dict, x, y, calib_dir: Path, iters: int, n: int) -> dict:
@@ -298,16 +304,10 @@ def latency_cell(loaded, x) -> dict:
 
 
 def machine() -> str:
-    """'AMD EPYC, AVX512 ISA, 2 threads': which CPU measured a cell (the table pools machines)."""
-    name = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.backends.cpu.get_cpu_capability()} ISA, {torch.get_num_threads()} threads"
+    """Which CPU measured a cell (the table pools machines): ort_latency's description + threads."""
+    from ort_latency import cpu_description
+
+    return f"{cpu_description()}; {torch.get_num_threads()} torch threads"
 
 
 # --- the document ------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def _quantize_static(fp32: Path, out: Path, calib: np.ndarray) -> None:
     )
 
 
-def _cpu() -> str:
+def cpu_description() -> str:
     """CPU model and the SIMD features the int8 kernels care about (Linux), else the machine."""
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -232,7 +232,7 @@ def measure(
         "census": census,
         "settings": describe(product),
         "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
-        "cpu": _cpu(),
+        "cpu": cpu_description(),
         "gap_s": GAP_S,
         "wall_s": round(time.perf_counter() - t0, 1),
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after

