@@ -174,7 +174,9 @@ def test_pinned_head_is_shipped_and_checked(tmp_path, monkeypatch):
     got = dinov2.check_pinned_head(feats, labels, (w2, b), (w, b, meta))
     assert got["agreement"] == agree and got["trained_top1"] == float((trained_pred == labels).mean())
     monkeypatch.setattr(dinov2, "PIN_MIN_AGREEMENT", agree + 1e-3)
-    with pytest.raises(dinov2.GateFailedError, match="no longer reproduces the pinned model.*re-pin with KEPT"):
+    with pytest.raises(
+        dinov2.GateFailedError, match="no longer reproduces the pinned model.*re-pin with KEPT"
+    ):
         dinov2.check_pinned_head(feats, labels, (w2, b), (w, b, meta), "KEPT")
     # An altered asset is refused before any work, with what to do.
     bad = tmp_path / dinov2.PINNED_HEADS[112][0]
@@ -263,6 +265,8 @@ def test_built_model_ships_the_pinned_head(built):
     model, _, _, cfg = built
     w, b, _ = dinov2.pinned_head(112)
     assert torch.equal(model.head.weight, w) and torch.equal(model.head.bias, b)
+    # ... and the whole model is the pinned build's, bit for bit, on whatever CPU built it here
+    assert dinov2.weights_digest(model.state_dict()) == dinov2.PINNED_WEIGHTS[112]
     assert cfg["build"]["head"]["pinned"]["agreement"] >= dinov2.PIN_MIN_AGREEMENT
     assert "Pinned head" in dinov2.cache_dir(112).joinpath("MODEL_CARD.md").read_text()
 

@@ -99,6 +99,10 @@ PINNED_HEADS = {
     )
 }
 PIN_MIN_AGREEMENT = 0.98
+# What the pinned 112-px build's state dict hashes to (weights_digest), as built on the AMD EPYC of
+# 2026-12-04 (bench fingerprint 390c50f50fb4): a build elsewhere that differs says so, and a test
+# checks it on every machine the suite runs on.
+PINNED_WEIGHTS = {112: "7c0790ec7fd8f72f91a186f92eeaddba0a1f36c8774f563265596848fe91b339"}
 EXPECT_IMAGES = 8  # fp32 logits of the first test images are stored for load checks
 FIRST_N = 500  # fp32 top-1 on the first N test images (what the tests re-measure)
 
@@ -605,6 +609,15 @@ def pinned_head(img_size: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None
         return fh.get_tensor("weight"), fh.get_tensor("bias"), dict(fh.metadata() or {})
 
 
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the state dict's names and tensor bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def check_pinned_head(
     feats: torch.Tensor,
     labels: np.ndarray,
@@ -783,6 +796,12 @@ def build(img_size: int = 112, progress: bool = True, force: bool = False) -> Pa
         model.head.bias.copy_(b)
     pred = (f_test @ w.T + b).argmax(1).numpy()
     test_top1 = float((pred == test.labels).mean())
+    digest = weights_digest(model.state_dict())
+    if img_size in PINNED_WEIGHTS and digest != PINNED_WEIGHTS[img_size]:  # not fatal: the model is sound
+        say(
+            f"[{name}] warning: these weights (sha256 {digest[:12]}) differ from the pinned build's"
+            f" ({PINNED_WEIGHTS[img_size][:12]}): benchmark results from other machines will not pool with this one's"
+        )
     shipped = "pinned head" if pin is not None else f"head trained on {len(idx)} images"
     say(
         f"[{name}] {shipped}: test top-1 {test_top1 * 100:.2f}% ({len(pred)} images, {rec['features']} features)"
@@ -815,6 +834,7 @@ def build(img_size: int = 112, progress: bool = True, force: bool = False) -> Pa
             "test_images": len(pred),
             "first500_top1_fp32": first_top1,
             "first500_top1_features": first_top1_features,
+            "weights_sha256": digest,
             "expected_logits_fp32": logits[:EXPECT_IMAGES].tolist(),
             "build_seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - cpu0,  # this process only (pip runs apart)
