@@ -20,6 +20,8 @@ py="$work/venv/bin/python"
 "$work/venv/bin/sardfq-export" --help > /dev/null
 "$work/venv/bin/sardfq-export" eval --data fashion-mnist --json
 "$py" -c "import sardfq_export as sx; print(sx.__version__)"
+# the DINOv2 model's pinned head ships in the wheel, intact (its sha256 is checked on load)
+"$py" -c "from sardfq_export.models import dinov2; assert dinov2.pinned_head(112)[0].shape == (10, 384)"
 for generic in validation exporters calibrators; do
   if "$py" -c "import $generic" 2>/dev/null; then echo "the wheel installed a generic top-level module: $generic" >&2; exit 1; fi
 done
