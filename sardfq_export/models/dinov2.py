@@ -84,10 +84,9 @@ FEATURE_BATCH = 128
 # differ across CPUs (fp32 sums in another order; bf16 features where the CPU has native bf16), so
 # three machines built three different "dinov2_s14_fmnist"s (weights fingerprints 62f705a0675c,
 # 1bf127251449, 40ead7f27c12) and the benchmark table, keyed by the weights, could never pool their
-# cells. So
-# every build still trains its head by the recipe below and checks it against this one, a head the
-# same recipe trained (provenance in the file's metadata), then ships the pinned head: with the
-# backbone copied and its pos-embed resampled in float64, every CPU builds the same weights. The
+# cells. So every build still trains its head by the recipe below and checks it against this one, a
+# head the same recipe trained (provenance in the file's metadata), then ships the pinned head: with
+# the backbone copied and its pos-embed resampled in float64, every CPU builds the same weights. The
 # check: the two heads' test predictions on this build's own features agree on at least
 # PIN_MIN_AGREEMENT of the 10,000 test images, else the build fails (the recipe no longer
 # reproduces the pinned model). The 224-px model is not pinned (no table uses it).
@@ -610,7 +609,8 @@ def pinned_head(img_size: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over the state dict's names and tensor bytes, in name order."""
+    """sha256 over the state dict's names and tensor bytes, in name order. (Not
+    ``calibrators.model_fingerprint``, the benches' key: models may import only core and data.)"""
     h = hashlib.sha256()
     for name in sorted(state_dict):
         h.update(name.encode())
