@@ -203,6 +203,11 @@ def quantize_model(model: nn.Module, scheme: Scheme | str | None = None) -> nn.M
         for n, m in _heads(qmodel):
             QuantLinear.convert(m, scheme, n)
     _check_keep_fp(model, scheme)
+    # The new quantizers' buffers are made on the CPU: they go where the weights are (a model being
+    # quantized on a GPU mixed devices here; found by bench/gpu_check.sh on an H200).
+    weight = next(qmodel.parameters(), None)
+    if weight is not None:
+        qmodel.to(weight.device)
     qmodel.scheme = scheme
     qmodel.sardfq_quant = {"fingerprint": fingerprint, "modified": set(), "calibration": {}}
     qmodel.eval()

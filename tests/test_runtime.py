@@ -239,16 +239,67 @@ def test_gpu_quantize_matches_cpu_and_saves_device_independent_artifacts(tmp_pat
     on_gpu = sx.quantize(model, cal, scheme="w8a8", finetune="recon", iters=5, progress=False, device="cuda")
     assert "cuda" in on_gpu.summary["device"] and D.module_device(on_gpu.model).type == "cpu"
     assert D.module_device(model).type == "cpu"
-    x = cal.images
-    with torch.no_grad():
-        a, b = on_cpu.model(x), on_gpu.model(x)
-    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.99
+    _assert_builds_match(on_cpu.model, on_gpu.model, cal.images)
     on_gpu.save(tmp_path / "g")
     from safetensors.torch import load_file
 
     assert all(
         t.device.type == "cpu" for t in load_file(tmp_path / "g" / "quantized" / "state.safetensors").values()
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"scheme": "w8a8", "centre_fc2": True, "bias_correct": True},  # DINOv2's recipe
+        {"scheme": "w8a8", "smoothquant": 0.8, "smooth_fc2": True},
+        {
+            "scheme": "w4a16",
+            "weight_rounding": "gptq",
+            "gptq_views": 2,
+            "gptq_tokens": "rollout",
+            "awq": True,
+        },
+        {"scheme": "w4a8", "auto_keep_fp": 0.99},
+    ],
+    ids=["centre+bc", "smoothquant", "gptq+awq", "auto-keep-fp"],
+)
+def test_gpu_recipes_build_on_the_device_as_on_the_cpu(recipe):
+    # Every calibration stage that creates tensors (quantizers, shifts, smoothing, GPTQ, AWQ,
+    # sensitivity) runs on cuda without a device mix, and gives the CPU's model up to float noise.
+    model = tiny_vit()
+    cal = sx.synthesize(model, method="noise", num_images=16, progress=False, device="cpu")
+    on_cpu = sx.quantize(model, cal, progress=False, device="cpu", **recipe)
+    on_gpu = sx.quantize(model, cal, progress=False, device="cuda", **recipe)
+    assert D.module_device(on_gpu.model).type == "cpu"
+    # Logits only: the scales may part more (smoothing factors come from the activations' maxima),
+    # and auto-keep-fp's choice rests on argmax agreement, which a random model's near-ties make
+    # differ (measured on an H200: fc2 kept float on the CPU, nothing on the GPU; cosine 0.99914;
+    # smoothquant 0.99990).
+    _assert_builds_match(on_cpu.model, on_gpu.model, cal.images, scales=False)
+
+
+def _assert_builds_match(
+    cpu_model: nn.Module, gpu_model: nn.Module, images: torch.Tensor, scales: bool = True
+) -> None:
+    """The CPU's and the GPU's build of one recipe compute the same function up to float noise.
+
+    Not argmax agreement: a random-init model's top-2 logit margins on noise images are 1e-4 to
+    4e-3, so one float ulp flips a class (measured on an H200: 7 of 8 agreed with bf16 fine-tuning,
+    while the logits' cosine was 0.99963). Measured there, w8a8 + 5 recon steps, 8 and 64 images,
+    fp32 and bf16, cuDNN TF32 on and off: logit cosine >= 0.99877, scales within 1.9e-4 (TF32
+    convolutions; 5.4e-7 without).
+    """
+    with torch.no_grad():
+        a, b = cpu_model(images), gpu_model(images)
+    assert torch.nn.functional.cosine_similarity(a, b).min() >= 0.998
+    if not scales:
+        return
+    sc, sg = cpu_model.state_dict(), gpu_model.state_dict()
+    for k in (k for k in sc if k.endswith(".scale") and sc[k].numel()):
+        rel = ((sc[k] - sg[k]).abs() / sc[k].abs().clamp(min=1e-12)).max()
+        assert rel <= 1e-3, (k, float(rel))
 
 
 @pytest.mark.gpu
