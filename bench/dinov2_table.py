@@ -52,8 +52,13 @@ RECIPES = {
     # Both: smoothing on the centred fc2 input (calibrators.smooth.observe_inputs sees it centred),
     # then bias correction. SmoothQuant moved ORT-vs-fake-quant agreement most in the 2,000-image
     # probes (96.4% → 98.5-98.7%, docs/dinov2-accuracy.md), centring + correction the drop.
-    "w8a8+sq+c+bc": {"scheme": "w8a8", "smoothquant": 0.8, "smooth_fc2": True, "centre_fc2": True,
-                     "bias_correct": True},  # fmt: skip
+    "w8a8+sq+c+bc": {
+        "scheme": "w8a8",
+        "smoothquant": 0.8,
+        "smooth_fc2": True,
+        "centre_fc2": True,
+        "bias_correct": True,
+    },  # fmt: skip
     "w4a16": {"scheme": "w4a16", "weight_rounding": "gptq"},
     # GPTQ's Hessian over 4 views of each image (calibrators.gptq.hessian_views): DINOv2's default at
     # w4a16 (bench/dinov2_probe.py --gptq-views 4: w4a16 drop 11.20 → 5.15 points, seed 0)
