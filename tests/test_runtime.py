@@ -262,8 +262,9 @@ def test_gpu_quantize_matches_cpu_and_saves_device_independent_artifacts(tmp_pat
             "awq": True,
         },
         {"scheme": "w4a8", "auto_keep_fp": 0.99},
+        {"scheme": "w8a8", "finetune": "recon+kd", "iters": 5},
     ],
-    ids=["centre+bc", "smoothquant", "gptq+awq", "auto-keep-fp"],
+    ids=["centre+bc", "smoothquant", "gptq+awq", "auto-keep-fp", "recon+kd"],
 )
 def test_gpu_recipes_build_on_the_device_as_on_the_cpu(recipe):
     # Every calibration stage that creates tensors (quantizers, shifts, smoothing, GPTQ, AWQ,
