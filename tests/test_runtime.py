@@ -231,6 +231,20 @@ def test_auto_precision_is_the_models_own_then_bf16_where_native(monkeypatch):
                          precision="fp32").meta["config"]["bf16"] is False  # fmt: skip
 
 
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16", "w4a4"])
+def test_quantizers_are_made_on_the_models_device(monkeypatch, scheme):
+    # The bug the first GPU run found (docs/gpu-check.md): the quantizers' scales were made on the
+    # CPU beside a model on the GPU. PyTorch's "meta" device stands in for the GPU here (no data:
+    # the fingerprint, which reads the weights' bytes, is stubbed).
+    from sardfq_export.calibrators import persist
+
+    from sardfq_export import calibrators
+
+    monkeypatch.setattr(persist, "model_fingerprint", lambda model: {"weights": "meta"})
+    q = calibrators.quantize_model(tiny_vit().to("meta"), scheme)
+    assert {t.device.type for t in q.state_dict().values()} == {"meta"}
+
+
 @pytest.mark.gpu
 def test_gpu_quantize_matches_cpu_and_saves_device_independent_artifacts(tmp_path):
     model = tiny_vit()
