@@ -66,7 +66,10 @@ def _channel_mean(out: torch.Tensor) -> tuple[torch.Tensor, int]:
 @torch.no_grad()
 def correct_biases(qmodel: nn.Module, float_model: nn.Module, data, progress: bool = False) -> dict:
     """Correct every quantized Linear's bias of ``qmodel`` (in place) on ``data`` (images tensor,
-    CalibSet-like or iterable of batches) against ``float_model``, the model it was made from.
+    CalibSet-like or iterable of batches) against ``float_model``: the model it was made from, or,
+    after folds that rescale a Linear's outputs (SmoothQuant's or AWQ's V → proj: qkv's V rows), a
+    float copy of ``qmodel`` itself (its quantizers off, weights not yet rounded), whose Linears
+    compute in ``qmodel``'s units.
 
     Linears without a bias are skipped (adding one would change the exported graph). Returns a
     summary: how many Linears were corrected, on how many images, and the largest correction."""

@@ -14,6 +14,7 @@ is the whole job, with its artifacts folder.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -386,15 +387,22 @@ def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: QuantizeConfig, sch
             progress=progress,
         ),
     }
+    # Bias correction compares each Linear's output with the float function's. SmoothQuant's and
+    # AWQ's V → proj folds rescale qkv's V rows, so there the float model's own outputs are in other
+    # units (on DINOv2, w8a8 with SmoothQuant α 0.5 and correction against them: 25% top-1). The
+    # reference is this model with its quantizers off, taken before GPTQ writes rounded weights.
+    reference = None
+    if cfg.bias_correct:
+        reference = copy.deepcopy(qmodel)
+        calibrators.set_quantizers_enabled(reference, False)
     if recipe["weight_rounding"] == "gptq":
         summary["gptq"] = calibrators.gptq_weights(
             qmodel, images, damp=cfg.gptq_damp, views=cfg.gptq_views, seed=cfg.seed, tokens=cfg.gptq_tokens,
             float_model=float_model, progress=progress,
         )  # fmt: skip
     if cfg.bias_correct:  # last: the biases absorb what ranges and rounding left
-        summary["bias_correction"] = calibrators.correct_biases(
-            qmodel, float_model, images, progress=progress
-        )
+        summary["bias_correction"] = calibrators.correct_biases(qmodel, reference, images, progress=progress)
+        del reference
     return summary
 
 

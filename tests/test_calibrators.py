@@ -367,3 +367,34 @@ def test_calibrate_accepts_loops_tensors_and_iterables():
         C.calibrate(C.quantize_model(model), [], progress=False)
     with pytest.raises(UserInputError, match="range method"):
         C.calibrate(C.quantize_model(model), [x], method="kl", progress=False)
+
+
+def test_bias_correction_measures_each_linear_in_the_folded_models_units(monkeypatch):
+    # SmoothQuant's V → proj fold divides qkv's V rows by its factors: the reference each Linear's
+    # output is corrected towards must be in those units (on DINOv2, correcting towards the float
+    # model's own qkv outputs left 25% top-1 at w8a8 with SmoothQuant α 0.5).
+    import copy
+
+    import sardfq_export as sx
+
+    model = tiny_vit_small()
+    cal = sx.synthesize(model, method="noise", num_images=8, progress=False)
+    seen = {}
+    real = C.correct_biases
+
+    def spy(qmodel, float_model, data, progress=False):
+        seen["q"], seen["ref"] = copy.deepcopy(qmodel), float_model
+        return real(qmodel, float_model, data, progress=progress)
+
+    monkeypatch.setattr(C, "correct_biases", spy)
+    sx.quantize(model, cal, scheme="w8a8", smoothquant=0.5, bias_correct=True, progress=False)
+    folded = seen["q"]
+    C.set_quantizers_enabled(folded, False)
+    outs = {}
+    for tag, m in (("folded", folded), ("ref", seen["ref"]), ("float", model)):
+        h = m.blocks[0].attn.qkv.register_forward_hook(lambda mod, a, o, t=tag: outs.__setitem__(t, o))
+        with torch.no_grad():
+            m(cal.images)
+        h.remove()
+    assert torch.allclose(outs["ref"], outs["folded"], atol=1e-5)
+    assert not torch.allclose(outs["float"], outs["folded"], atol=1e-2)  # the fold did rescale V
