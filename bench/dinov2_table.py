@@ -226,8 +226,13 @@ def run_ours(loaded, cell: dict, x, y, fp_logits, calib_dir: Path, iters: int, n
 
     t0 = time.perf_counter()
     if cell["calib"] == PSAQ2:  # V2 makes the student itself (per recipe), with its own images
+        # About an hour on 2 cores: checkpointed (every 50 steps and on SIGTERM / Ctrl-C) beside the
+        # calibration sets, keyed by the cell, so a stopped run continues where it was.
+        out = calib_dir / "psaq2-runs" / f"{Cache.key(cell)}.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
         adapted = sx.psaq2(loaded, adaptive=sx.AdaptiveConfig.from_dict(cell["schedule"]), num_images=n,
-                           seed=cell["seed"], progress=True, **{**EXPLICIT, **cell["recipe"]})  # fmt: skip
+                           seed=cell["seed"], progress=True, out=out, resume=True,
+                           **{**EXPLICIT, **cell["recipe"]})  # fmt: skip
         q, cal = adapted.quantized, adapted.calib
     else:
         cal = calibration(loaded, cell["calib"], cell["seed"], n, iters, calib_dir, cell.get("synth"))
