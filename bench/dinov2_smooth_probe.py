@@ -1,5 +1,5 @@
 """SmoothQuant strength on DINOv2 with the model's own w8a8 recipe (centred fc2 + bias correction),
-from one cached SARDFQ set of the table (``bench/dinov2_table.py`` makes it): fake-quant top-1 on the
+from the table's SARDFQ set for one seed (``bench/dinov2_table.py``'s calibration cache): fake-quant top-1 on the
 first ``--limit`` test images per recipe, one line each, in minutes rather than the table's hours:
 
     nice bash tools/dev.sh python bench/dinov2_smooth_probe.py --alphas 0.5 0.8 --limit 1000 --seed 0
@@ -18,10 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dinov2_probe import model_cache  # noqa: E402
-from dinov2_table import MODEL, logits_of, scores, test_set  # noqa: E402
+from dinov2_table import EXPLICIT, MODEL, RECIPES, calibration, logits_of, scores, test_set  # noqa: E402
 
 import sardfq_export as sx  # noqa: E402
-from sardfq_export.core.calibset import CalibSet  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,15 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = ap.parse_args(argv)
     loaded = sx.load_model(MODEL)
-    path = model_cache(a.calib_cache, loaded) / "calib" / f"sardfq-n32-s{a.seed}-it100.safetensors"
-    if not path.exists():
-        sys.exit(
-            f"{path} is missing: run bench/dinov2_table.py --only 'w8a8+c+bc sardfq' first (it makes it)"
-        )
-    cal = CalibSet.load(path)
+    # The table's own SARDFQ set for this seed (made and cached there when missing) and its row.
+    cal = calibration(loaded, "sardfq", a.seed, 32, 100, model_cache(a.calib_cache, loaded))
     x, y = test_set(loaded, a.limit)
     print(json.dumps({"recipe": "fp32", "top1": scores(logits_of(loaded.model, x), y)}), flush=True)
-    base = {"scheme": "w8a8", "centre_fc2": True, "bias_correct": True}
+    base = {**EXPLICIT, **RECIPES["w8a8+c+bc"]}
     for alpha in [None, *a.alphas]:
         recipe = base if alpha is None else {**base, "smoothquant": alpha, "smooth_fc2": True}
         q = sx.quantize(loaded, cal, seed=a.seed, progress=False, **recipe)
