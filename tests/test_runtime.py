@@ -304,7 +304,7 @@ def _assert_builds_match(
     4e-3, so one float ulp flips a class (measured on an H200: 7 of 8 agreed with bf16 fine-tuning,
     while the logits' cosine was 0.99963). Measured there, w8a8 + 5 recon steps, 8 and 64 images,
     fp32 and bf16, cuDNN TF32 on and off: logit cosine >= 0.99877, scales within 1.9e-4 (TF32
-    convolutions; 5.4e-7 without).
+    convolutions; 5.4e-7 without). bench/gpu_build_match.py measures it (docs/gpu-check.md).
     """
     with torch.no_grad():
         a, b = cpu_model(images), gpu_model(images)
