@@ -53,7 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scheme", default="w8a8")
-    ap.add_argument("--smoothquant", type=float, default=None)
+    ap.add_argument(
+        "--smoothquant", type=float, default=0.0, help="0: off (stated: the model may default it on)"
+    )
     ap.add_argument("--smooth-fc2", action="store_true")
     ap.add_argument("--keep-fp", nargs="*", default=[])
     ap.add_argument("--gptq-views", type=int, default=None, help="None: the model's default")

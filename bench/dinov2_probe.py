@@ -181,7 +181,9 @@ def main(argv=None) -> int:
         "--gptq-damp", type=float, default=0.01, help="GPTQ dampening (fraction of the mean diagonal)"
     )
     ap.add_argument("--finetune", default="none")
-    ap.add_argument("--smoothquant", type=float, default=None)
+    ap.add_argument(
+        "--smoothquant", type=float, default=0.0, help="0: off (stated: the model may default it on)"
+    )
     ap.add_argument("--smooth-fc2", action="store_true")
     ap.add_argument("--centre-fc2", action="store_true")
     ap.add_argument("--bias-correct", action="store_true")

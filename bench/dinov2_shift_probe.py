@@ -36,6 +36,7 @@ from dinov2_probe import _commit, emit, setup, top1  # noqa: E402
 from sardfq_export.calibrators.centre import input_channel_ranges  # noqa: E402
 
 import sardfq_export as sx  # noqa: E402
+from sardfq_export.api import MODEL_RECIPE_FIELDS  # noqa: E402
 
 WHERE = ("ln", "v", "fc2")
 
@@ -116,7 +117,10 @@ def main(argv=None) -> int:
     model, width = shifted_copy(loaded.model, cal.images, where)
     with torch.inference_mode():  # the surgery keeps the float function (rounding aside)
         surgery = float((model(x[:64]) - fp[:64]).abs().max())
-    q = sx.quantize(replace(loaded, model=model), cal, scheme="w8a8", seed=a.seed, progress=False)
+    # the plain w8a8 recipe it was measured with: the model's own switches (centring, correction,
+    # SmoothQuant: defaults since) stated off, so the shift alone is what differs
+    plain = dict(MODEL_RECIPE_FIELDS)
+    q = sx.quantize(replace(loaded, model=model), cal, scheme="w8a8", seed=a.seed, progress=False, **plain)
     fq_top1, fq = top1(q.model, x, y)
     with perturbed_activations(q.model):
         _, noisy = top1(q.model, x, y)

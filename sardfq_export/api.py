@@ -77,12 +77,13 @@ class QuantizeConfig:
     # larger values trust the calibration tokens' correlations less.
     gptq_damp: float = 0.01
     keep_fp: tuple[str, ...] = ()  # Linears left float (timm module-name globs): mixed precision
-    # SmoothQuant migration strength (0-1) folded into LayerNorm→Linear pairs; None: off.
+    # SmoothQuant migration strength in [0, 1) folded into LayerNorm→Linear pairs and V → proj;
+    # 0: off. None: the model's own default (MODEL_RECIPE_FIELDS), else off.
     smoothquant: float | None = None
     # With smoothquant: also the MLP's second Linear, through an explicit per-channel Mul before
     # its input quantizer (TensorRT fuses it into the GELU; DINOv2 w8a8: held-out logit error
-    # 0.0040 → 0.0026, docs/dinov2-accuracy.md).
-    smooth_fc2: bool = False
+    # 0.0040 → 0.0026, docs/dinov2-accuracy.md). None: the model's own default, else off.
+    smooth_fc2: bool | None = None
     # Centre the MLP's second Linear input per channel (calibrators.centre: an explicit Sub before
     # its input quantizer, the shift folded into its bias; TensorRT fuses it into the GELU).
     # None: the model's own default (MODEL_RECIPE_FIELDS), else off.
@@ -127,6 +128,12 @@ class QuantizeConfig:
         if self.gptq_tokens is not None and self.gptq_tokens not in GPTQ_TOKENS:
             raise UserInputError(
                 f"unknown gptq_tokens {self.gptq_tokens!r}: use one of {', '.join(GPTQ_TOKENS)}"
+            )
+        if self.smoothquant is not None and (
+            isinstance(self.smoothquant, bool) or not 0.0 <= self.smoothquant < 1.0
+        ):
+            raise UserInputError(
+                f"smoothquant is a migration strength in [0, 1) (0: off), got {self.smoothquant!r}"
             )
         if self.auto_keep_fp is not None and not 0.0 < self.auto_keep_fp <= 1.0:
             raise UserInputError(f"auto_keep_fp is a top-1 agreement in (0, 1], got {self.auto_keep_fp}")
@@ -179,7 +186,7 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 # QuantizeConfig fields whose None means "this model's default": LoadedModel.extra["quantize"]
 # (models.loading.ZOO_EXTRA, measured per model), else the value here.
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
-                       "awq": False}  # fmt: skip
+                       "awq": False, "smoothquant": 0.0, "smooth_fc2": False}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -202,6 +209,14 @@ def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
         resolved["centre_fc2"] = False  # a weight-only scheme has no activation quantizer to centre for
     if resolved.get("awq") and scheme.w_bits != 4:
         resolved["awq"] = False  # AWQ is for 4-bit weights
+    # AWQ and SmoothQuant rescale the same inputs: a model default yields to the caller's choice of
+    # the other (both on by the model's own defaults stays the scheme's "choose one" error)
+    if "smoothquant" in resolved and (scheme.a_bits is None or cfg.awq):
+        resolved["smoothquant"] = 0.0  # also: nothing to smooth for without activation quantizers
+    if "awq" in resolved and cfg.smoothquant:
+        resolved["awq"] = False
+    if "smooth_fc2" in resolved and not resolved.get("smoothquant", cfg.smoothquant):
+        resolved["smooth_fc2"] = False  # the model's fc2 smoothing goes with its SmoothQuant
     return replace(cfg, **resolved)
 
 
@@ -339,11 +354,12 @@ def _scheme_of(cfg: QuantizeConfig):
     from sardfq_export import calibrators
 
     scheme = calibrators.get_scheme(cfg.scheme)
-    if cfg.smooth_fc2 and cfg.smoothquant is None:
-        raise UserInputError("smooth_fc2 (--smooth-fc2) needs smoothquant (--smoothquant ALPHA)")
+    alpha = cfg.smoothquant or None  # 0 (and an unresolved None): off
+    if cfg.smooth_fc2 and alpha is None:
+        raise UserInputError("smooth_fc2 (--smooth-fc2) needs smoothquant (--smoothquant ALPHA, ALPHA > 0)")
     return scheme.with_options(
         keep_fp=cfg.keep_fp or None,
-        smoothquant_alpha=cfg.smoothquant,
+        smoothquant_alpha=alpha,
         smooth_explicit=cfg.smooth_fc2 or None,
         centre_fc2=cfg.centre_fc2 or None,
         awq=cfg.awq or None,

@@ -354,6 +354,7 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
         "quantize": {
             "centre_fc2": True,
             "bias_correct": True,
+            "w8a8": {"smoothquant": 0.5, "smooth_fc2": True},
             "w4a16": {"gptq_views": 4, "gptq_tokens": "rollout"},
         },
     }
@@ -379,3 +380,13 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
     assert w4.summary["gptq"]["token_weights"] == "rollout"  # tokens weighted by their reach to the CLS
     w4a8 = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", progress=False)
     assert w4a8.summary["gptq"]["views"] == 1 and w4a8.scheme.centre_fc2  # views measured worse at w4a8
+    # w8a8: SmoothQuant α 0.5, fc2 through its explicit Mul; not at 4-bit weights (unmeasured there)
+    assert (q.scheme.smoothquant_alpha, q.scheme.smooth_explicit) == (0.5, True)
+    assert all(not torch.equal(b.mlp.fc2.input_smooth, torch.ones_like(b.mlp.fc2.input_smooth))
+               for b in q.model.blocks)  # fmt: skip
+    assert w4.scheme.smoothquant_alpha is None and w4a8.scheme.smoothquant_alpha is None
+    off = sx.quantize(loaded, torch.randn(4, 3, 32, 32), smoothquant=0, progress=False)
+    assert off.scheme.smoothquant_alpha is None and not off.scheme.smooth_explicit  # 0 turns both off
+    assert off.config.smoothquant == 0 and off.config.smooth_fc2 is False
+    own = sx.quantize(loaded, torch.randn(4, 3, 32, 32), smoothquant=0.3, smooth_fc2=False, progress=False)
+    assert (own.scheme.smoothquant_alpha, own.scheme.smooth_explicit) == (0.3, False)  # stated values win

@@ -347,6 +347,23 @@ def test_quantize_config_smoothquant_and_smooth_fc2():
     assert all(not torch.equal(b.mlp.fc2.input_smooth, torch.ones(64 * 4)) for b in q.model.blocks)
     with pytest.raises(sx.UserInputError, match="needs smoothquant"):
         sx.quantize(loaded, cal, scheme="w8a8", smooth_fc2=True, progress=False)
+    with pytest.raises(sx.UserInputError, match="needs smoothquant"):
+        sx.quantize(loaded, cal, scheme="w8a8", smoothquant=0, smooth_fc2=True, progress=False)
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(sx.UserInputError, match=r"smoothquant is a migration strength in \[0, 1\)"):
+            sx.QuantizeConfig(smoothquant=bad)
+    # a model's own SmoothQuant (per scheme) yields to a caller's AWQ, and its AWQ to a caller's SmoothQuant
+    own = {"quantize": {"smoothquant": 0.5, "smooth_fc2": True, "w4": {"awq": True, "smoothquant": 0.0}}}
+    mine = LoadedModel(model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init", extra=own)
+    assert sx.quantize(mine, cal, scheme="w8a8", progress=False).scheme.smoothquant_alpha == 0.5
+    assert sx.quantize(mine, cal, scheme="w4a8", progress=False).scheme.awq
+    sq = sx.quantize(mine, cal, scheme="w4a8", smoothquant=0.4, progress=False).scheme
+    assert (sq.smoothquant_alpha, sq.awq) == (0.4, False)
+    own["quantize"]["w4"] = {}  # SmoothQuant for 4-bit weights too, unless the caller asks for AWQ
+    aw = sx.quantize(mine, cal, scheme="w4a8", awq=True, progress=False).scheme
+    assert (aw.smoothquant_alpha, aw.awq, aw.smooth_explicit) == (None, True, False)
+    weight_only = sx.quantize(mine, cal, scheme="w4a16", progress=False).scheme
+    assert weight_only.smoothquant_alpha is None  # no activation quantizer to smooth for
 
 
 # --- empirical bias correction ------------------------------------------------------------------
@@ -415,6 +432,7 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     for argv in (["--help"], ["quantize", "--help"]):  # the main job and the quantize command
         out = CliRunner().invoke(cli, argv).output
         assert "--bias-correct" in out and "--gptq-views" in out and "--gptq-tokens" in out
+        assert "--no-smooth-fc2" in out and "0: off" in out
     opts = {"range_method": "auto", "weight_range": "mse", "weight_rounding": "auto", "gptq_views": None,
             "gptq_tokens": None, "keep_fp": (),
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
@@ -422,6 +440,19 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     assert recipe_config(opts, scheme="w4a8").bias_correct
     assert recipe_config(opts | {"gptq_views": 4}, scheme="w4a8").gptq_views == 4
     assert recipe_config(opts | {"gptq_tokens": "rollout"}, scheme="w4a8").gptq_tokens == "rollout"
+    # --smoothquant 0 / --no-smooth-fc2 reach the config as a stated off (None: the model's own)
+    off = recipe_config(opts | {"smoothquant": 0.0, "smooth_fc2": None}, scheme="w8a8")
+    assert (off.smoothquant, off.smooth_fc2) == (0.0, None)
+    from sardfq_export.cli.quantize import quantize as quantize_cmd
+
+    for argv, want in (
+        (["--smoothquant", "0", "--no-smooth-fc2"], (0.0, False)),
+        (["--smoothquant", "0.5", "--smooth-fc2"], (0.5, True)),
+        ([], (None, None)),
+    ):
+        ctx = quantize_cmd.make_context("quantize", ["--calib", "x.safetensors", "--out", "o", *argv])
+        cfg = recipe_config({k: ctx.params[k] for k in opts}, scheme="w8a8")
+        assert (cfg.smoothquant, cfg.smooth_fc2) == want, argv
 
 
 def test_recipe_switches_left_unset_take_the_models_own_defaults():

@@ -167,14 +167,16 @@ recipe_options = _stack(
     ),
     click.option(
         "--smoothquant",
-        type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+        type=click.FloatRange(0.0, 1.0, max_open=True),
         metavar="ALPHA",
-        help="SmoothQuant: move activation outliers into the weights (LayerNorm→Linear pairs), strength ALPHA.",
+        help="SmoothQuant: move activation outliers into the weights (LayerNorm→Linear pairs, V→proj), "
+        "strength ALPHA; 0: off. [default: the model's own, else off]",
     ),
     click.option(
-        "--smooth-fc2",
-        is_flag=True,
-        help="With --smoothquant: also the MLP's second Linear, via an explicit per-channel Mul (TensorRT fuses it).",
+        "--smooth-fc2/--no-smooth-fc2",
+        default=None,
+        help="With SmoothQuant: also the MLP's second Linear, via an explicit per-channel Mul (TensorRT "
+        "fuses it). [default: the model's own, else off]",
     ),
     click.option(
         "--centre-fc2/--no-centre-fc2",
