@@ -166,8 +166,9 @@ class perturbed_activations:
     measured this way. Weights are constants both runtimes quantize identically: left alone.
     """
 
-    def __init__(self, model: nn.Module, rel: float = 1e-6, seed: int = 0):
-        self.model, self.rel, self.seed = model, rel, seed
+    def __init__(self, model: nn.Module, rel: float = 1e-6, seed: int = 0, names: set[str] | None = None):
+        # names: the activation quantizers (module names in ``model``) to perturb; None: all of them
+        self.model, self.rel, self.seed, self.names = model, rel, seed, names
         self.handles: list = []
 
     def __enter__(self) -> nn.Module:
@@ -179,9 +180,10 @@ class perturbed_activations:
             # in float32: in bf16/fp16, 1 + 1e-6·ε rounds to 1 and the floor would silently read 100%
             return ((x.float() * (1 + self.rel * eps)).to(x.dtype),) + tuple(args[1:])
 
-        for m in self.model.modules():
+        for name, m in self.model.named_modules():
             if isinstance(m, TensorQuantizer) and m.role == "activation" and m.active:
-                self.handles.append(m.register_forward_pre_hook(hook))
+                if self.names is None or name in self.names:
+                    self.handles.append(m.register_forward_pre_hook(hook))
         return self.model
 
     def __exit__(self, *exc) -> None:

@@ -353,6 +353,12 @@ def test_activation_noise_floor_moves_exactly_the_values_on_a_rounding_boundary(
     assert torch.equal(act(x), torch.tensor([[0.0, 0.5, 0.25, 1.0, -0.5, 0.0]]))
     assert (y != act(x)).sum() == 3  # seed 27 (|ε| > 0.5 on each tie) moves all three off their even step
     assert not act._forward_pre_hooks and not wq._forward_pre_hooks  # hooks only inside the block
+    other = TensorQuantizer(8)  # names: only those quantizers move (bench/dinov2_agreement_probe.py)
+    other.set_scale(torch.tensor(0.25))
+    both = torch.nn.ModuleDict({"act": act, "other": other})
+    with perturbed_activations(both, seed=27, names={"other"}):
+        assert torch.equal(act(x), torch.tensor([[0.0, 0.5, 0.25, 1.0, -0.5, 0.0]]))
+        assert torch.equal(other(x), expected)
 
     # Logits (q, 0.3) of one value per image: class 0 iff the quantized value is above 0.3.
     def runner(imgs):
