@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--log", type=Path, help="write the result as JSON here too")
     ap.add_argument(
+        "--keep-fp", nargs="*", default=[], metavar="PATTERN", help="Linears left float (as the CLI's)"
+    )
+    ap.add_argument(
         "--per-quantizer", type=int, default=0, metavar="N",
         help="also perturb each activation quantizer alone on the first N test images: which ones the flips come from",
     )  # fmt: skip
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     cal = calibration(loaded, "sardfq", a.seed, 32, 100, model_cache(a.calib_cache, loaded))
     x, y = test_set(loaded, a.limit)
     fp = fp32_logits(loaded, x, model_cache(a.cache, loaded), a.limit)
-    q = sx.quantize(loaded, cal, seed=a.seed, progress=False)  # the model's own w8a8 recipe
+    # the model's own w8a8 recipe (plus --keep-fp)
+    q = sx.quantize(loaded, cal, seed=a.seed, keep_fp=tuple(a.keep_fp), progress=False)
     print(f"recipe: {json.dumps(q.config.to_dict())}", flush=True)
     fq = logits_of(q.model, x)
     with tempfile.TemporaryDirectory() as tmp:
