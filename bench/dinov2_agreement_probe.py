@@ -26,11 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dinov2_probe import _commit, model_cache  # noqa: E402
-from dinov2_table import MODEL, calibration, fp32_logits, logits_of, ort_runner, test_set  # noqa: E402
+from dinov2_table import MODEL, calibration, fp32_logits, logits_of, ort_runner, scores, test_set  # noqa: E402
 
 import sardfq_export as sx  # noqa: E402
 
 SHRINKS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+
+
+def agree(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
 
 
 def margins(z: torch.Tensor) -> torch.Tensor:
@@ -49,10 +53,10 @@ def per_quantizer(model, x: torch.Tensor, fq: torch.Tensor) -> list[dict]:
     """Each activation quantizer perturbed alone (relative 1e-6, as the noise floor): the mean of the
     largest logit change it causes (most images: none, a flip being rare in one tensor), the share
     of images it changes at all, and the agreement with the unperturbed predictions."""
-    from sardfq_export.calibrators.quantizer import TensorQuantizer, perturbed_activations
+    from sardfq_export.calibrators import iter_quantizers
+    from sardfq_export.calibrators.quantizer import perturbed_activations
 
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, TensorQuantizer) and m.role == "activation" and m.active]  # fmt: skip
+    names = [n for n, q in iter_quantizers(model) if q.role == "activation" and q.active]
     rows = []
     for i, name in enumerate(names):
         with perturbed_activations(model, names={name}):
@@ -60,7 +64,7 @@ def per_quantizer(model, x: torch.Tensor, fq: torch.Tensor) -> list[dict]:
         change = (z - fq).abs().amax(1)
         rows.append({"quantizer": name, "mean_max_logit_change": round(float(change.mean()), 5),
                      "images_changed": float((change > 0).float().mean()),
-                     "agreement": float((z.argmax(1) == fq.argmax(1)).float().mean())})  # fmt: skip
+                     "agreement": agree(z, fq)})  # fmt: skip
         print(f"  [{i + 1}/{len(names)}] {json.dumps(rows[-1])}", flush=True)
     return sorted(rows, key=lambda r: -r["mean_max_logit_change"])
 
@@ -98,26 +102,24 @@ def main(argv: list[str] | None = None) -> None:
         dep = logits_of(ort_runner(onnx_path, Path(tmp)), x)
     with perturbed_activations(q.model):
         noisy = logits_of(q.model, x)
-    cls = fq.argmax(1)
-    differs = dep.argmax(1) != cls
+    differs = dep.argmax(1) != fq.argmax(1)
     m_fq, m_fp = margins(fq), margins(fp)
     delta = (dep - fq).abs().amax(1)  # the deployed graph's largest logit change per image
     delta_noise = (noisy - fq).abs().amax(1)
     result = {
         "model": MODEL, "seed": a.seed, "limit": len(y), "commit": _commit(),
         "recipe": q.config.to_dict(),
-        "top1": {"fp32": float((fp.argmax(1) == y).float().mean()), "fakequant": float((cls == y).float().mean()),
-                 "deployed": float((dep.argmax(1) == y).float().mean())},
+        "top1": {"fp32": scores(fp, y), "fakequant": scores(fq, y), "deployed": scores(dep, y)},
         "agreement_deployed_vs_fakequant": float((~differs).float().mean()),
-        "agreement_noisy_vs_fakequant": float((noisy.argmax(1) == cls).float().mean()),
-        "agreement_fakequant_vs_fp32": float((cls == fp.argmax(1)).float().mean()),
+        "agreement_noisy_vs_fakequant": agree(noisy, fq),
+        "agreement_fakequant_vs_fp32": agree(fq, fp),
         "max_logit_change": {"deployed": quantiles(delta), "activation_noise": quantiles(delta_noise)},
         "fakequant_margin": {"all": quantiles(m_fq), "where_deployed_differs": quantiles(m_fq[differs])},
         "fp32_margin": {"all": quantiles(m_fp), "where_deployed_differs": quantiles(m_fp[differs])},
         # images whose FQ margin is under the median deployed change: the ones a change of that size can flip
         "share_margin_below_median_change": float((m_fq < delta.median()).float().mean()),
         "agreement_if_change_shrunk": {
-            str(k): float(((fq + k * (dep - fq)).argmax(1) == cls).float().mean()) for k in SHRINKS
+            str(k): agree(fq + k * (dep - fq), fq) for k in SHRINKS
         },
     }  # fmt: skip
     if a.per_quantizer:
