@@ -2,7 +2,7 @@
 FP32 86.66%): is it the student's training (its float weights drift) or its quantization?
 
     nice bash tools/dev.sh python bench/dinov2_psaq2_probe.py [--row w8a8+c+bc] [--rounds 8] \
-        [--student-lrs 0 1e-5] [--limit 1000] [--log docs/dinov2-psaq2-probe.jsonl]
+        [--student-lrs 0 1e-5] [--schedule K=V ...] [--limit 1000] [--log docs/dinov2-psaq2-probe.jsonl]
 
 For each student learning rate (0: the images evolve against a student that never changes), one
 ``sx.psaq2`` run with the table's recipe row (bench/dinov2_table.py), then top-1 on the first
@@ -13,6 +13,7 @@ off (its float weights, after training), and the float model.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import time
@@ -32,16 +33,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--row", default="w8a8+c+bc", choices=sorted(RECIPES))
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--student-lrs", type=float, nargs="+", default=[0.0, 1e-5])
+    ap.add_argument(
+        "--schedule",
+        nargs="*",
+        default=[],
+        metavar="K=V",
+        help="other AdaptiveConfig fields for every run (e.g. disc_weight=0.1)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=1000)
     ap.add_argument("--log", type=Path, help="append each result as a JSON line here too")
     a = ap.parse_args(argv)
+    extra = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in a.schedule)}
     loaded = sx.load_model(MODEL)
     x, y = test_set(loaded, a.limit)
     fp_top1 = scores(logits_of(loaded.model, x), y)
     for lr in a.student_lrs:
         t0 = time.perf_counter()
-        adaptive = sx.AdaptiveConfig(rounds=a.rounds, student_lr=lr)
+        adaptive = sx.AdaptiveConfig.from_dict({**extra, "rounds": a.rounds, "student_lr": lr})
         run = sx.psaq2(loaded, adaptive=adaptive, num_images=32, seed=a.seed, progress=True,
                        **{**EXPLICIT, **RECIPES[a.row]})  # fmt: skip
         student = run.quantized.model
@@ -50,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
         float_top1 = scores(logits_of(student, x), y)
         row = {"row": a.row, "recipe": RECIPES[a.row], "schedule": adaptive.to_dict(), "seed": a.seed,
                "limit": len(y), "fp32_top1": fp_top1, "student_fakequant_top1": fq_top1,
-               "student_float_top1": float_top1, "seconds": round(time.perf_counter() - t0, 1),
+               "student_float_top1": float_top1,
+               # discrepancy at each round's first/last image and student step (image steps raise it)
+               "rounds": run.quantized.summary["psaq2"]["rounds"], "seconds": round(time.perf_counter() - t0, 1),
                "commit": _commit()}  # fmt: skip
         print(json.dumps(row), flush=True)
         if a.log:

@@ -440,7 +440,8 @@ def write_doc(doc: Path, json_out: Path, cache: Cache, meta: dict, seeds: list[i
 
 
 # --- main ----------------------------------------------------------------------------------------------
-def plan(seeds: list[int], limit: int, iters: int, n: int, schedule: dict | None = None) -> list[dict]:
+def plan(seeds: list[int], limit: int, iters: int, n: int, schedule: dict | None = None,
+         psaq2_defaults: dict | None = None) -> list[dict]:  # fmt: skip
     """Every cell, cheapest-first so that a partial run already answers something: real and noise
     calibration (no synthesis) and the peers at the first seed, latency, then the synthetic sources
     at the first seed, then the other seeds, then the SARDFQ ablation (each synthesis is the cost)."""
@@ -448,7 +449,9 @@ def plan(seeds: list[int], limit: int, iters: int, n: int, schedule: dict | None
     cells = [{"kind": "fp32", **common}]
 
     def ours(calib, seed):
-        extra = {"schedule": sx.AdaptiveConfig.from_dict(schedule or {}).to_dict()} if calib == PSAQ2 else {}
+        # the schedule as it runs (the model's own defaults filled in), so a new default is a new key
+        adaptive = sx.AdaptiveConfig.from_dict(schedule or {}).resolve("vit", psaq2_defaults)
+        extra = {"schedule": adaptive.to_dict()} if calib == PSAQ2 else {}
         return [{"kind": "ours", "row": row, "recipe": recipe, "calib": calib, "seed": seed, **common, **extra}
                 for row, recipe in RECIPES.items()]  # fmt: skip
 
@@ -533,7 +536,7 @@ def main(argv=None) -> int:
     import ast
 
     schedule = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in a.psaq2)}
-    cells = plan(a.seeds, a.limit, a.iters, a.num_images, schedule)
+    cells = plan(a.seeds, a.limit, a.iters, a.num_images, schedule, loaded.extra.get("psaq2"))
     import shlex
 
     args = sys.argv[1:] if argv is None else argv

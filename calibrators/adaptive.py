@@ -51,6 +51,11 @@ CKPT_FORMAT = "sardfq-psaq2-ckpt-1"
 PHASES = ("warmup", "image", "student")  # the loss curve's phase codes 0, 1, 2
 COLUMNS = ("phase", "disc", "pse", "tv", "loss")
 CURVE_POINTS = 400  # loss-curve rows kept in the metadata (subsampled)
+# [default] for models without their own: our distill's KD lr, and the prior and discrepancy weighed alike.
+# Real ViTs need their own: on DINOv2 ViT-S/14, 40 Adam steps of 1e-5 *raise* the student's KL to the
+# teacher even on SARDFQ images (docs/dinov2-accuracy.md, "PSAQ-ViT V2 on DINOv2").
+STUDENT_LR = 1e-5
+DISC_WEIGHT = 1.0
 
 
 class AdaptiveDivergedError(SardfqError):
@@ -70,23 +75,41 @@ class AdaptiveConfig:
     batch_size: int = 32  # images optimized (and distilled on) together [paper: PSAQ-ViT's B = 32]
     image_lr: float | None = None  # Adam lr on the pixels (None: the family's synthesis lr, 0.20 / 0.25)
     image_betas: tuple[float, float] = (0.5, 0.9)  # [paper: PSAQ-ViT's image optimizer]
-    student_lr: float = 1e-5  # Adam lr on the student's weights [default: our distill's KD lr]
+    # Adam lr on the student's weights (None: the model's own default, else STUDENT_LR)
+    student_lr: float | None = None
     student_betas: tuple[float, float] = (0.9, 0.999)  # [default: Adam's]
     temperature: float = 1.0  # T of the discrepancy T²·KL(softmax(t/T) ‖ softmax(s/T)) [default]
-    disc_weight: float = 1.0  # weight of the discrepancy against the prior in image steps [default]
+    # weight of the discrepancy against the prior in image steps (None: the model's own, else 1.0)
+    disc_weight: float | None = None
 
-    def resolve(self, family: str) -> AdaptiveConfig:
-        """A copy with every ``None`` filled for ``family`` and the values checked (one-line errors)."""
+    def resolve(self, family: str, model_defaults: dict | None = None) -> AdaptiveConfig:
+        """A copy with every ``None`` filled and the values checked (one-line errors): from
+        ``model_defaults`` (a model's own schedule, measured on it: ``LoadedModel.extra["psaq2"]``)
+        first, then from ``family`` (image lr) and this module's defaults."""
         cfg = self
-        if cfg.image_lr is None:
-            cfg = dataclasses.replace(cfg, image_lr=get_family(family).synth_lr)
+        own = model_defaults or {}
+        unknown = set(own) - {"student_lr", "disc_weight", "image_lr"}
+        if unknown:
+            raise ValueError(
+                f"a model's psaq2 defaults cover student_lr, disc_weight and image_lr, not {unknown}"
+            )
+        fallback = {
+            "student_lr": STUDENT_LR,
+            "disc_weight": DISC_WEIGHT,
+            "image_lr": get_family(family).synth_lr,
+        }
+        cfg = dataclasses.replace(
+            cfg, **{k: own.get(k, v) for k, v in fallback.items() if getattr(cfg, k) is None}
+        )
         for name in ("rounds", "warmup_iters", "image_steps", "student_steps"):
             if getattr(cfg, name) < 0:
                 raise UserInputError(f"psaq2 {name} must be 0 or more, got {getattr(cfg, name)}")
         if cfg.batch_size < 1:
             raise UserInputError(f"psaq2 batch_size must be at least 1, got {cfg.batch_size}")
-        if cfg.temperature <= 0 or cfg.image_lr < 0 or cfg.student_lr < 0:
-            raise UserInputError("psaq2 temperature must be positive and learning rates non-negative")
+        if cfg.temperature <= 0 or cfg.image_lr < 0 or cfg.student_lr < 0 or cfg.disc_weight < 0:
+            raise UserInputError(
+                "psaq2 temperature must be positive, learning rates and disc_weight non-negative"
+            )
         return cfg
 
     def to_dict(self) -> dict:
@@ -213,7 +236,7 @@ def teacher_student(
     from sardfq_export.core.progress import progress_bar
 
     cfg = config
-    if cfg.image_lr is None:
+    if None in (cfg.image_lr, cfg.student_lr, cfg.disc_weight):
         raise ValueError("teacher_student needs a resolved AdaptiveConfig (config.resolve(family))")
     device = images.device
     n = images.shape[0]

@@ -570,7 +570,7 @@ def psaq2(
         raise UserInputError(
             "--auto-keep-fp does not combine with --calib psaq2 (its student is trained as built)"
         )
-    acfg = (adaptive or AdaptiveConfig()).resolve(loaded.family)
+    acfg = (adaptive or AdaptiveConfig()).resolve(loaded.family, loaded.extra.get("psaq2"))
     if iters is not None:
         acfg = replace(acfg, rounds=iters)
     scheme = _scheme_of(cfg)

@@ -65,6 +65,14 @@ def test_schedule_order_and_config():
     assert (
         AdaptiveConfig().resolve("vit").image_lr == 0.2 and AdaptiveConfig().resolve("swin").image_lr == 0.25
     )
+    # unset student lr / discrepancy weight: the model's own (measured on it), else the module's
+    plain = AdaptiveConfig().resolve("vit")
+    assert (plain.student_lr, plain.disc_weight) == (1e-5, 1.0)
+    own = AdaptiveConfig().resolve("vit", {"student_lr": 3e-7, "disc_weight": 0.5})
+    assert (own.student_lr, own.disc_weight, own.image_lr) == (3e-7, 0.5, 0.2)
+    assert AdaptiveConfig(student_lr=2e-5).resolve("vit", {"student_lr": 3e-7}).student_lr == 2e-5
+    with pytest.raises(ValueError, match="rounds"):
+        AdaptiveConfig().resolve("vit", {"rounds": 3})  # a model may not change the schedule's shape
     with pytest.raises(UserInputError, match="rounds"):
         AdaptiveConfig(rounds=-1).resolve("vit")
     cfg = AdaptiveConfig(rounds=3)
@@ -85,7 +93,8 @@ def test_runs_records_its_schedule_and_the_student_reloads(family, tmp_path):
     assert (res.calib.images.amin((0, 2, 3)) >= lo - 1e-6).all()
     meta = res.calib.meta
     assert meta["method"] == "psaq2" and meta["iters"] == 2 and meta["num_images"] == 4
-    assert meta["config"] == {**SMALL.to_dict(), "image_lr": 0.2 if family == "vit" else 0.25}
+    assert meta["config"] == {**SMALL.to_dict(), "image_lr": 0.2 if family == "vit" else 0.25, "student_lr": 1e-5,
+                              "disc_weight": 1.0}  # fmt: skip
     assert meta["prior"]["pse_weight"] == 1.0 and meta["prior"]["tv_weight"] == 0.05
     assert meta["loss_curve"]["phase"].count(2) == 8 and all(
         torch.isfinite(torch.tensor(meta["loss_curve"]["loss"]))
