@@ -220,7 +220,7 @@ _DINOV2_QUANTIZE = {
 }
 # PSAQ-ViT V2 on DINOv2 (bench/dinov2_psaq2_probe.py, docs/dinov2-accuracy.md): at the generic discrepancy
 # weight 1.0 the images run away from the prior (their KL to the teacher 0.12 → 13.5 in 8 rounds) and a
-# student trained on them collapses; at 0.1 it stays 0.07-0.2 and each student phase lowers it. Student
+# student trained on them collapses; at 0.1 it stays 0.07-0.32 and each student phase lowers it. Student
 # lr 1e-6: 1e-5 raises the KL even on SARDFQ images (bench/dinov2_kd_probe.py)
 _DINOV2_PSAQ2 = {"student_lr": 1e-6, "disc_weight": 0.1}
 ZOO_EXTRA: dict[str, dict] = {
