@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -357,6 +358,7 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
             "w8a8": {"smoothquant": 0.5, "smooth_fc2": True},
             "w4a16": {"gptq_views": 4, "gptq_tokens": "rollout"},
         },
+        "psaq2": {"student_lr": 1e-6, "disc_weight": 0.1},
     }
     seen = []
     from sardfq_export.synthesis import runner
@@ -390,3 +392,15 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
     assert off.config.smoothquant == 0 and off.config.smooth_fc2 is False
     own = sx.quantize(loaded, torch.randn(4, 3, 32, 32), smoothquant=0.3, smooth_fc2=False, progress=False)
     assert (own.scheme.smoothquant_alpha, own.scheme.smooth_explicit) == (0.3, False)  # stated values win
+    # PSAQ-ViT V2: the model's own student lr and discrepancy weight (the generic ones collapse it);
+    # a stated value wins
+    tiny = sx.AdaptiveConfig(rounds=1, warmup_iters=1, image_steps=1, student_steps=1, batch_size=2)
+    v2 = sx.psaq2(loaded, scheme="w8a8", adaptive=tiny, num_images=2, progress=False)
+    assert (v2.calib.meta["config"]["student_lr"], v2.calib.meta["config"]["disc_weight"]) == (1e-6, 0.1)
+    stated = sx.psaq2(
+        loaded, scheme="w8a8", adaptive=replace(tiny, student_lr=2e-5), num_images=2, progress=False
+    )
+    assert (stated.calib.meta["config"]["student_lr"], stated.calib.meta["config"]["disc_weight"]) == (
+        2e-5,
+        0.1,
+    )
