@@ -347,8 +347,13 @@ def _ms(values: list[float]) -> str:
     )
 
 
-def write_doc(doc: Path, json_out: Path, cache: Cache, meta: dict, seeds: list[int]) -> None:
-    rows = list(cache.rows.values())
+def write_doc(
+    doc: Path, json_out: Path, cache: Cache, meta: dict, seeds: list[int], planned: set[str]
+) -> None:
+    # Only cells of this plan: a cell measured under an older V2 schedule (its key holds the
+    # schedule) must not pool with the new one's seeds; it stays in the JSON under "superseded".
+    rows = [r for r in cache.rows.values() if r["key"] in planned]
+    superseded = [r for r in cache.rows.values() if r["key"] not in planned]
     fp = next((r for r in rows if r.get("kind") == "fp32"), None)
     lines = [
         "# DINOv2 ViT-S/14 (112 px): data-free quantization, side by side",
@@ -433,10 +438,14 @@ def write_doc(doc: Path, json_out: Path, cache: Cache, meta: dict, seeds: list[i
             lines.append(f"| {b} | {v['ort_fp32_p50_ms']:.2f} | {v['ort_int8_p50_ms']:.2f} | "
                          f"{v['speedup_median']:.2f}× ({v['speedup_min']:.2f}–{v['speedup_max']:.2f}) |")  # fmt: skip
     missing = meta.get("missing", 0)
-    lines += ["", f"Cells still to run: {missing}." if missing else "All cells measured.", ""]
+    lines += ["", f"Cells still to run: {missing}." if missing else "All cells measured."]
+    if superseded:
+        lines.append(f"Cells of other settings (e.g. an earlier PSAQ-ViT V2 schedule), not in these tables: "
+                     f"{len(superseded)}, in the JSON under `superseded`.")  # fmt: skip
+    lines.append("")
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines))
-    json_out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    json_out.write_text(json.dumps({"meta": meta, "rows": rows, "superseded": superseded}, indent=1))
 
 
 # --- main ----------------------------------------------------------------------------------------------
@@ -543,6 +552,7 @@ def main(argv=None) -> int:
     meta = {"command": " ".join([CMD, *map(shlex.quote, args)]).replace(str(Path.home()), "~"),
             "model_weights": weights, "limit": a.limit, "iters": a.iters, "num_images": a.num_images, "seeds": a.seeds,
             "machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} torch threads"}  # fmt: skip
+    planned = {Cache.key(c) for c in cells}
     fp_logits = None
     done = 0
     for i, cell in enumerate(cells):
@@ -586,9 +596,9 @@ def main(argv=None) -> int:
             flush=True,
         )
         meta["missing"] = sum(1 for c in cells if cache.get(c) is None)
-        write_doc(a.doc, a.json, cache, meta, a.seeds)
+        write_doc(a.doc, a.json, cache, meta, a.seeds, planned)
     meta["missing"] = sum(1 for c in cells if cache.get(c) is None)
-    write_doc(a.doc, a.json, cache, meta, a.seeds)
+    write_doc(a.doc, a.json, cache, meta, a.seeds, planned)
     return 0
 
 
