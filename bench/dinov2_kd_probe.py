@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dinov2_probe import _commit, model_cache  # noqa: E402
+from dinov2_probe import _commit, emit, model_cache  # noqa: E402
 from dinov2_table import EXPLICIT, MODEL, RECIPES, calibration, logits_of, scores, test_set  # noqa: E402
 
 import sardfq_export as sx  # noqa: E402
@@ -89,10 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {**base, "lr": lr, "kl_after": kl_after, "max_abs_weight_change": change, "student_fakequant_top1": fq,
                "student_float_top1": scores(logits_of(student, x), y),
                "seconds": round(time.perf_counter() - t0, 1), "commit": _commit()}  # fmt: skip
-        print(json.dumps(row), flush=True)
-        if a.log:
-            with a.log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, a.log)
 
 
 if __name__ == "__main__":

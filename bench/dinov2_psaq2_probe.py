@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dinov2_probe import _commit  # noqa: E402
+from dinov2_probe import _commit, emit  # noqa: E402
 from dinov2_table import EXPLICIT, MODEL, RECIPES, logits_of, scores, test_set  # noqa: E402
 
 import sardfq_export as sx  # noqa: E402
@@ -63,10 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                # discrepancy at each round's first/last image and student step (image steps raise it)
                "rounds": run.quantized.summary["psaq2"]["rounds"], "seconds": round(time.perf_counter() - t0, 1),
                "commit": _commit()}  # fmt: skip
-        print(json.dumps(row), flush=True)
-        if a.log:
-            with a.log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, a.log)
 
 
 if __name__ == "__main__":
