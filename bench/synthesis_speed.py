@@ -4,6 +4,7 @@
     bash tools/dev.sh python bench/synthesis_speed.py --memory deit_base_patch16_224 --iters 4
     bash tools/dev.sh python bench/synthesis_speed.py --step-ratio dinov2_s14_fmnist --rounds 3 --iters 4
     bash tools/dev.sh python bench/synthesis_speed.py --fraction deit_tiny_patch16_224 --rounds 5 --iters 6
+    bash tools/dev.sh python bench/synthesis_speed.py --fraction deit_tiny_patch16_224 --rounds 5 --iters 6 --versus-plain-tv
 
 Throughput: SARDFQ image-iterations/s at batch 32 (random-init timm model, 224×224) for ours in
 fp32 and with bf16 autocast, against the straightforward implementation in
@@ -125,11 +126,27 @@ def measure(model: str = "deit_tiny_patch16_224", batch: int = 32, iters: int = 
     }
 
 
-def flop_fraction(model: str, batch: int, iters: int, rounds: int, bf16: bool, threads: int = 2) -> dict:
-    """Our step's matmul FLOP/s as a fraction of the same-dtype matmul peak, ``rounds`` times."""
+def plain_total_variation(x: torch.Tensor) -> torch.Tensor:
+    """The TV loss as autograd sees it without ``losses._TotalVariation`` (the "before" of
+    ``--versus-plain-tv``): same value, autograd's own backward through the slices."""
+    d1 = x[..., :, 1:] - x[..., :, :-1]
+    d2 = x[..., 1:, :] - x[..., :-1, :]
+    d3 = x[..., 1:, 1:] - x[..., :-1, :-1]
+    d4 = x[..., 1:, :-1] - x[..., :-1, 1:]
+    return d1.norm() + d2.norm() + d3.norm() + d4.norm()
+
+
+def flop_fraction(
+    model: str, batch: int, iters: int, rounds: int, bf16: bool, threads: int = 2, versus_plain_tv: bool = False
+) -> dict:
+    """Our step's matmul FLOP/s as a fraction of the same-dtype matmul peak, ``rounds`` times.
+    ``versus_plain_tv``: each round also times the step with autograd's own TV backward, right
+    after ours (same peak bracket), and the result gains their per-round ratio."""
     import statistics
+    from unittest import mock
 
     from sardfq_export.models.loading import ZOO
+    from sardfq_export.synthesis import losses
 
     torch.set_num_threads(threads)
     loaded = load_model(model) if model in ZOO else _model(model)
@@ -139,18 +156,28 @@ def flop_fraction(model: str, batch: int, iters: int, rounds: int, bf16: bool, t
     for _ in range(rounds):
         before = matmul_peak(dtype)
         s = ours(loaded, batch, iters, bf16=bf16)["s_per_iter"]
+        if versus_plain_tv:
+            with mock.patch.object(losses, "total_variation", plain_total_variation):
+                s_plain = ours(loaded, batch, iters, bf16=bf16)["s_per_iter"]
         after = matmul_peak(dtype)
         peak = (before + after) / 2
         runs.append({"s_per_iter": s, "peak_tflops_before": before / 1e12, "peak_tflops_after": after / 1e12,
                      "tflops": flops / s / 1e12, "fraction_of_matmul_peak": flops / s / peak})  # fmt: skip
+        if versus_plain_tv:
+            runs[-1] |= {"plain_tv_s_per_iter": s_plain, "plain_tv_fraction": flops / s_plain / peak}
     fr = [r["fraction_of_matmul_peak"] for r in runs]
-    return {
+    out = {
         "model": model, "batch": batch, "timed_iters": iters, "rounds": rounds, "threads": threads,
         "precision": "bf16" if bf16 else "fp32", "flops_per_iter": flops, "runs": runs,
         "fraction_median": statistics.median(fr), "fraction_min": min(fr), "fraction_max": max(fr),
         "s_per_iter_median": statistics.median(r["s_per_iter"] for r in runs),
         "bf16_native": bf16_native("cpu"),
     }  # fmt: skip
+    if versus_plain_tv:
+        ratio = [r["plain_tv_s_per_iter"] / r["s_per_iter"] for r in runs]
+        out |= {"plain_tv_fraction_median": statistics.median(r["plain_tv_fraction"] for r in runs),
+                "plain_tv_step_over_ours": {"median": statistics.median(ratio), "min": min(ratio), "max": max(ratio)}}  # fmt: skip
+    return out
 
 
 def step(loaded, method: str, batch: int, iters: int, bf16: bool) -> dict:
@@ -256,11 +283,14 @@ def main(argv=None) -> int:
     ap.add_argument("--fraction", default=None, metavar="MODEL", help="our step's FLOP fraction on MODEL")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="--fraction: precision")
     ap.add_argument("--rounds", type=int, default=3, help="--step-ratio / --fraction: rounds")
+    ap.add_argument("--versus-plain-tv", action="store_true",
+                    help="--fraction: also time each round with autograd's own TV backward (the change's before)")  # fmt: skip
     ap.add_argument("--bf16", action="store_true", help="--step-ratio: bf16 autocast")
     args = ap.parse_args(argv)
     if args.fraction:
         res = flop_fraction(
-            args.fraction, args.batch, args.iters, args.rounds, args.dtype == "bf16", args.threads
+            args.fraction, args.batch, args.iters, args.rounds, args.dtype == "bf16", args.threads,
+            args.versus_plain_tv,
         )
     elif args.step_ratio:
         res = step_ratio(args.step_ratio, args.batch, args.iters, args.rounds, args.bf16, args.threads)

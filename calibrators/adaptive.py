@@ -86,20 +86,18 @@ class AdaptiveConfig:
         """A copy with every ``None`` filled and the values checked (one-line errors): from
         ``model_defaults`` (a model's own schedule, measured on it: ``LoadedModel.extra["psaq2"]``)
         first, then from ``family`` (image lr) and this module's defaults."""
-        cfg = self
         own = model_defaults or {}
-        unknown = set(own) - {"student_lr", "disc_weight", "image_lr"}
-        if unknown:
-            raise ValueError(
-                f"a model's psaq2 defaults cover student_lr, disc_weight and image_lr, not {unknown}"
-            )
         fallback = {
             "student_lr": STUDENT_LR,
             "disc_weight": DISC_WEIGHT,
             "image_lr": get_family(family).synth_lr,
         }
+        if unknown := set(own) - set(fallback):
+            raise ValueError(
+                f"a model's psaq2 defaults cover {', '.join(fallback)} only, not {sorted(unknown)}"
+            )
         cfg = dataclasses.replace(
-            cfg, **{k: own.get(k, v) for k, v in fallback.items() if getattr(cfg, k) is None}
+            self, **{k: own.get(k, v) for k, v in fallback.items() if getattr(self, k) is None}
         )
         for name in ("rounds", "warmup_iters", "image_steps", "student_steps"):
             if getattr(cfg, name) < 0:

@@ -33,13 +33,50 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
 
 
+# The four neighbour differences of the total variation: (the "plus" slice, the "minus" slice) of
+# the last two dimensions, d = x[plus] - x[minus]: right, down and the two diagonals.
+_TV_PAIRS = (
+    ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+    ((slice(1, None), slice(None)), (slice(None, -1), slice(None))),
+    ((slice(1, None), slice(1, None)), (slice(None, -1), slice(None, -1))),
+    ((slice(1, None), slice(None, -1)), (slice(None, -1), slice(1, None))),
+)
+
+
+class _TotalVariation(torch.autograd.Function):
+    """Σ_k ‖x[plus_k] − x[minus_k]‖₂ with its gradient written out.
+
+    Autograd's own backward of the sliced differences materializes a zero-filled image-sized
+    gradient per slice (8 per step) and adds them up; on a CPU that was ~3–6% of a deit_tiny bf16
+    synthesis step (torch profiler: ``fill_``/``copy_``/``add`` on (32, 3, 224, 224) tensors).
+    Here the gradient is one zero image and eight in-place slice updates. Same value; the
+    gradient equals autograd's up to summation order (tested)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        diffs = [x[..., p[0], p[1]] - x[..., m[0], m[1]] for p, m in _TV_PAIRS]
+        norms = torch.stack([d.norm() for d in diffs])
+        ctx.save_for_backward(*diffs, norms)
+        ctx.shape = x.shape
+        return norms.sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        *diffs, norms = ctx.saved_tensors
+        # d‖d‖/dd = d/‖d‖, and 0 where ‖d‖ = 0 (as torch's norm backward).
+        scale = torch.where(norms > 0, grad / norms, torch.zeros_like(norms))
+        out = torch.zeros(ctx.shape, dtype=diffs[0].dtype, device=diffs[0].device)
+        for k, (d, (p, m)) in enumerate(zip(diffs, _TV_PAIRS, strict=True)):
+            d = d * scale[k]
+            out[..., p[0], p[1]] += d
+            out[..., m[0], m[1]] -= d
+        return out
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Sum of the L2 norms (not squared) of the right, down and two diagonal differences."""
-    d1 = x[..., :, 1:] - x[..., :, :-1]
-    d2 = x[..., 1:, :] - x[..., :-1, :]
-    d3 = x[..., 1:, 1:] - x[..., :-1, :-1]
-    d4 = x[..., 1:, :-1] - x[..., :-1, 1:]
-    return d1.norm() + d2.norm() + d3.norm() + d4.norm()
+    return _TotalVariation.apply(x)
 
 
 def attention_prior_mse(attn: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
