@@ -79,6 +79,13 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return _TotalVariation.apply(x)
 
 
+def total_variation_autograd(x: torch.Tensor) -> torch.Tensor:
+    """:func:`total_variation` through autograd's own backward of the slices: the reference its
+    written-out gradient is tested against, and the "before" of ``bench/synthesis_speed.py
+    --versus-plain-tv``."""
+    return sum(x[..., p[0], p[1]].sub(x[..., m[0], m[1]]).norm() for p, m in _TV_PAIRS)
+
+
 def attention_prior_mse(attn: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """MSE between attention maps (B, heads, P) and priors (B, heads, P) rescaled to their mass.
 
