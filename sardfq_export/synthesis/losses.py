@@ -47,10 +47,11 @@ class _TotalVariation(torch.autograd.Function):
     """Σ_k ‖x[plus_k] − x[minus_k]‖₂ with its gradient written out.
 
     Autograd's own backward of the sliced differences materializes a zero-filled image-sized
-    gradient per slice (8 per step) and adds them up; on a CPU that was ~3–6% of a deit_tiny bf16
-    synthesis step (torch profiler: ``fill_``/``copy_``/``add`` on (32, 3, 224, 224) tensors).
-    Here the gradient is one zero image and eight in-place slice updates. Same value; the
-    gradient equals autograd's up to summation order (tested)."""
+    gradient per slice (8 per step) and adds them up (``fill_``/``copy_``/``add`` on the
+    (32, 3, 224, 224) image in the torch profiler of a deit_tiny bf16 synthesis step). Here the
+    gradient is one zero image and eight in-place slice updates: the TV forward + backward alone
+    ran 3–4× faster on a 2-core CPU, the whole step about 1% (docs/performance.md). Same value;
+    the gradient equals autograd's up to summation order (tested)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
