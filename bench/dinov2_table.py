@@ -195,13 +195,15 @@ class Cache:
         """Take the finished cells of the committed table (``--json``) into an empty or partial
         cache: they were measured by this command (their key covers the cell and RECIPE_VERSION),
         so a fresh machine resumes the table instead of measuring them again; only when they were
-        measured on the same model weights (``weights``, the build's fingerprint)."""
+        measured on the same model weights (``weights``, the build's fingerprint). The cells of
+        earlier settings (``superseded``) come too, so that rewriting the JSON keeps them."""
         if not published.exists():
             return 0
         table = json.loads(published.read_text())
         if table.get("meta", {}).get("model_weights") != weights:
             return 0
-        new = [r for r in table.get("rows", []) if r.get("key") not in self.rows]
+        rows = table.get("rows", []) + table.get("superseded", [])
+        new = [r for r in rows if r.get("key") not in self.rows]
         if new:
             self.root.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as fh:
