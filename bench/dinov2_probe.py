@@ -163,6 +163,23 @@ def _token_mix(mix: float) -> None:
     gptq.rollout_token_weights = mixed
 
 
+def _shrunk_hessian(shrink: float) -> None:
+    """Experiment: GPTQ rounds on ``(1 − shrink)·H + shrink·diag(H)``, the calibration tokens'
+    input correlations trusted less (a diagonal H is round-to-nearest). Why tried: per Linear, GPTQ
+    from 32 synthetic images leaves 0.93 (SARDFQ) / 0.82 (PSAQ-ViT) of round-to-nearest's error on
+    real inputs' H, and 0.70 / 0.63 with shrink 0.5 (bench/dinov2_hessian_probe.py). Wraps what
+    ``calibrators.gptq`` calls (not in the product: measured no top-1 gain)."""
+    from sardfq_export.calibrators import gptq
+
+    plain = gptq.gptq_round
+
+    def shrunk(weight, hessian, q, damp=gptq.DAMP, act_order=True):
+        h = (1 - shrink) * hessian + shrink * torch.diag(torch.diag(hessian))
+        return plain(weight, h, q, damp, act_order)
+
+    gptq.gptq_round = shrunk
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="dinov2_s14_fmnist")
@@ -223,6 +240,10 @@ def main(argv=None) -> int:
     )  # fmt: skip
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-calib")
+    ap.add_argument("--gptq-shrink", type=float, default=0.0,
+                    help="experiment: GPTQ on (1-s)·H + s·diag(H) (bench/dinov2_hessian_probe.py); 0: the product's")  # fmt: skip
+    ap.add_argument("--also", nargs="*", default=[], choices=["noise", "real", "sardfq", "psaq"],
+                    help="calibrate on these kinds' sets (same seed and size) too, appended to --calib's")  # fmt: skip
     ap.add_argument("--log", type=Path)
     a = ap.parse_args(argv)
     commit = _commit()  # at the start: the code this process imported, not HEAD when it ends
@@ -233,8 +254,13 @@ def main(argv=None) -> int:
     if a.calib_seeds:
         parts = [calib_set(loaded, a.calib, a.num_images, s, p.cache, a.iters, a.bf16) for s in a.calib_seeds]
         cal = torch.cat([c.images for c in parts])
+    if a.also:  # a union of sources (bench/dinov2_hessian_probe.py: their GPTQ Hessians carry over better)
+        extra = [calib_set(loaded, k, a.num_images, a.seed, p.cache, a.iters, a.bf16) for k in a.also]
+        cal = torch.cat([cal if isinstance(cal, torch.Tensor) else cal.images, *(c.images for c in extra)])
     if a.grey_views:
         _grey_crop_views(loaded.data_config)
+    if a.gptq_shrink:
+        _shrunk_hessian(a.gptq_shrink)
     if a.token_mix is not None:
         _token_mix(a.token_mix)
     t0 = time.perf_counter()
@@ -274,7 +300,7 @@ def main(argv=None) -> int:
             ),
         }
     row = {
-        "model": a.model, "weights": p.cache.name.removeprefix("model-"), "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": len(cal), "calib_seeds": a.calib_seeds, "iters": a.iters, "seed": a.seed,
+        "model": a.model, "weights": p.cache.name.removeprefix("model-"), "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": len(cal), "calib_seeds": a.calib_seeds, "also": a.also, "gptq_shrink": a.gptq_shrink, "iters": a.iters, "seed": a.seed,
         "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding, "gptq_views": a.gptq_views, "gptq_damp": a.gptq_damp,
         **({"grey_views": True} if a.grey_views else {}), "gptq_tokens": a.gptq_tokens, **({"token_mix": a.token_mix} if a.token_mix is not None else {}), "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "centre_fc2": a.centre_fc2, "bias_correct": a.bias_correct, "awq": a.awq, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
         "drop_points": round(100 * (fp_top1 - fq_top1), 2),
