@@ -384,7 +384,11 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
     w4a8 = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", progress=False)
     assert w4a8.summary["gptq"]["views"] == 1  # views measured worse at w4a8
     # and neither centring nor bias correction there (both measured worse at w4a8)
-    assert not w4a8.scheme.centre_fc2 and w4a8.config.bias_correct is False and "bias_correction" not in w4a8.summary
+    assert (
+        not w4a8.scheme.centre_fc2
+        and w4a8.config.bias_correct is False
+        and "bias_correction" not in w4a8.summary
+    )
     # w8a8: SmoothQuant α 0.5, fc2 through its explicit Mul; not at 4-bit weights (unmeasured there)
     assert (q.scheme.smoothquant_alpha, q.scheme.smooth_explicit) == (0.5, True)
     assert all(not torch.equal(b.mlp.fc2.input_smooth, torch.ones_like(b.mlp.fc2.input_smooth))
