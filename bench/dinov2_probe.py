@@ -39,21 +39,25 @@ def _commit() -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
-def calib_set(model, kind: str, n: int, seed: int, cache: Path, iters: int | None, bf16: bool = False):
-    """A calibration set by kind (noise / real / sardfq / psaq), cached on disk by its recipe."""
+def calib_set(model, kind: str, n: int, seed: int, cache: Path, iters: int | None, bf16: bool = False,
+              pse_weight: float | None = None):  # fmt: skip
+    """A calibration set by kind (noise / real / sardfq / psaq), cached on disk by its recipe;
+    ``pse_weight``: PSAQ-ViT's patch-similarity entropy weight (SARDFQ + PSE, an experiment)."""
     from sardfq_export.core.calibset import CalibSet
 
     if kind == "real":
         cal, _ = sx.calibration_set("real:fashion-mnist", model, n, seed=seed, progress=False)
         return cal
-    path = cache / f"{kind}-n{n}-s{seed}-it{iters}{'-bf16' if bf16 else ''}.safetensors"
+    pse = "" if pse_weight is None else f"-pse{pse_weight:g}"
+    path = cache / f"{kind}{pse}-n{n}-s{seed}-it{iters}{'-bf16' if bf16 else ''}.safetensors"
     if path.exists():
         return CalibSet.load(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # saved there by the runner; a stopped run (Ctrl-C, SIGTERM) leaves its checkpoint beside it and
     # the next probe resumes it (a slow host synthesizes for an hour)
+    extra = {} if pse_weight is None else {"pse_weight": pse_weight}
     return sx.synthesize(model, method=kind, num_images=n, seed=seed, iters=iters, bf16=bf16, out=path,
-                         resume=True, progress=True)  # fmt: skip
+                         resume=True, progress=True, **extra)  # fmt: skip
 
 
 def top1(model, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> tuple[float, torch.Tensor]:
@@ -103,7 +107,7 @@ class Setup:
 
 
 def setup(model: str, calib: str, num_images: int, seed: int, cache: Path, iters: int | None, limit: int,
-          bf16: bool = False) -> Setup:  # fmt: skip
+          bf16: bool = False, pse_weight: float | None = None) -> Setup:  # fmt: skip
     loaded = sx.load_model(model)
     raw = load_raw("fashion-mnist", "test")
     x = preprocess(raw.images[:limit], loaded.data_config)
@@ -111,7 +115,7 @@ def setup(model: str, calib: str, num_images: int, seed: int, cache: Path, iters
     cache = model_cache(cache, loaded)
     fp_top1, fp_logits = fp32_top1(loaded, x, y, cache, limit)
     t0 = time.perf_counter()
-    cal = calib_set(loaded, calib, num_images, seed, cache, iters, bf16)
+    cal = calib_set(loaded, calib, num_images, seed, cache, iters, bf16, pse_weight)
     return Setup(loaded, x, y, cache, fp_top1, fp_logits, cal, time.perf_counter() - t0)
 
 
@@ -242,13 +246,15 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-calib")
     ap.add_argument("--gptq-shrink", type=float, default=0.0,
                     help="experiment: GPTQ on (1-s)·H + s·diag(H) (bench/dinov2_hessian_probe.py); 0: the product's")  # fmt: skip
+    ap.add_argument("--pse-weight", type=float,
+                    help="synthesize with PSAQ-ViT's patch-similarity entropy at this weight (with --calib sardfq: SARDFQ + PSE)")  # fmt: skip
     ap.add_argument("--also", nargs="*", default=[], choices=["noise", "real", "sardfq", "psaq"],
                     help="calibrate on these kinds' sets (same seed and size) too, appended to --calib's")  # fmt: skip
     ap.add_argument("--log", type=Path)
     a = ap.parse_args(argv)
     commit = _commit()  # at the start: the code this process imported, not HEAD when it ends
 
-    p = setup(a.model, a.calib, a.num_images, a.seed, a.cache, a.iters, a.limit, a.bf16)
+    p = setup(a.model, a.calib, a.num_images, a.seed, a.cache, a.iters, a.limit, a.bf16, a.pse_weight)
     loaded, x, y, cal = p.loaded, p.x, p.y, p.cal
     fp_top1, fp_logits, t_cal = p.fp32_top1, p.fp32_logits, p.calib_seconds
     if a.calib_seeds:
@@ -300,7 +306,7 @@ def main(argv=None) -> int:
             ),
         }
     row = {
-        "model": a.model, "weights": p.cache.name.removeprefix("model-"), "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": len(cal), "calib_seeds": a.calib_seeds, "also": a.also, "gptq_shrink": a.gptq_shrink, "iters": a.iters, "seed": a.seed,
+        "model": a.model, "weights": p.cache.name.removeprefix("model-"), "bf16_synthesis": a.bf16, **deployed, "calib": a.calib, "num_images": len(cal), "calib_seeds": a.calib_seeds, "also": a.also, "gptq_shrink": a.gptq_shrink, "pse_weight": a.pse_weight, "iters": a.iters, "seed": a.seed,
         "scheme": a.scheme, "range": a.range, "weight_range": a.weight_range, "rounding": a.rounding, "gptq_views": a.gptq_views, "gptq_damp": a.gptq_damp,
         **({"grey_views": True} if a.grey_views else {}), "gptq_tokens": a.gptq_tokens, **({"token_mix": a.token_mix} if a.token_mix is not None else {}), "finetune": a.finetune, "smoothquant": a.smoothquant, "smooth_fc2": a.smooth_fc2, "centre_fc2": a.centre_fc2, "bias_correct": a.bias_correct, "awq": a.awq, "keep_fp": a.keep_fp, "limit": a.limit, "fp32_top1": fp_top1, "fakequant_top1": fq_top1,
         "drop_points": round(100 * (fp_top1 - fq_top1), 2),

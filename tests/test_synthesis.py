@@ -247,6 +247,18 @@ def test_methods_produce_a_calibset(method, tmp_path):
         assert calib.regions is None and curve["pse"][0] != 0
 
 
+def test_sardfq_takes_the_patch_similarity_entropy_only_when_weighted(tmp_path):
+    loaded = _loaded(tiny_vit())
+    curves = {}
+    for w in (None, 1.0):
+        cal = synthesize(
+            loaded, SynthConfig(method="sardfq", num_images=2, iters=2, pse_weight=w), progress=False
+        )
+        curves[w] = cal.meta["loss_curve"][0]
+    assert curves[None]["pse"] == [0.0, 0.0] and all(v != 0 for v in curves[1.0]["pse"])
+    assert curves[1.0]["apa"][0] > 0  # still SARDFQ
+
+
 def test_resume_after_interrupt_is_bit_exact(tmp_path):
     loaded = _loaded(tiny_vit())
     cfg = SynthConfig(method="sardfq", num_images=4, batch_size=2, iters=6)

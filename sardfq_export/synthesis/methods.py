@@ -56,7 +56,9 @@ register(
     Method(
         "sardfq",
         True,
-        lambda c: Components(apa=c.apa, msr=c.msr, soft=c.soft_labels),
+        # + PSAQ-ViT's patch-similarity entropy only when asked (pse_weight > 0; the paper's SARDFQ has
+        # none): an experiment on why PSAQ-ViT images calibrate 4-bit GPTQ better (docs/dinov2-accuracy.md)
+        lambda c: Components(pse=bool(c.pse_weight), apa=c.apa, msr=c.msr, soft=c.soft_labels),
         "SARDFQ: attention priors alignment + multi-semantic regions + soft labels + TV",
     )
 )
