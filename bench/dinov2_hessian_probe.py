@@ -15,8 +15,8 @@ on a given set:
 comes from ``--truth`` real Fashion-MNIST *train* images that no real calibration set of the given
 seeds holds. Inputs are the float model's (the data's effect alone: no earlier rounding, no input
 quantizer), the weight grid is the scheme's (per-channel MSE ranges, as the product's), GPTQ is the
-product's (``calibrators.gptq.gptq_round``, act-order, dampening 0.01). Sets are the table's cached
-ones (``bench/dinov2_table.py``; ``KIND`` or ``KIND-apa0``-style ablation tags, ``A+B`` for the
+product's (``calibrators.gptq.gptq_round``, act-order, dampening 0.01). Sets are the table's
+(``bench/dinov2_table.calibration``: its cached sets, synthesized when missing; ``A+B`` for the
 union of two sets' Hessians). One JSON line per set and seed on stdout, appended to ``--log``.
 """
 
@@ -34,7 +34,9 @@ from dinov2_probe import (
     _commit,  # noqa: E402
     model_cache,  # noqa: E402
 )
+from dinov2_table import calibration  # noqa: E402
 from sardfq_export.calibrators.calibrate import calibrate_weight  # noqa: E402
+from sardfq_export.calibrators.gptq import _output_error as error  # noqa: E402  (tr(ΔW H ΔWᵀ))
 from sardfq_export.calibrators.gptq import gptq_round  # noqa: E402
 from sardfq_export.calibrators.modules import QuantLinear  # noqa: E402
 
@@ -61,7 +63,8 @@ def real_images(loaded, n: int, seed: int, exclude_seeds: list[int], calib_n: in
 @torch.no_grad()
 def hessians(model, names: list[str], images: torch.Tensor, batch: int = 32) -> dict[str, torch.Tensor]:
     """Σ x xᵀ (float64) of every named Linear's input in the float model, over all tokens,
-    divided by the token count (so sets of different sizes compare)."""
+    divided by the token count (so sets of different sizes compare). All layers in one pass of the
+    float model; ``calibrators.gptq._input_hessian`` takes one layer of the quantized model at a time."""
     mods = dict(model.named_modules())
     out = {n: torch.zeros(mods[n].in_features, mods[n].in_features, dtype=torch.float64) for n in names}
     count = [0]
@@ -85,28 +88,10 @@ def hessians(model, names: list[str], images: torch.Tensor, batch: int = 32) -> 
     return {n: h / count[0] for n, h in out.items()}
 
 
-def error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    d = w.double() - q.double()
-    return float(torch.einsum("oi,ij,oj->", d, h, d))
-
-
-def load_set(calib_dir: Path, loaded, tag: str, seed: int, n: int, iters: int) -> torch.Tensor:
-    from sardfq_export.core.calibset import CalibSet
-
-    if tag == "real":
-        return sx.calibration_set("real:fashion-mnist", loaded, n, seed=seed, progress=False)[0].images
-    if tag == "noise":  # no synthesis: made on the spot
-        return sx.calibration_set("noise", loaded, n, seed=seed, progress=False)[0].images
-    path = calib_dir / "calib" / f"{tag}-n{n}-s{seed}-it{iters}.safetensors"
-    if not path.exists():
-        raise SystemExit(f"no cached set {path}: run bench/dinov2_table.py for it first")
-    return CalibSet.load(path).images
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="+", default=["sardfq", "psaq", "real"],
-                    help="set tags (sardfq, psaq, real, sardfq-apa0, …); A+B: both sets' Hessians summed")  # fmt: skip
+                    help="sets (sardfq, psaq, real, noise); A+B: both sets' Hessians summed")  # fmt: skip
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--scheme", default="w4a8")
     ap.add_argument("--truth", type=int, default=512, help="real train images for H_real")
@@ -139,7 +124,10 @@ def main(argv=None) -> int:
     commit = _commit()
     for tag in a.sets:
         for seed in a.seeds:
-            parts = [load_set(calib_dir, loaded, t, seed, a.num_images, a.iters) for t in tag.split("+")]
+            # the table's sets (its cache; synthesized there when missing)
+            parts = [
+                calibration(loaded, t, seed, a.num_images, a.iters, calib_dir).images for t in tag.split("+")
+            ]
             hs = [hessians(model, names, p) for p in parts]
             for lam in a.shrink:
                 report(a, tag, seed, lam, hs, layers, nearest, base, oracle, h_real, model, commit)

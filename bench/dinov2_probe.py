@@ -258,7 +258,8 @@ def main(argv=None) -> int:
     loaded, x, y, cal = p.loaded, p.x, p.y, p.cal
     fp_top1, fp_logits, t_cal = p.fp32_top1, p.fp32_logits, p.calib_seconds
     if a.calib_seeds:
-        parts = [calib_set(loaded, a.calib, a.num_images, s, p.cache, a.iters, a.bf16) for s in a.calib_seeds]
+        parts = [calib_set(loaded, a.calib, a.num_images, s, p.cache, a.iters, a.bf16, a.pse_weight)
+                 for s in a.calib_seeds]  # fmt: skip
         cal = torch.cat([c.images for c in parts])
     if a.also:  # a union of sources (bench/dinov2_hessian_probe.py: their GPTQ Hessians carry over better)
         extra = [calib_set(loaded, k, a.num_images, a.seed, p.cache, a.iters, a.bf16) for k in a.also]
