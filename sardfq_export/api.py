@@ -194,7 +194,8 @@ def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
 
     A model's defaults may differ by weight width and by scheme, each measured on the model:
     ``extra["quantize"]["w4"]`` (or ``"w8"``) overrides the common ones for schemes with 4-bit
-    (8-bit) weights, and ``extra["quantize"][scheme name]`` (e.g. ``"w4a16"``) overrides both."""
+    (8-bit) weights, and ``extra["quantize"][scheme name]`` (e.g. ``"w4a16"``) overrides both.
+    ``weight_rounding`` "auto" takes the model's ``"weight_rounding"`` there too, when it names one."""
     from sardfq_export import calibrators
 
     scheme = calibrators.get_scheme(cfg.scheme)
@@ -217,6 +218,15 @@ def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
         resolved["awq"] = False
     if "smooth_fc2" in resolved and not resolved.get("smoothquant", cfg.smoothquant):
         resolved["smooth_fc2"] = False  # the model's fc2 smoothing goes with its SmoothQuant
+    # Weight rounding: "auto" takes the model's own for the scheme (else resolved_recipe's by width).
+    # The model's AWQ default goes with its rounding: AWQ was measured with that rounding (DINOv2
+    # w4a8: AWQ + nearest 76.90%, AWQ + GPTQ 68.45%), so a caller's other rounding drops it.
+    own_rounding = own.get("weight_rounding")
+    if own_rounding is not None:
+        if cfg.weight_rounding == "auto":
+            resolved["weight_rounding"] = own_rounding
+        elif cfg.weight_rounding != own_rounding and "awq" in resolved and own.get("awq"):
+            resolved["awq"] = False
     return replace(cfg, **resolved)
 
 

@@ -66,6 +66,24 @@ def test_awq_lowers_the_held_out_error_of_4_bit_weights_and_exports(tmp_path):
     _exports_lints_runs_and_reloads(q, model, held, tmp_path, deployment_graph=True)
 
 
+def test_awq_with_quantized_activations_keeps_the_function_and_exports(tmp_path):
+    """w4a8 (DINOv2's recipe: AWQ, then nearest): fc2's factors go through its explicit Mul *before*
+    its INT8 input quantizer, so ONNX Runtime's integer graph must compute what the fake-quant does."""
+    model = _with_outliers()
+    gen = torch.Generator().manual_seed(5)
+    cal, held = torch.randn(16, 3, 32, 32, generator=gen), torch.randn(8, 3, 32, 32, generator=gen)
+    q = calibrators.quantize_model(model, calibrators.get_scheme("w4a8").with_options(awq=True))
+    summary = calibrators.calibrate(q, cal, weight_method="mse", progress=False)["awq"]
+    assert summary["scaled"] == 8 and any(r["alpha"] > 0 for r in summary["layers"])
+    fc2 = q.blocks[1].mlp.fc2
+    assert not torch.equal(fc2.input_smooth, torch.ones(fc2.in_features))
+    calibrators.set_quantizers_enabled(q, False)  # the folds alone keep the float function
+    with torch.no_grad():
+        torch.testing.assert_close(q(held), model(held), rtol=1e-4, atol=1e-4)
+    calibrators.set_quantizers_enabled(q, True)
+    _exports_lints_runs_and_reloads(q, model, held, tmp_path, deployment_graph=True)
+
+
 def test_awq_is_for_4_bit_weights_a_recipe_option_and_a_cli_flag():
     from click.testing import CliRunner
 

@@ -357,7 +357,7 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
             "bias_correct": True,
             "w8a8": {"smoothquant": 0.5, "smooth_fc2": True},
             "w4a16": {"gptq_views": 4, "gptq_tokens": "rollout"},
-            "w4a8": {"centre_fc2": False, "bias_correct": False},
+            "w4a8": {"centre_fc2": False, "bias_correct": False, "awq": True, "weight_rounding": "nearest"},
         },
         "psaq2": {"student_lr": 1e-6, "disc_weight": 0.1},
     }
@@ -382,7 +382,16 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
     assert w4.summary["gptq"]["views"] == 4 and not w4.scheme.centre_fc2 and w4.config.centre_fc2 is False
     assert w4.summary["gptq"]["token_weights"] == "rollout"  # tokens weighted by their reach to the CLS
     w4a8 = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", progress=False)
-    assert w4a8.summary["gptq"]["views"] == 1  # views measured worse at w4a8
+    # w4a8: AWQ's scales, then round-to-nearest (GPTQ on synthetic images measured worse there)
+    assert w4a8.summary["resolved"]["weight_rounding"] == "nearest" and "gptq" not in w4a8.summary
+    assert w4a8.scheme.awq and w4a8.summary["calibration"]["awq"]["scaled"] == 8
+    # a caller's GPTQ at w4a8 drops the model's AWQ (measured with nearest rounding only) ...
+    g = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", weight_rounding="gptq", progress=False)
+    assert g.summary["gptq"]["views"] == 1 and not g.scheme.awq  # views measured worse at w4a8
+    # ... unless they ask for both
+    both = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", weight_rounding="gptq", awq=True,
+                       progress=False)  # fmt: skip
+    assert both.scheme.awq and "gptq" in both.summary
     # and neither centring nor bias correction there (both measured worse at w4a8)
     assert (
         not w4a8.scheme.centre_fc2
