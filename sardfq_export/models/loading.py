@@ -220,7 +220,8 @@ ZOO.update({"dinov2_s14_fmnist": _dinov2(112), "dinov2_s14_fmnist@224": _dinov2(
 # covariance, which does not carry over to real inputs (bench/dinov2_hessian_probe.py), while AWQ takes
 # one magnitude per channel. Paired on the same three SARDFQ sets (bench/dinov2_probe.py --scheme w4a8
 # --rounding nearest --awq vs --rounding gptq, 2,000 test images, FP32 87.15%): 80.75 vs 74.00%,
-# 76.90 vs 71.50%, 77.35 vs 71.25% (seeds 0, 1, 2); AWQ + GPTQ 68.45% (seed 1).
+# 76.90 vs 71.50%, 77.35 vs 71.25% (seeds 0, 1, 2); AWQ + GPTQ 68.45% (seed 1). All 10k test images,
+# deployed (bench/dinov2_table.py rows w4a8+awq and w4a8): 77.44 ± 2.28% vs 72.85 ± 1.55%.
 _DINOV2_QUANTIZE = {
     "centre_fc2": True,
     "bias_correct": True,
