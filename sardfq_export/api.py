@@ -219,13 +219,16 @@ def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
     if "smooth_fc2" in resolved and not resolved.get("smoothquant", cfg.smoothquant):
         resolved["smooth_fc2"] = False  # the model's fc2 smoothing goes with its SmoothQuant
     # Weight rounding: "auto" takes the model's own for the scheme (else resolved_recipe's by width).
-    # The model's AWQ default goes with its rounding: AWQ was measured with that rounding (DINOv2
-    # w4a8: AWQ + nearest 76.90%, AWQ + GPTQ 68.45%), so a caller's other rounding drops it.
+    # A model's rounding and AWQ defaults were measured together (DINOv2 w4a8: AWQ + nearest 76.90%,
+    # AWQ + GPTQ 68.45%, nearest alone far worse), so each yields when the caller changes the other:
+    # another rounding drops the model's AWQ, AWQ turned off (or SmoothQuant chosen) drops its rounding.
     own_rounding = own.get("weight_rounding")
     if own_rounding is not None:
+        paired_awq = bool(own.get("awq", False))
         if cfg.weight_rounding == "auto":
-            resolved["weight_rounding"] = own_rounding
-        elif cfg.weight_rounding != own_rounding and "awq" in resolved and own.get("awq"):
+            if bool(resolved.get("awq", cfg.awq)) == paired_awq:
+                resolved["weight_rounding"] = own_rounding
+        elif cfg.weight_rounding != own_rounding and "awq" in resolved and paired_awq:
             resolved["awq"] = False
     return replace(cfg, **resolved)
 

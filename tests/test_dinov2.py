@@ -388,6 +388,9 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
     # a caller's GPTQ at w4a8 drops the model's AWQ (measured with nearest rounding only) ...
     g = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", weight_rounding="gptq", progress=False)
     assert g.summary["gptq"]["views"] == 1 and not g.scheme.awq  # views measured worse at w4a8
+    # ... and AWQ turned off drops the model's nearest rounding (GPTQ, by width) ...
+    no = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", awq=False, progress=False)
+    assert not no.scheme.awq and no.summary["resolved"]["weight_rounding"] == "gptq"
     # ... unless they ask for both
     both = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", weight_rounding="gptq", awq=True,
                        progress=False)  # fmt: skip
