@@ -216,7 +216,7 @@ ZOO.update({"dinov2_s14_fmnist": _dinov2(112), "dinov2_s14_fmnist@224": _dinov2(
 # w4a8+c+bc, SARDFQ data, all 10k test images, the same sets: deployed 71.88% vs 65.37% on seed 1,
 # 72.04% vs 69.26% on seed 2; a 2,000-image probe of seed 1 puts most of it on the centring: plain
 # 71.50%, corrected 69.90%, centred 65.10%, both 63.95%; docs/dinov2-accuracy.md). w4a4 keeps the
-# common recipe: it is broken on this model whatever the recipe (19.8-27.5%, docs/dinov2-accuracy.md).
+# common recipe: it is broken on this model whatever the recipe (19.3-27.5%, docs/dinov2-accuracy.md).
 # w4a8 rounds to nearest after AWQ's scales instead of GPTQ: GPTQ fits the synthetic images' input
 # covariance, which does not carry over to real inputs (bench/dinov2_hessian_probe.py), while AWQ takes
 # one magnitude per channel. Paired on the same three SARDFQ sets (bench/dinov2_probe.py --scheme w4a8
