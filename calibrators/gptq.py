@@ -46,34 +46,40 @@ def _column_scales(q: TensorQuantizer, shape: tuple[int, int]) -> torch.Tensor:
     return q.scale.reshape(out, 1).expand(out, fan_in)
 
 
+def crop_views(images: torch.Tensor) -> torch.Tensor:
+    """One label-preserving variant of each image: a random resized crop (area 50-100%, aspect
+    3/4-4/3) scaled back to the image's size, flipped at random. Draws from the global generator
+    (torchvision's ``RandomResizedCrop.get_params`` does): seed it inside ``torch.random.fork_rng``."""
+    from torchvision.transforms.v2 import RandomResizedCrop
+    from torchvision.transforms.v2 import functional as TF
+
+    size = list(images.shape[-2:])
+    crops = []
+    for img in images:
+        top, left, h, w = RandomResizedCrop.get_params(img, scale=[0.5, 1.0], ratio=[3 / 4, 4 / 3])
+        crop = TF.resized_crop(img, top, left, h, w, size, antialias=True)
+        crops.append(crop.flip(-1) if bool(torch.rand(()) < 0.5) else crop)
+    return torch.stack(crops)
+
+
 def hessian_views(images: torch.Tensor, views: int, seed: int = 0) -> torch.Tensor:
     """``images`` and ``views - 1`` label-preserving variants of each, for the Hessian only.
 
     Why: 32 calibration images give ~2,000 tokens, barely more than an MLP's 1,536-wide second
     Linear has inputs, so its ``Σ x xᵀ`` is nearly rank-deficient and GPTQ fits those tokens, not
     the input distribution. Variants add tokens without data: view 1 is the horizontal flip;
-    further views are a random resized crop of each image (area 50-100%, aspect 3/4-4/3, seeded)
-    scaled back to the model's size, flipped at random. The scales and ranges are calibrated on the
-    original images only.
+    further views are :func:`crop_views` of each image (seeded). The scales and ranges are
+    calibrated on the original images only.
     """
-    from torchvision.transforms.v2 import RandomResizedCrop
-    from torchvision.transforms.v2 import functional as TF
-
     if views < 1:
         raise UserInputError(f"GPTQ views must be >= 1, got {views}")
     out = [images]
     if views >= 2:
         out.append(images.flip(-1))
-    size = list(images.shape[-2:])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # RandomResizedCrop.get_params draws from the global generator
         for _ in range(2, views):
-            crops = []
-            for img in images:
-                top, left, h, w = RandomResizedCrop.get_params(img, scale=[0.5, 1.0], ratio=[3 / 4, 4 / 3])
-                crop = TF.resized_crop(img, top, left, h, w, size, antialias=True)
-                crops.append(crop.flip(-1) if bool(torch.rand(()) < 0.5) else crop)
-            out.append(torch.stack(crops))
+            out.append(crop_views(images))
     return torch.cat(out)
 
 

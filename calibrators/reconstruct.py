@@ -8,7 +8,11 @@
   of quantized Linears are trained.
 * ``distill`` — end-to-end distillation [beyond the paper]: KL(teacher ‖ student) on the logits
   (temperature T, scaled by T²) plus, when the calibration set stores soft targets, their soft
-  cross-entropy. Same trainable set, Adam with cosine decay.
+  cross-entropy. Same trainable set, Adam with cosine decay. ``augment=True``: each step distils
+  on fresh random views of the images (:func:`calibrators.gptq.crop_views`, the teacher run on
+  them), so 32 images stand for many more: on DINOv2 at w4a8 (AWQ + nearest) plain steps on the
+  32 images learn them by heart, views lower the KL on *held-out* views 4x
+  (bench/dinov2_kd_probe.py, docs/dinov2-accuracy.md).
 
 Both are deterministic for a seed (mini-batches from a seeded ``torch.Generator``), run on the
 model's device (CPU or CUDA) and show tqdm progress. Under torchrun they run data-parallel
@@ -211,10 +215,15 @@ def distill(
     seed: int = 0,
     progress: bool = True,
     precision: str = "fp32",
+    augment: bool = False,
 ) -> dict:
     """End-to-end distillation: KL to the float teacher (+ soft targets of the calibration set).
 
-    Runs on ``qmodel``'s device; ``precision="bf16"``: the student forward under bf16 autocast."""
+    Runs on ``qmodel``'s device; ``precision="bf16"``: the student forward under bf16 autocast.
+    ``augment``: every step takes ``batch_size`` random crop views of randomly drawn images and the
+    teacher's logits on them (soft targets belong to the original images, so they are not used)."""
+    from sardfq_export.calibrators.gptq import crop_views
+
     from sardfq_export.core.progress import progress_bar
 
     images, soft = _images_and_targets(data)
@@ -225,6 +234,8 @@ def distill(
     qmodel.eval()
     with torch.no_grad():
         teacher = _run_chunks(fp_model, images, batch_size)
+    if augment:
+        soft = None
     if soft is not None and soft.shape != teacher.shape:
         raise UserInputError(
             f"soft targets {tuple(soft.shape)} do not match the model's logits {tuple(teacher.shape)}"
@@ -244,13 +255,24 @@ def distill(
     )
     try:
         for _ in bar:
-            idx, share = my_slice(_batch_indices(len(images), batch_size, gen).to(device))
+            if augment:  # every process draws the same views, then takes its slice of them
+                picks = torch.randint(len(images), (batch_size,), generator=gen)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(int(torch.randint(2**62, (), generator=gen)))
+                    views = crop_views(images[picks.to(device)])
+                idx, share = my_slice(torch.arange(batch_size, device=device))
+                batch = views[idx]
+                with torch.no_grad():
+                    target = fp_model(batch).float()
+            else:
+                idx, share = my_slice(_batch_indices(len(images), batch_size, gen).to(device))
+                batch, target = images[idx], teacher[idx]
             with autocast(device, precision):
-                logits = qmodel(images[idx])
+                logits = qmodel(batch)
             logits = logits.float()
             loss = F.kl_div(
                 F.log_softmax(logits / t, -1),
-                F.log_softmax(teacher[idx] / t, -1),
+                F.log_softmax(target / t, -1),
                 reduction="batchmean",
                 log_target=True,
             ) * (t * t)
@@ -272,7 +294,7 @@ def distill(
     mark_modified(qmodel, {n for n, _ in params})
     curve = [float(v) for v in torch.stack(losses).cpu()] if losses else []
     summary = {"finetune": "kd", "iters": iters, "lr": lr, "batch_size": batch_size, "temperature": t,
-               "precision": precision,
+               "precision": precision, "augment": augment,
                "soft_targets": soft is not None, "soft_target_weight": soft_target_weight, "seed": seed,
                "num_images": int(images.shape[0]), "loss_first": curve[0] if curve else None,
                "loss_last": curve[-1] if curve else None}  # fmt: skip

@@ -100,6 +100,8 @@ class QuantizeConfig:
     # on held-out images (0-1); None: off.
     auto_keep_fp: float | None = None
     finetune: str = "none"  # none | recon (SARDFQ stage 2: block reconstruction) | kd | recon+kd
+    # kd: each step on fresh random crop views of the images (calibrators.distill(augment=True))
+    kd_views: bool = False
     iters: int | None = None  # fine-tuning iterations (per block for recon); None: the method's
     lr: float | None = None  # fine-tuning learning rate; None: the method's
     # Fine-tuning (recon/kd) under bf16 autocast on the chosen device (the scales are fp32 either
@@ -450,7 +452,14 @@ def _finetune(qmodel: nn.Module, loaded: LoadedModel, cal: CalibSet, cfg: Quanti
     if cfg.finetune in ("kd", "recon+kd"):
         kw = tune if cfg.finetune == "kd" else {}  # after recon, KD keeps its own defaults
         summary["kd"] = calibrators.distill(
-            qmodel, loaded.model, cal, seed=cfg.seed, progress=progress, precision=cfg.precision, **kw
+            qmodel,
+            loaded.model,
+            cal,
+            seed=cfg.seed,
+            progress=progress,
+            precision=cfg.precision,
+            augment=cfg.kd_views,
+            **kw,
         )
 
 

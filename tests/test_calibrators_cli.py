@@ -103,6 +103,44 @@ def test_distill_uses_soft_targets_and_marks_weights():
     assert rep["soft_targets"] and qmodel.sardfq_quant["modified"]
 
 
+def test_distill_on_crop_views_does_not_learn_the_calibration_images_by_heart(reference):
+    """Plain KD on 16 real images learns those images (their KL falls 10x); KD on fresh crop views
+    of the same 16 lowers the KL on 64 *other* test images as well (reference model, w4a8: KL
+    0.0019 -> 0.0013 plain, 0.0014 views) while the 16 images stay as far from the teacher as unseen
+    ones. Deterministic for a seed; the set's soft targets belong to the uncropped images, so views
+    skip them."""
+    from sardfq_export.core.calibset import CalibSet
+    from sardfq_export.data import load_raw, preprocess
+
+    loaded = reference
+    x = preprocess(load_raw("fashion-mnist", "train").images[:16], loaded.data_config)
+    held = preprocess(load_raw("fashion-mnist", "test").images[:64], loaded.data_config)
+    cal = CalibSet(images=x, targets=torch.softmax(loaded.model(x), -1).detach())
+
+    def kl(m, z):
+        with torch.no_grad():
+            return float(F.kl_div(F.log_softmax(m(z), -1), F.log_softmax(loaded.model(z), -1),
+                                  reduction="batchmean", log_target=True))  # fmt: skip
+
+    def student(augment):
+        q = C.quantize_model(loaded.model, "w4a8")
+        C.calibrate(q, x, progress=False)
+        before = kl(q, held)
+        rep = C.distill(
+            q, loaded.model, cal, iters=40, lr=1e-5, batch_size=16, progress=False, augment=augment
+        )
+        return q, before, rep
+
+    plain, before, rep_plain = student(False)
+    views, _, rep_views = student(True)
+    again, _, _ = student(True)
+    assert rep_plain["soft_targets"] and not rep_views["soft_targets"] and rep_views["augment"]
+    assert kl(plain, x) < before / 5  # the calibration images, learnt
+    assert kl(plain, held) < 0.8 * before and kl(views, held) < 0.8 * before
+    assert kl(views, x) > 5 * kl(plain, x)  # ... and with views, not by heart
+    assert torch.equal(views(held), again(held))
+
+
 def test_smoothquant_keeps_the_float_function_and_balances_every_folded_input():
     """At α = 0.5 SmoothQuant makes max|X_j| equal max|W_j| for every input channel j of each
     smoothed Linear (on the data it measured): qkv and fc1 via their LayerNorm, proj via V's rows

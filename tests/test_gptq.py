@@ -436,7 +436,7 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     opts = {"range_method": "auto", "weight_range": "mse", "weight_rounding": "auto", "gptq_views": None,
             "gptq_tokens": None, "keep_fp": (),
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
-            "awq": None, "finetune": "none"}  # fmt: skip
+            "awq": None, "finetune": "none", "kd_views": False}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
     assert recipe_config(opts | {"gptq_views": 4}, scheme="w4a8").gptq_views == 4
     assert recipe_config(opts | {"gptq_tokens": "rollout"}, scheme="w4a8").gptq_tokens == "rollout"

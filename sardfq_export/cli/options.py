@@ -213,6 +213,13 @@ recipe_options = _stack(
         show_default=True,
         help="recon: block-wise reconstruction (SARDFQ stage 2); kd: end-to-end distillation.",
     ),
+    click.option(
+        "--kd-views/--no-kd-views",
+        default=False,
+        show_default=True,
+        help="kd: distil on fresh random crops of the calibration images each step, not the images "
+        "themselves (they stand for more images; needs more steps).",
+    ),
 )
 
 
@@ -226,7 +233,7 @@ def recipe_config(opts: dict, **fields):
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
                           bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
-                          **fields)  # fmt: skip
+                          kd_views=opts["kd_views"], **fields)  # fmt: skip
 
 
 # The commands that claim an output (the main job's --out, synthesize's --out file): the free-space
