@@ -139,6 +139,11 @@ def test_distill_on_crop_views_does_not_learn_the_calibration_images_by_heart(re
     assert kl(plain, held) < 0.8 * before and kl(views, held) < 0.8 * before
     assert kl(views, x) > 5 * kl(plain, x)  # ... and with views, not by heart
     assert torch.equal(views(held), again(held))
+    # the API's kd_views reaches it (the CLI's --kd-views: test_gptq's recipe_config test)
+    import sardfq_export as sx
+
+    q = sx.quantize(loaded, x, scheme="w4a8", finetune="kd", kd_views=True, iters=2, progress=False)
+    assert q.summary["kd"]["augment"] and q.summary["kd"]["iters"] == 2
 
 
 def test_smoothquant_keeps_the_float_function_and_balances_every_folded_input():

@@ -439,6 +439,7 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
             "awq": None, "finetune": "none", "kd_views": False}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
     assert recipe_config(opts | {"gptq_views": 4}, scheme="w4a8").gptq_views == 4
+    assert recipe_config(opts | {"finetune": "kd", "kd_views": True}, scheme="w4a8").kd_views
     assert recipe_config(opts | {"gptq_tokens": "rollout"}, scheme="w4a8").gptq_tokens == "rollout"
     # --smoothquant 0 / --no-smooth-fc2 reach the config as a stated off (None: the model's own)
     off = recipe_config(opts | {"smoothquant": 0.0, "smooth_fc2": None}, scheme="w8a8")
@@ -453,6 +454,10 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
         ctx = quantize_cmd.make_context("quantize", ["--calib", "x.safetensors", "--out", "o", *argv])
         cfg = recipe_config({k: ctx.params[k] for k in opts}, scheme="w8a8")
         assert (cfg.smoothquant, cfg.smooth_fc2) == want, argv
+    ctx = quantize_cmd.make_context(
+        "quantize", ["--calib", "c", "--out", "o", "--finetune", "kd", "--kd-views"]
+    )
+    assert recipe_config({k: ctx.params[k] for k in opts}, scheme="w4a8").kd_views
 
 
 def test_recipe_switches_left_unset_take_the_models_own_defaults():
