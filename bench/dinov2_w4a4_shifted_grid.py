@@ -15,24 +15,12 @@ import types
 import torch
 
 sys.path.insert(0, "bench")
-from pathlib import Path
-
-from dinov2_probe import model_cache
-from dinov2_table import EXPLICIT, MODEL, RECIPES, calibration, logits_of, scores, test_set
-from sardfq_export.calibrators.instrument import iter_quantizers
-
-import sardfq_export as sx
+from dinov2_table import logits_of, scores
+from dinov2_w4a4_groups import w4a4_model
 
 calib = sys.argv[1]
 which = sys.argv[2].split(",")
-loaded = sx.load_model(MODEL)
-x, y = test_set(loaded, 1000)
-cal = calibration(
-    loaded, calib, 1, 32, 100, model_cache(Path.home() / ".cache/sardfq-export/bench-dinov2-calib", loaded)
-)
-q = sx.quantize(loaded, cal, seed=1, progress=False, **{**EXPLICIT, **RECIPES["w4a4"]})
-m = q.model
-acts = [(n, qq) for n, qq in iter_quantizers(m) if qq.role != "weight" and qq.enabled]
+_, x, y, cal, m, acts = w4a4_model(calib)
 print("baseline", scores(logits_of(m, x), y), flush=True)
 # inputs of the chosen quantizers in the quantized model, on the calibration images
 got = {}
