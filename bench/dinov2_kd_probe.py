@@ -14,7 +14,8 @@ those images, the largest weight change, and top-1 on the first ``--limit`` test
 ``calibrators.distill(augment=True)``, ``--kd-views``), so 32 images stand for many more: does the student
 then learn what the quantized weights got wrong, rather than the 32 images it was calibrated on? Both
 paths run the product's ``calibrators.distill`` on the bare images (no soft targets), batch 32 = the
-full set without ``--augment``. ``kl_views_*``: the KL on 64 held-out crop views.
+full set without ``--augment``. ``kl_views_*``: the KL on 64 held-out crop views. ``--float-lr``: the 1-D float parameters (biases,
+LayerNorm affines, LayerScale gammas) train too, at their own learning rate.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--batch", type=int, default=32, help="images (or views, with --augment) per step; 32 = the whole set"
     )
+    ap.add_argument(
+        "--float-lr", type=float, help="also train the 1-D float parameters at this lr (distill's float_lr)"
+    )
     ap.add_argument("--limit", type=int, default=1000)
     ap.add_argument(
         "--calib-cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-dinov2-calib"
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         held_teacher = loaded.model(held).float()
         held_before = float(kl(q.model, held, held_teacher))
     base = {"row": a.row, "calib": a.calib, "augment": a.augment, "batch": a.batch,
-            "seed": a.seed, "limit": len(y), "steps": a.steps,
+            "seed": a.seed, "limit": len(y), "steps": a.steps, "float_lr": a.float_lr,
             "fp32_top1": scores(logits_of(loaded.model, x), y), "quantized_top1": scores(logits_of(q.model, x), y),
             "kl_before": kl_before, "kl_views_before": held_before}  # fmt: skip
     for lr in a.lrs:
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         params = [p for _, p in _trainable(student)]
         anchors = [p.detach().clone() for p in params]
         calibrators.distill(student, loaded.model, cal.images, iters=a.steps, lr=lr, batch_size=a.batch,
-                            seed=a.seed, progress=False, augment=a.augment)  # fmt: skip
+                            seed=a.seed, progress=False, augment=a.augment, float_lr=a.float_lr)  # fmt: skip
         with torch.no_grad():
             kl_after = float(kl(student, cal.images, teacher))
             held_after = float(kl(student, held, held_teacher))

@@ -217,12 +217,17 @@ def distill(
     progress: bool = True,
     precision: str = "fp32",
     augment: bool = False,
+    float_lr: float | None = None,
 ) -> dict:
     """End-to-end distillation: KL to the float teacher (+ soft targets of the calibration set).
 
     Runs on ``qmodel``'s device; ``precision="bf16"``: the student forward under bf16 autocast.
     ``augment``: every step takes ``batch_size`` random crop views of randomly drawn images and the
-    teacher's logits on them (soft targets belong to the original images, so they are not used)."""
+    teacher's logits on them (soft targets belong to the original images, so they are not used).
+    ``float_lr``: also train every 1-D parameter (the quantized layers' biases, LayerNorm affines,
+    LayerScale gammas), at this learning rate. They stay float in the deployed graph, so they can
+    take per-channel corrections of the quantization error that the 4-bit weights, at ``lr``, are
+    too coarse to make. ``None``: only the quantized layers' weights and biases, at ``lr``."""
     from sardfq_export.calibrators.gptq import crop_views
 
     from sardfq_export.core.progress import progress_bar
@@ -242,10 +247,16 @@ def distill(
             f"soft targets {tuple(soft.shape)} do not match the model's logits {tuple(teacher.shape)}"
         )
     params = _trainable(qmodel)
+    groups = [{"params": [p for _, p in params], "lr": lr}]
+    if float_lr is not None:
+        params += [(n, p) for n, p in qmodel.named_parameters() if p.ndim == 1 and n not in dict(params)]
+        is_float = {id(p) for _, p in params if p.ndim == 1}
+        groups = [{"params": [p for _, p in params if id(p) not in is_float], "lr": lr},
+                  {"params": [p for _, p in params if id(p) in is_float], "lr": float_lr}]  # fmt: skip
     prior = [p.requires_grad for _, p in params]
     for _, p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam([p for _, p in params], lr=lr)
+    opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1), eta_min=0.0)
     gen = torch.Generator().manual_seed(seed)
     t = temperature
@@ -295,7 +306,7 @@ def distill(
     mark_modified(qmodel, {n for n, _ in params})
     curve = [float(v) for v in torch.stack(losses).cpu()] if losses else []
     summary = {"finetune": "kd", "iters": iters, "lr": lr, "batch_size": batch_size, "temperature": t,
-               "precision": precision, "augment": augment,
+               "precision": precision, "augment": augment, "float_lr": float_lr,
                "soft_targets": soft is not None, "soft_target_weight": soft_target_weight, "seed": seed,
                "num_images": int(images.shape[0]), "loss_first": curve[0] if curve else None,
                "loss_last": curve[-1] if curve else None}  # fmt: skip
