@@ -34,6 +34,7 @@ from sardfq_export.calibrators.instrument import (
     set_explicit_attention,
     set_quantizers_enabled,
 )
+from sardfq_export.calibrators.lowpass import lowpass
 from sardfq_export.calibrators.modules import QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention
 from sardfq_export.calibrators.persist import (
     is_quantized_dir,
@@ -50,6 +51,7 @@ from sardfq_export.calibrators.sensitivity import fidelity_to_float, keep_fp_for
 from sardfq_export.calibrators.smooth import smooth_quant
 
 __all__ = [
+    "lowpass",
     "ACT_METHODS", "WEIGHT_METHODS", "HistogramCollector", "calibrate", "calibrate_weight", "correct_biases",
     "UnsupportedModelError", "block_names", "check_model", "iter_quantizers", "mark_modified", "quant_summary",
     "quantize_model", "set_explicit_attention", "set_quantizers_enabled",

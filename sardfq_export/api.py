@@ -76,6 +76,10 @@ class QuantizeConfig:
     # GPTQ's dampening, a fraction of the mean Hessian diagonal added to it (the paper's 0.01);
     # larger values trust the calibration tokens' correlations less.
     gptq_damp: float = 0.01
+    # Low-pass the calibration images first: each resized to this fraction of its size and back
+    # (calibrators.lowpass; synthetic images carry fine detail no real image has). 1: off. None: the
+    # model's own default (MODEL_RECIPE_FIELDS), else 1.
+    calib_lowpass: float | None = None
     keep_fp: tuple[str, ...] = ()  # Linears left float (timm module-name globs): mixed precision
     # SmoothQuant migration strength in [0, 1) folded into LayerNorm→Linear pairs and V → proj;
     # 0: off. None: the model's own default (MODEL_RECIPE_FIELDS), else off.
@@ -137,6 +141,12 @@ class QuantizeConfig:
             raise UserInputError(
                 f"smoothquant is a migration strength in [0, 1) (0: off), got {self.smoothquant!r}"
             )
+        if self.calib_lowpass is not None and (
+            isinstance(self.calib_lowpass, bool) or not 0.0 < self.calib_lowpass <= 1.0
+        ):
+            raise UserInputError(
+                f"calib_lowpass is a fraction of the image size in (0, 1] (1: off), got {self.calib_lowpass!r}"
+            )
         if self.auto_keep_fp is not None and not 0.0 < self.auto_keep_fp <= 1.0:
             raise UserInputError(f"auto_keep_fp is a top-1 agreement in (0, 1], got {self.auto_keep_fp}")
         if self.precision not in PRECISION_CHOICES:
@@ -188,7 +198,7 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 # QuantizeConfig fields whose None means "this model's default": LoadedModel.extra["quantize"]
 # (models.loading.ZOO_EXTRA, measured per model), else the value here.
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
-                       "awq": False, "smoothquant": 0.0, "smooth_fc2": False}  # fmt: skip
+                       "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -520,6 +530,9 @@ def _quantize_on(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme
     from sardfq_export import calibrators
 
     t0 = time.perf_counter()
+    lowpass = 1.0 if cfg.calib_lowpass is None else cfg.calib_lowpass
+    if lowpass != 1.0:  # the set's soft targets belong to the images before the low-pass
+        cal = replace(cal, images=calibrators.lowpass(cal.images, lowpass), targets=None)
     qmodel, summary = _build(loaded, cal, cfg, scheme, progress)
     if cfg.auto_keep_fp is not None:
         # Mixed precision: leave the fewest most-sensitive Linears float for the fidelity target,
@@ -539,7 +552,8 @@ def _quantize_on(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme
         summary["sensitivity"] = sens  # what the choice was made on: every layer, all quantized
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["quant"] = calibrators.quant_summary(qmodel)
-    summary["calib"] = {"num_images": len(cal), **{k: v for k, v in cal.meta.items() if k != "loss_curve"}}
+    summary["calib"] = {"num_images": len(cal), **{k: v for k, v in cal.meta.items() if k != "loss_curve"},
+                        "lowpass": lowpass}  # fmt: skip
     return qmodel, summary
 
 

@@ -160,6 +160,14 @@ recipe_options = _stack(
         "prediction through the float model's attention; ViTs only). [default: the model's own, else uniform]",
     ),
     click.option(
+        "--calib-lowpass",
+        type=click.FloatRange(0.0, 1.0, min_open=True),
+        default=None,
+        metavar="FRACTION",
+        help="Low-pass the calibration images first: each resized to FRACTION of its size and back "
+        "(synthetic images carry fine detail real ones lack); 1: off. [default: the model's own, else 1]",
+    ),
+    click.option(
         "--keep-fp",
         metavar="PATTERN",
         multiple=True,
@@ -229,7 +237,8 @@ def recipe_config(opts: dict, **fields):
 
     return QuantizeConfig(range=opts["range_method"], weight_range=opts["weight_range"],
                           weight_rounding=opts["weight_rounding"], gptq_views=opts["gptq_views"],
-                          gptq_tokens=opts["gptq_tokens"], keep_fp=tuple(opts["keep_fp"]),
+                          gptq_tokens=opts["gptq_tokens"], calib_lowpass=opts["calib_lowpass"],
+                          keep_fp=tuple(opts["keep_fp"]),
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
                           bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
