@@ -76,6 +76,15 @@ RECIPES = {
     # + GPTQ's tokens weighted by their rollout reach to the CLS readout (calibrators.rollout): DINOv2's
     # default at w4a16 (bench/dinov2_probe.py --gptq-tokens rollout: drop 10.15 → 4.55 and 4.50 → 3.80)
     "w4a16+v4+r": {"scheme": "w4a16", "weight_rounding": "gptq", "gptq_views": 4, "gptq_tokens": "rollout"},
+    # + the calibration images low-passed to half size and back first (--calib-lowpass 0.5,
+    # calibrators.lowpass; bench/dinov2_lowpass_probe.py)
+    "w4a16+v4+r+lp": {
+        "scheme": "w4a16",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "calib_lowpass": 0.5,
+    },
     "w4a8": {"scheme": "w4a8", "weight_rounding": "gptq"},
     # AWQ's per-channel scales, then round-to-nearest: DINOv2's w4a8 recipe since 2026-12-05
     # (bench/dinov2_probe.py --rounding nearest --awq: ahead of GPTQ by 5.4-6.8 points on all three
