@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
             cal = calibration(loaded, "sardfq", seed, 32, 100, cache)
             for fraction in a.fractions:
                 t0 = time.perf_counter()
-                q = sx.quantize(loaded, cal, seed=seed, progress=False, calib_lowpass=fraction,
-                                **{**EXPLICIT, **RECIPES[row]})  # fmt: skip
+                recipe = {**EXPLICIT, **RECIPES[row], "calib_lowpass": fraction}
+                q = sx.quantize(loaded, cal, seed=seed, progress=False, **recipe)
                 emit({"row": row, "calib": "sardfq", "seed": seed, "calib_lowpass": fraction, "limit": len(y),
                       "fp32_top1": fp32, "fakequant_top1": scores(logits_of(q.model, x), y),
                       "seconds": round(time.perf_counter() - t0, 1), "commit": _commit()}, a.log)  # fmt: skip
