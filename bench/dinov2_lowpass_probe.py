@@ -10,13 +10,16 @@ Synthetic images are textures; real Fashion-MNIST ones (28 px, upscaled to 112) 
 Then, per row of ``bench/dinov2_table.py``'s RECIPES, seed and fraction: the product's quantize
 with ``calib_lowpass=fraction`` on the table's SARDFQ set of that seed (``sardfq-n32-s<seed>-it100``,
 synthesized and cached by the table), fake-quant top-1 on the first ``--limit`` test images.
+``--jitter K``: K more runs per cell on the images times ``1 + 1e-7·N(0, 1)`` (seeds 0..K-1).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,6 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: only --spectrum")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5])
     ap.add_argument("--limit", type=int, default=2000)
+    ap.add_argument(
+        "--jitter",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also K runs per cell with the images moved by 1e-7 relative noise (seeded): how far "
+        "top-1 moves when nothing that matters changes",
+    )
     ap.add_argument("--spectrum", action="store_true", help="first, the sets' high-frequency energy")
     ap.add_argument(
         "--calib-cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-dinov2-calib"
@@ -68,12 +79,16 @@ def main(argv: list[str] | None = None) -> None:
     for row in a.rows:
         for seed in a.seeds:
             cal = calibration(loaded, "sardfq", seed, 32, 100, cache)
-            for fraction in a.fractions:
+            for fraction, jitter in itertools.product(a.fractions, [None, *range(a.jitter)]):
                 t0 = time.perf_counter()
                 recipe = {**EXPLICIT, **RECIPES[row], "calib_lowpass": fraction}
-                q = sx.quantize(loaded, cal, seed=seed, progress=False, **recipe)
-                emit({"row": row, "calib": "sardfq", "seed": seed, "calib_lowpass": fraction, "limit": len(y),
-                      "fp32_top1": fp32, "fakequant_top1": scores(logits_of(q.model, x), y),
+                images = cal.images
+                if jitter is not None:
+                    gen = torch.Generator().manual_seed(jitter)
+                    images = images * (1 + 1e-7 * torch.randn(images.shape, generator=gen))
+                q = sx.quantize(loaded, replace(cal, images=images), seed=seed, progress=False, **recipe)
+                emit({"row": row, "calib": "sardfq", "seed": seed, "calib_lowpass": fraction, "jitter": jitter,
+                      "limit": len(y), "fp32_top1": fp32, "fakequant_top1": scores(logits_of(q.model, x), y),
                       "seconds": round(time.perf_counter() - t0, 1), "commit": _commit()}, a.log)  # fmt: skip
 
 
