@@ -1,10 +1,11 @@
 """Low-passed calibration images: each resampled to a fraction of its size and back.
 
 Why: synthetic calibration images are textures. On DINOv2 ViT-S/14 at 112 px, SARDFQ's and
-PSAQ-ViT's sets put 25-32% of their pixel energy above 1/8 cycle per pixel, where real
+PSAQ-ViT's sets put 28% and 25% of their pixel energy above 1/8 cycle per pixel, where real
 (Fashion-MNIST, 28 px upscaled) images put 0.3% (docs/dinov2-accuracy.md). GPTQ fits its
-rounding to the calibration tokens' correlations, so a set whose fine detail no real image has
-teaches it the wrong correlations. Resampling to half size and back removes most of that detail
+rounding to the calibration tokens' correlations, so fine detail that no real image has may teach
+it the wrong ones (measured on DINOv2 w4a16: no gain beyond the noise of GPTQ itself, so it is no
+model's default). Resampling to half size and back removes most of that detail
 and keeps the content. Natural photos also hold little energy there (their spectra fall as 1/f),
 but how much low-pass suits them is not measured: only Fashion-MNIST is, whose images are
 upscaled and so smoother than photos.
