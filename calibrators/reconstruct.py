@@ -249,7 +249,8 @@ def distill(
     params = _trainable(qmodel)
     groups = [{"params": [p for _, p in params], "lr": lr}]
     if float_lr is not None:
-        params += [(n, p) for n, p in qmodel.named_parameters() if p.ndim == 1 and n not in dict(params)]
+        seen = {n for n, _ in params}
+        params += [(n, p) for n, p in qmodel.named_parameters() if p.ndim == 1 and n not in seen]
         is_float = {id(p) for _, p in params if p.ndim == 1}
         groups = [{"params": [p for _, p in params if id(p) not in is_float], "lr": lr},
                   {"params": [p for _, p in params if id(p) in is_float], "lr": float_lr}]  # fmt: skip
