@@ -145,7 +145,7 @@ def calibration(loaded, kind: str, seed: int, n: int, iters: int, cache: Path, s
 
     if kind == "real":
         return sx.calibration_set("real:fashion-mnist", loaded, n, seed=seed, progress=False)[0]
-    tag = "".join(f"-{k}{int(v)}" for k, v in sorted((synth or {}).items()))
+    tag = "".join(f"-{k}{v:g}" for k, v in sorted((synth or {}).items()))  # 0/1 for flags
     path = cache / "calib" / f"{kind}{tag}-n{n}-s{seed}-it{iters}.safetensors"
     if path.exists():
         return CalibSet.load(path)

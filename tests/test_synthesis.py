@@ -13,6 +13,7 @@ from conftest import tiny_vit
 
 from sardfq_export.cli import main
 from sardfq_export.core.calibset import CalibSet
+from sardfq_export.core.errors import UserInputError
 from sardfq_export.models import LoadedModel
 from sardfq_export.synthesis import (
     METHODS,
@@ -286,6 +287,51 @@ def test_resume_after_interrupt_is_bit_exact(tmp_path):
             resume=True,
             progress=False,
         )
+
+
+def test_image_scale_optimizes_a_coarse_grid_and_resumes_bit_exact(tmp_path):
+    loaded = _loaded(tiny_vit())
+    # noise (nothing optimized): the images are exactly the coarse start draws, upsampled
+    cal = synthesize(loaded, SynthConfig(method="noise", num_images=2, image_scale=0.5), progress=False)
+    coarse = initial_images(SynthConfig(method="noise", image_scale=0.5), range(2), (3, 16, 16))
+    up = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+    assert cal.images.shape == (2, 3, 32, 32) and torch.equal(cal.images, up)
+    # SARDFQ: optimized on the 16x16 grid, so every image is a bilinear upsample of one (its
+    # 2x2-average downsample upsamples back to itself only if no finer detail exists) and clipped
+    cfg = SynthConfig(method="sardfq", num_images=4, batch_size=2, iters=6, image_scale=0.5)
+    full = synthesize(loaded, cfg, tmp_path / "a.safetensors", progress=False, checkpoint_every=2)
+    plain = synthesize(
+        loaded, SynthConfig(method="sardfq", num_images=4, batch_size=2, iters=6), progress=False
+    )
+    x = full.images
+
+    def detail(z):
+        down = torch.nn.functional.avg_pool2d(z, 2)
+        inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+        back = torch.nn.functional.interpolate(down, size=(32, 32), mode="bilinear", align_corners=False)
+        return float((back - z)[inner].abs().mean() / z[inner].abs().mean())
+
+    assert detail(x) < 0.5 * detail(plain.images)
+    lo = (0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert (x.amin((0, 2, 3)) >= lo - 1e-6).all()
+    assert full.meta["config"]["image_scale"] == 0.5
+
+    def interrupt(batch, it):
+        if batch == 1 and it == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "b.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(loaded, cfg, out, progress=False, checkpoint_every=2, callback=interrupt)
+    resumed = synthesize(loaded, cfg, out, progress=False, checkpoint_every=2, resume=True)
+    assert torch.equal(resumed.images, full.images)
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserInputError, match="image_scale must be in"):
+            synthesize(loaded, SynthConfig(num_images=2, iters=2, image_scale=bad), progress=False)
+    from sardfq_export.synthesis.prior import PatchSimilarityTeacher
+
+    with pytest.raises(UserInputError, match="V2 optimizes full-resolution pixels"):
+        PatchSimilarityTeacher(loaded, SynthConfig(image_scale=0.5))
 
 
 def test_nan_loss_is_caught_and_last_good_checkpoint_kept(tmp_path):

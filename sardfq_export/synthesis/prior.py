@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 
+from sardfq_export.core.errors import UserInputError
 from sardfq_export.models.families import get_family
 from sardfq_export.synthesis import losses
 from sardfq_export.synthesis.attention import recording, tokens_for_similarity
@@ -42,6 +43,8 @@ class PatchSimilarityTeacher:
 
         cfg = replace(config or SynthConfig(), method="psaq")
         self.cfg = cfg.resolve(loaded.family)
+        if self.cfg.image_scale != 1.0:
+            raise UserInputError("PSAQ-ViT V2 optimizes full-resolution pixels: leave image_scale at 1.0")
         self.loaded, self.family = loaded, loaded.family
         self.device = device or next(loaded.model.parameters()).device
         self.model = loaded.model.to(self.device).eval()

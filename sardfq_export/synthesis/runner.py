@@ -161,6 +161,7 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
     batches = [range(s, min(s + cfg.batch_size, n)) for s in range(0, n, cfg.batch_size)]
     order = list(range(rank, len(batches), world))  # this process's batches; checkpoints count in it
     grids = token_grids(model, family, (c, h, w), dev) if apa_idx else []
+    param_shape, full_size = image_parametrization(cfg.image_scale, (c, h, w))
     check_every = 1 if dev.type == "cpu" else 10
 
     from sardfq_export.core.progress import progress_bar
@@ -186,11 +187,11 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
             for pos in range(start_batch, len(order)):
                 bi = order[pos]
                 idx = batches[bi]
-                x = initial_images(cfg, idx, (c, h, w)).to(dev)
+                x = initial_images(cfg, idx, param_shape).to(dev)
                 if cfg.clip:
                     x = torch.maximum(torch.minimum(x, hi), lo) if method.optimizes else x
                 if iters == 0:
-                    done.append(x.detach().cpu())
+                    done.append(full_size(x).detach().cpu())
                     if stop.requested:
                         stop.deliver()
                     continue
@@ -239,7 +240,8 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
                 for t in range(t_begin, iters):
                     for g in opt.param_groups:
                         g["lr"] = learning_rate(cfg, t)
-                    terms = objective(x, augment(x, offsets[:, t], flips[:, t]))
+                    full = full_size(x)
+                    terms = objective(full, augment(full, offsets[:, t], flips[:, t]))
                     hist[t] = torch.stack([terms[k].detach().float() for k in TERM_NAMES])
                     if (t + 1 - checked) >= check_every or (t + 1) % checkpoint_every == 0 or t + 1 == iters:
                         _check_finite(hist, checked, t + 1, bi, len(batches), ckpt)
@@ -273,7 +275,7 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
                         save(it_done)
                         stop.deliver()
                 curves.append({"batch": bi, **_subsample(hist.cpu())})
-                done.append(x.detach().cpu())
+                done.append(full_size(x).detach().cpu())
                 start_iter = 0
                 if pos + 1 < len(order):
                     save_next = {
@@ -324,6 +326,21 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
         if ckpt is not None and ckpt.exists():
             ckpt.unlink()
     return calib
+
+
+def image_parametrization(scale: float, size: tuple[int, int, int]):
+    """``(shape of the optimized pixels, map from them to the model's input)``: the identity at
+    ``scale`` 1, else a grid ``scale`` times as fine, upsampled bilinearly (each output pixel a convex
+    mix of its neighbours, so clipping the coarse pixels keeps the output in the pixel range)."""
+    c, h, w = size
+    if scale == 1.0:
+        return size, lambda x: x
+    coarse = (c, max(1, round(h * scale)), max(1, round(w * scale)))
+
+    def full_size(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+
+    return coarse, full_size
 
 
 def _check_finite(hist: torch.Tensor, a: int, b: int, bi: int, nb: int, ckpt: Path | None) -> None:
