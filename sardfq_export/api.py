@@ -340,8 +340,7 @@ def synthesize(
         overrides = {**overrides, "bf16": precision == "bf16"}
     cfg = _configure(config, SynthConfig, overrides)
     check_precision("bf16" if cfg.bf16 else "fp32", device)
-    if cfg.iters is None and loaded.extra.get("synthesis_iters") is not None:
-        cfg = replace(cfg, iters=loaded.extra["synthesis_iters"])
+    cfg = cfg.with_model_defaults(loaded.extra)
     return run_synthesis(loaded, cfg, out, resume=resume, progress=progress, device=device)
 
 

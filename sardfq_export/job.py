@@ -232,10 +232,12 @@ def _run_locked(
         "psaq2": [list(kv) for kv in cfg.adaptive],
     }
     student = student if adaptive else {}
+    # the model's own synthesis grid (SynthConfig.image_scale), in the key only where a model sets one
+    image_scale = {k: loaded.extra[k] for k in ("synthesis_image_scale",) if k in loaded.extra}
     synth_key = content_key({"model": model_key, "calib": calib_src, "n": n, "holdout": holdout,
                              "iters": iters, "seed": cfg.seed, "precision": cfg.precision,
                              "preprocessing": api.preprocessing(loaded),
-                             "v": __version__, **student})  # fmt: skip
+                             "v": __version__, **student, **image_scale})  # fmt: skip
     calib_file, held_file = out / "calib.safetensors", out / "holdout.safetensors"
     adapted: dict = {}  # the V2 student, handed from the synthesize stage to the quantize stage
 

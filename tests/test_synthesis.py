@@ -334,6 +334,16 @@ def test_image_scale_optimizes_a_coarse_grid_and_resumes_bit_exact(tmp_path):
         PatchSimilarityTeacher(loaded, SynthConfig(image_scale=0.5))
 
 
+def test_a_models_synthesis_defaults_fill_only_unset_fields():
+    extra = {"synthesis_iters": 100, "synthesis_image_scale": 0.25}
+    cfg = SynthConfig().with_model_defaults(extra)
+    assert (cfg.iters, cfg.image_scale) == (100, 0.25)
+    mine = SynthConfig(iters=7, image_scale=1.0).with_model_defaults(extra)
+    assert (mine.iters, mine.image_scale) == (7, 1.0)
+    plain = SynthConfig().with_model_defaults({}).resolve("vit")
+    assert (plain.iters, plain.image_scale) == (1000, 1.0)
+
+
 def test_nan_loss_is_caught_and_last_good_checkpoint_kept(tmp_path):
     model = tiny_vit()
     calls = {"n": 0}
@@ -426,6 +436,9 @@ def test_cli_synthesize_deit_tiny_224_and_refuses_overwrite(tmp_path):
     assert main(args) == 2  # exists: refused
     assert main(args + ["--resume"]) == 0  # same settings: reused
     assert main(args + ["--overwrite", "--no-samples", "--method", "psaq"]) == 0
+    assert main(args + ["--overwrite", "--no-samples", "--image-scale", "0.25"]) == 0
+    assert CalibSet.load(out).meta["config"]["image_scale"] == 0.25
+    assert main(args + ["--overwrite", "--image-scale", "0"]) == 2  # outside (0, 1]: one line, exit 2
 
 
 def test_cli_synthesize_swin_tiny(tmp_path):

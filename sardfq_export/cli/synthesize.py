@@ -62,6 +62,14 @@ METHOD_NAMES = ("sardfq", "psaq", "noise")  # mirrors synthesis.METHODS (kept im
 @click.option(
     "--soft-labels/--no-soft-labels", default=True, show_default=True, help="SARDFQ: soft-label targets."
 )
+@click.option(
+    "--image-scale",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=None,
+    metavar="F",
+    help="Optimize the pixels on a grid F times the input side, upsampled every step: smooth images "
+    "(default: the model's own, else 1.0).",
+)
 @precision_option
 @click.option("--bf16", is_flag=True, hidden=True, help="Same as --precision bf16 (kept for old scripts).")
 @device_options
@@ -95,6 +103,7 @@ def synthesize(
     apa,
     msr,
     soft_labels,
+    image_scale,
     precision,
     bf16,
     device,
@@ -130,10 +139,8 @@ def synthesize(
             claim_output(Path(out), folder=False, say=quiet_say, min_free_mb=min_free_mb)
         )
     loaded = load_from_options(model, checkpoint, random_init)
-    if iters is None:  # a model may bring its own default (the reference model: 200)
-        iters = loaded.extra.get("synthesis_iters")
     bf16 = resolve_precision(precision, dev, loaded.extra.get("precision")) == "bf16"  # auto: by model/device
-    cfg = SynthConfig(
+    cfg = SynthConfig(  # unset fields take the model's own defaults
         method=method,
         num_images=num_images,
         batch_size=batch_size,
@@ -145,7 +152,8 @@ def synthesize(
         msr=msr,
         soft_labels=soft_labels,
         bf16=bf16,
-    )
+        image_scale=image_scale,
+    ).with_model_defaults(loaded.extra)  # a model may bring its own (the reference model: 200 iterations)
     resolved = cfg.resolve(loaded.family)
     out = Path(out)
     ckpt = checkpoint_path(out, rank, world)

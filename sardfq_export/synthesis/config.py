@@ -43,10 +43,11 @@ class SynthConfig:
     flip_p: float = 0.5  # horizontal flip probability [paper]
     clip: bool = True  # clamp each channel to the range of pixel values [0, 1] after every step
     # Optimize the pixels at this fraction of the model's input side and upsample them (bilinear)
-    # to it at every step, so the images cannot hold detail finer than that grid [default 1.0: the
-    # paper's full-resolution pixels]. Why: synthetic sets are textures (28% of their energy above
-    # 1/8 cycle per pixel where real photos of objects hold <1%; docs/dinov2-accuracy.md).
-    image_scale: float = 1.0
+    # to it at every step, so the images cannot hold detail finer than that grid (None: the model's
+    # own default, ``extra["synthesis_image_scale"]``, else 1.0: the paper's full-resolution pixels
+    # [default]). Why: synthetic sets are textures (28% of their energy above 1/8 cycle per pixel,
+    # real Fashion-MNIST images 0.3%; docs/dinov2-accuracy.md).
+    image_scale: float | None = None
 
     # Loss weights and terms.
     ce_weight: float = 1.0  # (soft) cross-entropy weight [paper]
@@ -88,6 +89,7 @@ class SynthConfig:
             lr=FAMILY_LR[family] if self.lr is None else self.lr,
             pse_weight=METHOD_PSE_WEIGHT[self.method] if self.pse_weight is None else self.pse_weight,
             apa_weight=FAMILY_APA_WEIGHT[family] if self.apa_weight is None else self.apa_weight,
+            image_scale=1.0 if self.image_scale is None else self.image_scale,
         )
         if cfg.num_images < 1 or cfg.batch_size < 1:
             raise UserInputError("num_images and batch_size must be at least 1")
@@ -98,6 +100,15 @@ class SynthConfig:
         if len(cfg.roll_px) < cfg.rounds:
             raise UserInputError(f"roll_px needs one value per round ({cfg.rounds})")
         return cfg
+
+    def with_model_defaults(self, extra: dict) -> SynthConfig:
+        """A copy whose unset ``iters`` / ``image_scale`` take a model's own defaults (its
+        ``LoadedModel.extra``: ``synthesis_iters``, ``synthesis_image_scale``) where it has them."""
+        return dataclasses.replace(
+            self,
+            iters=extra.get("synthesis_iters") if self.iters is None else self.iters,
+            image_scale=extra.get("synthesis_image_scale") if self.image_scale is None else self.image_scale,
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

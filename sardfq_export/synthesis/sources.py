@@ -115,8 +115,7 @@ def resolve_calibration(
         from sardfq_export.synthesis.runner import synthesize
 
         cfg = synth_config or SynthConfig(method=spec)
-        iters = cfg.iters if cfg.iters is not None else loaded.extra.get("synthesis_iters")
-        cfg = replace(cfg, method=spec, num_images=n + holdout, seed=seed, iters=iters)
+        cfg = replace(cfg.with_model_defaults(loaded.extra), method=spec, num_images=n + holdout, seed=seed)
         full = synthesize(loaded, cfg, out=out, resume=resume, progress=progress, device=device)
     if not holdout:
         return (full.split(n)[0] if len(full) > n else full), None
