@@ -34,11 +34,11 @@ from sardfq_export.data import load_raw, preprocess  # noqa: E402
 
 CMD = "nice bash tools/dev.sh python bench/dinov2_table.py"
 MODEL = "dinov2_s14_fmnist"
-CALIBS = ("sardfq", "sardfq/4", "real", "psaq", "psaq2", "noise")
+CALIBS = ("sardfq", "sardfq/4", "sardfq/8", "real", "psaq", "psaq2", "noise")
 # Calibration kinds synthesized on a coarser pixel grid (SynthConfig.image_scale): kind → (method, scale).
 # Every other synthetic kind is synthesized at scale 1.0, stated, so a model's own default grid never
 # changes what a column (or its cached set) means.
-GRIDS = {"sardfq/4": ("sardfq", 0.25)}
+GRIDS = {"sardfq/4": ("sardfq", 0.25), "sardfq/8": ("sardfq", 0.125)}
 # PSAQ-ViT V2 cells carry their schedule in the cell (and so in its cache key): a new default
 # measures them again, without touching the other calibs' finished cells.
 PSAQ2 = "psaq2"
