@@ -260,25 +260,27 @@ def test_sardfq_takes_the_patch_similarity_entropy_only_when_weighted(tmp_path):
     assert curves[1.0]["apa"][0] > 0  # still SARDFQ
 
 
+def _interrupt_at_batch1_iter3(batch, it):
+    """A synthesis callback that stops the run as Ctrl-C would, inside the second batch."""
+    if batch == 1 and it == 3:
+        raise KeyboardInterrupt
+
+
 def test_resume_after_interrupt_is_bit_exact(tmp_path):
     loaded = _loaded(tiny_vit())
     cfg = SynthConfig(method="sardfq", num_images=4, batch_size=2, iters=6)
     full = synthesize(loaded, cfg, tmp_path / "a.safetensors", progress=False, checkpoint_every=2)
 
-    def interrupt(batch, it):
-        if batch == 1 and it == 3:
-            raise KeyboardInterrupt
-
     out = tmp_path / "b.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        synthesize(loaded, cfg, out, progress=False, checkpoint_every=2, callback=interrupt)
+        synthesize(loaded, cfg, out, progress=False, checkpoint_every=2, callback=_interrupt_at_batch1_iter3)
     assert checkpoint_path(out).exists() and not out.exists()
     resumed = synthesize(loaded, cfg, out, progress=False, checkpoint_every=2, resume=True)
     assert torch.equal(resumed.images, full.images)
     assert resumed.meta["loss_curve"] == full.meta["loss_curve"]
     assert not checkpoint_path(out).exists()
     with pytest.raises(KeyboardInterrupt):
-        synthesize(loaded, cfg, out, progress=False, callback=interrupt)
+        synthesize(loaded, cfg, out, progress=False, callback=_interrupt_at_batch1_iter3)
     with pytest.raises(Exception, match="other settings"):
         synthesize(
             loaded,
@@ -316,13 +318,9 @@ def test_image_scale_optimizes_a_coarse_grid_and_resumes_bit_exact(tmp_path):
     assert (x.amin((0, 2, 3)) >= lo - 1e-6).all()
     assert full.meta["config"]["image_scale"] == 0.5
 
-    def interrupt(batch, it):
-        if batch == 1 and it == 3:
-            raise KeyboardInterrupt
-
     out = tmp_path / "b.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        synthesize(loaded, cfg, out, progress=False, checkpoint_every=2, callback=interrupt)
+        synthesize(loaded, cfg, out, progress=False, checkpoint_every=2, callback=_interrupt_at_batch1_iter3)
     resumed = synthesize(loaded, cfg, out, progress=False, checkpoint_every=2, resume=True)
     assert torch.equal(resumed.images, full.images)
     for bad in (0.0, 1.5):
