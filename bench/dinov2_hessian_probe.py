@@ -91,7 +91,7 @@ def hessians(model, names: list[str], images: torch.Tensor, batch: int = 32) -> 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="+", default=["sardfq", "psaq", "real"],
-                    help="sets (sardfq, psaq, real, noise); A+B: both sets' Hessians summed")  # fmt: skip
+                    help="sets (sardfq, psaq, real, noise, the table's sardfq/4, sardfq/8 and its PROBE_SETS); A+B: both sets' Hessians summed")  # fmt: skip
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--scheme", default="w4a8")
     ap.add_argument("--truth", type=int, default=512, help="real train images for H_real")
@@ -128,23 +128,41 @@ def main(argv=None) -> int:
             parts = [
                 calibration(loaded, t, seed, a.num_images, a.iters, calib_dir).images for t in tag.split("+")
             ]
-            hs = [hessians(model, names, p) for p in parts]
+            # each set's two halves apart (images 0..n/2-1, n/2..): the held-out check GPTQ could
+            # make without data, rounding on one half and scoring on the other
+            halves = [
+                (hessians(model, names, p[: len(p) // 2]), hessians(model, names, p[len(p) // 2 :]))
+                for p in parts
+            ]
             for lam in a.shrink:
-                report(a, tag, seed, lam, hs, layers, nearest, base, oracle, h_real, model, commit)
+                report(a, tag, seed, lam, halves, layers, nearest, base, oracle, h_real, model, commit)
     return 0
 
 
-def report(a, tag, seed, lam, hs, layers, nearest, base, oracle, h_real, model, commit) -> None:
-    """One JSON line: the transfer of GPTQ rounded on the set's (shrunk) Hessian, per layer and summed up."""
+def report(a, tag, seed, lam, halves, layers, nearest, base, oracle, h_real, model, commit) -> None:
+    """One JSON line: the transfer of GPTQ rounded on the set's (shrunk) Hessian, per layer and summed
+    up; "heldout": GPTQ rounded on one half of the set, scored on the other (both ways, averaged)."""
+
+    def shrunk(h):
+        return (1 - lam) * h + lam * torch.diag(torch.diag(h))
+
+    def ratio(w, rounded, near, h):
+        b = error(w, near, h)
+        return error(w, rounded, h) / b if b > 0 else 1.0
+
     per_layer = {}
     for n, lin in layers:
-        h = sum(x[n] for x in hs)
-        h = (1 - lam) * h + lam * torch.diag(torch.diag(h))
+        ha, hb = sum(x[0][n] for x in halves), sum(x[1][n] for x in halves)
+        h = shrunk(ha + hb)
         rounded = gptq_round(lin.weight, h, lin.weight_quantizer)
-        own_nearest = error(lin.weight, nearest[n], h)
+        heldout = [
+            ratio(lin.weight, gptq_round(lin.weight, shrunk(fit), lin.weight_quantizer), nearest[n], score)
+            for fit, score in ((ha, hb), (hb, ha))
+        ]
         per_layer[n] = {
             "transfer": error(lin.weight, rounded, h_real[n]) / base[n],
-            "own": error(lin.weight, rounded, h) / own_nearest if own_nearest > 0 else 1.0,
+            "own": ratio(lin.weight, rounded, nearest[n], h),
+            "heldout": sum(heldout) / 2,
             "oracle": oracle[n],
         }
     roles = {}
@@ -159,6 +177,7 @@ def report(a, tag, seed, lam, hs, layers, nearest, base, oracle, h_real, model, 
         "truth_images": a.truth,
         "mean_transfer": sum(v["transfer"] for v in per_layer.values()) / len(per_layer),
         "mean_own": sum(v["own"] for v in per_layer.values()) / len(per_layer),
+        "mean_heldout": sum(v["heldout"] for v in per_layer.values()) / len(per_layer),
         "mean_oracle": sum(oracle.values()) / len(oracle),
         "by_role": roles,
         "by_block": [

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", nargs="+", default=["w4a8+awq"], choices=sorted(RECIPES))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5])
+    ap.add_argument("--grey", action="store_true", help="synthesize one grey channel (SynthConfig.grey)")
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument(
         "--calib-cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-dinov2-calib"
@@ -44,16 +45,17 @@ def main(argv: list[str] | None = None) -> None:
     fp32 = scores(logits_of(loaded.model, x), y)
     for seed in a.seeds:
         for scale in a.scales:
-            synth = None if scale == 1.0 else {"image_scale": scale}
+            synth = {**({} if scale == 1.0 else {"image_scale": scale}), **({"grey": True} if a.grey else {})}
             t0 = time.perf_counter()
             cal = calibration(loaded, "sardfq", seed, 32, 100, cache, synth)
-            emit({"calib": "sardfq", "seed": seed, "image_scale": scale,
+            emit({"calib": "sardfq", "seed": seed, "image_scale": scale, **({"grey": True} if a.grey else {}),
                   "energy_above_1/8": high_frequency_share(cal.images, 1 / 8),
                   "synthesis_seconds": cal.meta.get("wall_time_s"), "commit": _commit()}, a.log)  # fmt: skip
             for row in a.rows:
                 t0 = time.perf_counter()
                 q = sx.quantize(loaded, cal, seed=seed, progress=False, **{**EXPLICIT, **RECIPES[row]})
                 emit({"row": row, "calib": "sardfq", "seed": seed, "image_scale": scale, "limit": len(y),
+                      **({"grey": True} if a.grey else {}),
                       "fp32_top1": fp32, "fakequant_top1": scores(logits_of(q.model, x), y),
                       "seconds": round(time.perf_counter() - t0, 1), "commit": _commit()}, a.log)  # fmt: skip
 

@@ -39,6 +39,8 @@ CALIBS = ("sardfq", "sardfq/4", "sardfq/8", "real", "psaq", "psaq2", "noise")
 # Every other synthetic kind is synthesized at scale 1.0, stated, so a model's own default grid never
 # changes what a column (or its cached set) means.
 GRIDS = {"sardfq/4": ("sardfq", 0.25), "sardfq/8": ("sardfq", 0.125)}
+# Sets the probes name beside the table's (not columns): kind → (method, SynthConfig fields).
+PROBE_SETS = {"sardfq/8g": ("sardfq", {"image_scale": 0.125, "grey": True})}
 # PSAQ-ViT V2 cells carry their schedule in the cell (and so in its cache key): a new default
 # measures them again, without touching the other calibs' finished cells.
 PSAQ2 = "psaq2"
@@ -149,8 +151,12 @@ def calibration(loaded, kind: str, seed: int, n: int, iters: int, cache: Path, s
 
     if kind == "real":
         return sx.calibration_set("real:fashion-mnist", loaded, n, seed=seed, progress=False)[0]
-    method, scale = GRIDS.get(kind, (kind, 1.0))
-    synth = {**({"image_scale": scale} if scale != 1.0 else {}), **(synth or {})}
+    if kind in PROBE_SETS:
+        method, fields = PROBE_SETS[kind]
+    else:
+        method, scale = GRIDS.get(kind, (kind, 1.0))
+        fields = {"image_scale": scale} if scale != 1.0 else {}
+    synth = {**fields, **(synth or {})}
     tag = "".join(f"-{k}{v:g}" for k, v in sorted(synth.items()))  # 0/1 for flags
     path = cache / "calib" / f"{method}{tag}-n{n}-s{seed}-it{iters}.safetensors"
     if path.exists():
@@ -163,7 +169,7 @@ def calibration(loaded, kind: str, seed: int, n: int, iters: int, cache: Path, s
         seed=seed,
         iters=iters,
         progress=True,
-        **{"image_scale": 1.0, **synth},
+        **{"image_scale": 1.0, "grey": False, **synth},
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     cal.save(path)

@@ -332,14 +332,36 @@ def test_image_scale_optimizes_a_coarse_grid_and_resumes_bit_exact(tmp_path):
         PatchSimilarityTeacher(loaded, SynthConfig(image_scale=0.5))
 
 
+def test_grey_gives_every_channel_one_pixel_value_and_stays_in_range():
+    loaded = _loaded(tiny_vit())
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    # noise: one start draw per pixel, normalized by the channels' mean mean/std, through each
+    # channel's own mean/std; exact up to float rounding
+    cal = synthesize(loaded, SynthConfig(method="noise", num_images=2, grey=True), progress=False)
+    g = initial_images(SynthConfig(method="noise"), range(2), (1, 32, 32))
+    want = ((mean.mean() + std.mean() * g) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    torch.testing.assert_close(cal.images, want, rtol=0, atol=1e-6)
+    # SARDFQ, grey on the half grid: the pixel values agree across channels and lie in [0, 1]
+    cfg = SynthConfig(method="sardfq", num_images=2, iters=6, image_scale=0.5, grey=True)
+    x = synthesize(loaded, cfg, progress=False).images
+    pixels = x * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    assert float((pixels - pixels[:, :1]).abs().max()) < 1e-5
+    assert float(pixels.min()) >= -1e-5 and float(pixels.max()) <= 1 + 1e-5
+    assert float(pixels.std()) > 0.05  # optimized, not flat
+    from sardfq_export.synthesis.prior import PatchSimilarityTeacher
+
+    with pytest.raises(UserInputError, match="leave grey off"):
+        PatchSimilarityTeacher(loaded, SynthConfig(grey=True))
+
+
 def test_a_models_synthesis_defaults_fill_only_unset_fields():
-    extra = {"synthesis_iters": 100, "synthesis_image_scale": 0.25}
+    extra = {"synthesis_iters": 100, "synthesis_image_scale": 0.25, "synthesis_grey": True}
     cfg = SynthConfig().with_model_defaults(extra)
-    assert (cfg.iters, cfg.image_scale) == (100, 0.25)
-    mine = SynthConfig(iters=7, image_scale=1.0).with_model_defaults(extra)
-    assert (mine.iters, mine.image_scale) == (7, 1.0)
+    assert (cfg.iters, cfg.image_scale, cfg.grey) == (100, 0.25, True)
+    mine = SynthConfig(iters=7, image_scale=1.0, grey=False).with_model_defaults(extra)
+    assert (mine.iters, mine.image_scale, mine.grey) == (7, 1.0, False)
     plain = SynthConfig().with_model_defaults({}).resolve("vit")
-    assert (plain.iters, plain.image_scale) == (1000, 1.0)
+    assert (plain.iters, plain.image_scale, plain.grey) == (1000, 1.0, False)
 
 
 def test_nan_loss_is_caught_and_last_good_checkpoint_kept(tmp_path):
@@ -434,8 +456,10 @@ def test_cli_synthesize_deit_tiny_224_and_refuses_overwrite(tmp_path):
     assert main(args) == 2  # exists: refused
     assert main(args + ["--resume"]) == 0  # same settings: reused
     assert main(args + ["--overwrite", "--no-samples", "--method", "psaq"]) == 0
-    assert main(args + ["--overwrite", "--no-samples", "--image-scale", "0.25"]) == 0
-    assert CalibSet.load(out).meta["config"]["image_scale"] == 0.25
+    assert main(args + ["--overwrite", "--no-samples", "--image-scale", "0.25", "--grey"]) == 0
+    grey = CalibSet.load(out)
+    assert grey.meta["config"]["image_scale"] == 0.25 and grey.meta["config"]["grey"] is True
+    assert calib.meta["config"]["grey"] is False
     assert main(args + ["--overwrite", "--image-scale", "0"]) == 2  # outside (0, 1]: one line, exit 2
 
 

@@ -70,6 +70,12 @@ METHOD_NAMES = ("sardfq", "psaq", "noise")  # mirrors synthesis.METHODS (kept im
     help="Optimize the pixels on a grid F times the input side, upsampled every step: smooth images "
     "(default: the model's own, else 1.0).",
 )
+@click.option(
+    "--grey/--colour",
+    default=None,
+    help="Optimize one grey channel shown to every input channel, for models of grey images "
+    "replicated to 3 channels (default: the model's own, else colour).",
+)
 @precision_option
 @click.option("--bf16", is_flag=True, hidden=True, help="Same as --precision bf16 (kept for old scripts).")
 @device_options
@@ -104,6 +110,7 @@ def synthesize(
     msr,
     soft_labels,
     image_scale,
+    grey,
     precision,
     bf16,
     device,
@@ -153,6 +160,7 @@ def synthesize(
         soft_labels=soft_labels,
         bf16=bf16,
         image_scale=image_scale,
+        grey=grey,
     ).with_model_defaults(loaded.extra)  # a model may bring its own (the reference model: 200 iterations)
     resolved = cfg.resolve(loaded.family)
     out = Path(out)

@@ -48,6 +48,12 @@ class SynthConfig:
     # [default]). Why: synthetic sets are textures (28% of their energy above 1/8 cycle per pixel,
     # real Fashion-MNIST images 0.3%; docs/dinov2-accuracy.md).
     image_scale: float | None = None
+    # Optimize one grey channel and give every input channel the same pixel value (each through its
+    # own mean/std), for models whose inputs are grey images replicated to three channels (None: the
+    # model's own default, ``extra["synthesis_grey"]``, else False: one value per channel [paper]).
+    # A fact about the model's input, like its size and mean/std, not data: the DINOv2 benchmark
+    # model's head was trained on Fashion-MNIST replicated to 3 channels (its model card).
+    grey: bool | None = None
 
     # Loss weights and terms.
     ce_weight: float = 1.0  # (soft) cross-entropy weight [paper]
@@ -90,6 +96,7 @@ class SynthConfig:
             pse_weight=METHOD_PSE_WEIGHT[self.method] if self.pse_weight is None else self.pse_weight,
             apa_weight=FAMILY_APA_WEIGHT[family] if self.apa_weight is None else self.apa_weight,
             image_scale=1.0 if self.image_scale is None else self.image_scale,
+            grey=bool(self.grey),
         )
         if cfg.num_images < 1 or cfg.batch_size < 1:
             raise UserInputError("num_images and batch_size must be at least 1")
@@ -102,12 +109,14 @@ class SynthConfig:
         return cfg
 
     def with_model_defaults(self, extra: dict) -> SynthConfig:
-        """A copy whose unset ``iters`` / ``image_scale`` take a model's own defaults (its
-        ``LoadedModel.extra``: ``synthesis_iters``, ``synthesis_image_scale``) where it has them."""
+        """A copy whose unset ``iters`` / ``image_scale`` / ``grey`` take a model's own defaults (its
+        ``LoadedModel.extra``: ``synthesis_iters``, ``synthesis_image_scale``, ``synthesis_grey``)
+        where it has them."""
         return dataclasses.replace(
             self,
             iters=extra.get("synthesis_iters") if self.iters is None else self.iters,
             image_scale=extra.get("synthesis_image_scale") if self.image_scale is None else self.image_scale,
+            grey=extra.get("synthesis_grey") if self.grey is None else self.grey,
         )
 
     def to_dict(self) -> dict:

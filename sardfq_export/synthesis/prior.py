@@ -45,6 +45,8 @@ class PatchSimilarityTeacher:
         self.cfg = cfg.resolve(loaded.family)
         if self.cfg.image_scale != 1.0:
             raise UserInputError("PSAQ-ViT V2 optimizes full-resolution pixels: leave image_scale at 1.0")
+        if self.cfg.grey:
+            raise UserInputError("PSAQ-ViT V2 optimizes one value per channel: leave grey off")
         self.loaded, self.family = loaded, loaded.family
         self.device = device or next(loaded.model.parameters()).device
         self.model = loaded.model.to(self.device).eval()

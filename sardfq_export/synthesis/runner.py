@@ -161,7 +161,7 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
     batches = [range(s, min(s + cfg.batch_size, n)) for s in range(0, n, cfg.batch_size)]
     order = list(range(rank, len(batches), world))  # this process's batches; checkpoints count in it
     grids = token_grids(model, family, (c, h, w), dev) if apa_idx else []
-    param_shape, full_size = image_parametrization(cfg.image_scale, (c, h, w))
+    param_shape, full_size, (lo, hi) = image_parametrization(cfg.image_scale, (c, h, w), lo, hi, cfg.grey)
     check_every = 1 if dev.type == "cpu" else 10
 
     from sardfq_export.core.progress import progress_bar
@@ -328,19 +328,33 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
     return calib
 
 
-def image_parametrization(scale: float, size: tuple[int, int, int]):
-    """``(shape of the optimized pixels, map from them to the model's input)``: the identity at
-    ``scale`` 1, else a grid ``scale`` times as fine, upsampled bilinearly (each output pixel a convex
-    mix of its neighbours, so clipping the coarse pixels keeps the output in the pixel range)."""
+def image_parametrization(scale: float, size: tuple[int, int, int], lo: torch.Tensor, hi: torch.Tensor,
+                          grey: bool = False):  # fmt: skip
+    """``(shape of the optimized pixels, map from them to the model's input, their (lo, hi) clip
+    range)``. The identity at ``scale`` 1, else a grid ``scale`` times as fine, upsampled bilinearly
+    (each output pixel a convex mix of its neighbours, so clipping the coarse pixels keeps the output
+    in the pixel range). ``grey``: one channel, normalized by the channels' mean mean and std (so the
+    start draws and the learning rate mean what they mean for a colour channel), mapped to every
+    channel through that channel's own mean/std; ``lo``/``hi`` are the channels' pixel-0/1 bounds."""
     c, h, w = size
-    if scale == 1.0:
-        return size, lambda x: x
-    coarse = (c, max(1, round(h * scale)), max(1, round(w * scale)))
+    coarse = (1 if grey else c, max(1, round(h * scale)), max(1, round(w * scale)))
+    if grey:
+        span = hi - lo  # 1/std per channel: normalized value = lo + span * pixel
+        mean, std = (-lo / span).mean(), (1 / span).mean()
+        bounds = ((0 - mean) / std).view(1, 1, 1, 1), ((1 - mean) / std).view(1, 1, 1, 1)
+    else:
+        bounds = lo, hi
 
     def full_size(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        if scale != 1.0:
+            x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        if grey:
+            x = lo + span * (mean + std * x)  # the grey pixel value, through each channel's mean/std
+        return x
 
-    return coarse, full_size
+    if scale == 1.0 and not grey:
+        return size, lambda x: x, bounds
+    return coarse, full_size, bounds
 
 
 def _check_finite(hist: torch.Tensor, a: int, b: int, bi: int, nb: int, ckpt: Path | None) -> None:
