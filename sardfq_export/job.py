@@ -232,8 +232,11 @@ def _run_locked(
         "psaq2": [list(kv) for kv in cfg.adaptive],
     }
     student = student if adaptive else {}
-    # the model's own synthesis grid (SynthConfig.image_scale), in the key only where a model sets one
-    image_scale = {k: loaded.extra[k] for k in ("synthesis_image_scale",) if k in loaded.extra}
+    # the model's own synthesis grid and colour (SynthConfig.image_scale / grey), in the key only
+    # where a model sets them (so no other model's cached sets change key)
+    image_scale = {
+        k: loaded.extra[k] for k in ("synthesis_image_scale", "synthesis_grey") if k in loaded.extra
+    }
     synth_key = content_key({"model": model_key, "calib": calib_src, "n": n, "holdout": holdout,
                              "iters": iters, "seed": cfg.seed, "precision": cfg.precision,
                              "preprocessing": api.preprocessing(loaded),
