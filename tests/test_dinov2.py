@@ -337,10 +337,10 @@ def test_main_job_on_dinov2_exports_lints_and_runs_in_onnxruntime(tmp_path, caps
     assert report["op_census"]["int8_gemm"] == 48 and report["op_census"]["int4_gemm"] == 0
 
 
-def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
-    """The ZOO entry's per-model default reaches synthesis (the 1000 of an ImageNet ViT would take
-    the default main job past its 20-minute budget); an explicit --iters still wins. A tiny
-    stand-in model keeps this independent of the build."""
+def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
+    """The ZOO entry's per-model defaults reach synthesis: 100 iterations (the 1000 of an ImageNet
+    ViT would take the default main job past its 20-minute budget), grey images on an eighth-side
+    grid; explicit settings still win. A tiny stand-in model keeps this independent of the build."""
     from conftest import tiny_vit
 
     import sardfq_export as sx
@@ -352,6 +352,8 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
     loaded = sx.load_model("dinov2_s14_fmnist")
     assert loaded.extra == {
         "synthesis_iters": 100,
+        "synthesis_image_scale": 0.125,
+        "synthesis_grey": True,
         "quantize": {
             "centre_fc2": True,
             "bias_correct": True,
@@ -364,10 +366,12 @@ def test_dinov2_synthesizes_for_its_own_100_iterations_by_default(monkeypatch):
     seen = []
     from sardfq_export.synthesis import runner
 
-    monkeypatch.setattr(runner, "synthesize", lambda _l, cfg, *a, **k: seen.append(cfg.iters))
+    monkeypatch.setattr(
+        runner, "synthesize", lambda _l, cfg, *a, **k: seen.append((cfg.iters, cfg.image_scale, cfg.grey))
+    )
     sx.synthesize(loaded, method="sardfq", num_images=1, progress=False)
-    sx.synthesize(loaded, method="sardfq", num_images=1, iters=3, progress=False)
-    assert seen == [100, 3]
+    sx.synthesize(loaded, method="sardfq", num_images=1, iters=3, image_scale=1.0, grey=False, progress=False)
+    assert seen == [(100, 0.125, True), (3, 1.0, False)]
     # its quantization recipe: fc2 centred and biases corrected unless the caller says otherwise
     from sardfq_export.api import model_recipe
 
