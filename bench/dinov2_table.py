@@ -34,13 +34,23 @@ from sardfq_export.data import load_raw, preprocess  # noqa: E402
 
 CMD = "nice bash tools/dev.sh python bench/dinov2_table.py"
 MODEL = "dinov2_s14_fmnist"
-CALIBS = ("sardfq", "sardfq/4", "sardfq/8", "real", "psaq", "psaq2", "noise")
-# Calibration kinds synthesized on a coarser pixel grid (SynthConfig.image_scale): kind → (method, scale).
-# Every other synthetic kind is synthesized at scale 1.0, stated, so a model's own default grid never
-# changes what a column (or its cached set) means.
-GRIDS = {"sardfq/4": ("sardfq", 0.25), "sardfq/8": ("sardfq", 0.125)}
+CALIBS = ("sardfq", "sardfq/4", "sardfq/8", "sardfq/8g", "real", "psaq", "psaq2", "noise")
+# SARDFQ columns synthesized on a coarser pixel grid (SynthConfig.image_scale), "g": of one grey
+# channel (SynthConfig.grey): kind → (method, SynthConfig fields). Every other synthetic kind is
+# synthesized at scale 1.0 in colour, stated, so a model's own defaults never change what a column
+# (or its cached set) means.
+GRIDS = {
+    "sardfq/4": ("sardfq", {"image_scale": 0.25}),
+    "sardfq/8": ("sardfq", {"image_scale": 0.125}),
+    "sardfq/8g": ("sardfq", {"image_scale": 0.125, "grey": True}),
+}
 # Sets the probes name beside the table's (not columns): kind → (method, SynthConfig fields).
-PROBE_SETS = {"sardfq/8g": ("sardfq", {"image_scale": 0.125, "grey": True})}
+PROBE_SETS = {
+    "sardfq/4g": ("sardfq", {"image_scale": 0.25, "grey": True}),
+    "sardfq/16g": ("sardfq", {"image_scale": 0.0625, "grey": True}),
+    "sardfq/8g-nomsr": ("sardfq", {"image_scale": 0.125, "grey": True, "msr": False}),
+    "sardfq/8g-noapa": ("sardfq", {"image_scale": 0.125, "grey": True, "apa": False}),
+}
 # PSAQ-ViT V2 cells carry their schedule in the cell (and so in its cache key): a new default
 # measures them again, without touching the other calibs' finished cells.
 PSAQ2 = "psaq2"
@@ -151,11 +161,7 @@ def calibration(loaded, kind: str, seed: int, n: int, iters: int, cache: Path, s
 
     if kind == "real":
         return sx.calibration_set("real:fashion-mnist", loaded, n, seed=seed, progress=False)[0]
-    if kind in PROBE_SETS:
-        method, fields = PROBE_SETS[kind]
-    else:
-        method, scale = GRIDS.get(kind, (kind, 1.0))
-        fields = {"image_scale": scale} if scale != 1.0 else {}
+    method, fields = {**GRIDS, **PROBE_SETS}.get(kind, (kind, {}))
     synth = {**fields, **(synth or {})}
     tag = "".join(f"-{k}{v:g}" for k, v in sorted(synth.items()))  # 0/1 for flags
     path = cache / "calib" / f"{method}{tag}-n{n}-s{seed}-it{iters}.safetensors"
