@@ -43,19 +43,19 @@ def main(argv: list[str] | None = None) -> None:
     cache = model_cache(a.calib_cache, loaded)
     x, y = test_set(loaded, a.limit)
     fp32 = scores(logits_of(loaded.model, x), y)
+    grey = {"grey": True} if a.grey else {}  # in the set's fields and in every row
     for seed in a.seeds:
         for scale in a.scales:
-            synth = {**({} if scale == 1.0 else {"image_scale": scale}), **({"grey": True} if a.grey else {})}
-            t0 = time.perf_counter()
+            synth = {**({} if scale == 1.0 else {"image_scale": scale}), **grey}
             cal = calibration(loaded, "sardfq", seed, 32, 100, cache, synth)
-            emit({"calib": "sardfq", "seed": seed, "image_scale": scale, **({"grey": True} if a.grey else {}),
+            emit({"calib": "sardfq", "seed": seed, "image_scale": scale, **grey,
                   "energy_above_1/8": high_frequency_share(cal.images, 1 / 8),
                   "synthesis_seconds": cal.meta.get("wall_time_s"), "commit": _commit()}, a.log)  # fmt: skip
             for row in a.rows:
                 t0 = time.perf_counter()
                 q = sx.quantize(loaded, cal, seed=seed, progress=False, **{**EXPLICIT, **RECIPES[row]})
                 emit({"row": row, "calib": "sardfq", "seed": seed, "image_scale": scale, "limit": len(y),
-                      **({"grey": True} if a.grey else {}),
+                      **grey,
                       "fp32_top1": fp32, "fakequant_top1": scores(logits_of(q.model, x), y),
                       "seconds": round(time.perf_counter() - t0, 1), "commit": _commit()}, a.log)  # fmt: skip
 
