@@ -34,7 +34,7 @@ from sardfq_export.data import load_raw, preprocess  # noqa: E402
 
 CMD = "nice bash tools/dev.sh python bench/dinov2_table.py"
 MODEL = "dinov2_s14_fmnist"
-CALIBS = ("sardfq", "sardfq/4", "sardfq/8", "sardfq/8g", "real", "psaq", "psaq2", "noise")
+CALIBS = ("sardfq", "sardfq/4", "sardfq/8", "sardfq/8g", "sardfq/16g", "real", "psaq", "psaq2", "noise")
 # SARDFQ columns synthesized on a coarser pixel grid (SynthConfig.image_scale), "g": of one grey
 # channel (SynthConfig.grey): kind → (method, SynthConfig fields). Every other synthetic kind is
 # synthesized at scale 1.0 in colour, stated, so a model's own defaults never change what a column
@@ -43,11 +43,11 @@ GRIDS = {
     "sardfq/4": ("sardfq", {"image_scale": 0.25}),
     "sardfq/8": ("sardfq", {"image_scale": 0.125}),
     "sardfq/8g": ("sardfq", {"image_scale": 0.125, "grey": True}),
+    "sardfq/16g": ("sardfq", {"image_scale": 0.0625, "grey": True}),
 }
 # Sets the probes name beside the table's (not columns): kind → (method, SynthConfig fields).
 PROBE_SETS = {
     "sardfq/4g": ("sardfq", {"image_scale": 0.25, "grey": True}),
-    "sardfq/16g": ("sardfq", {"image_scale": 0.0625, "grey": True}),
     "sardfq/8g-nomsr": ("sardfq", {"image_scale": 0.125, "grey": True, "msr": False}),
     "sardfq/8g-noapa": ("sardfq", {"image_scale": 0.125, "grey": True, "apa": False}),
 }
@@ -106,6 +106,10 @@ RECIPES = {
     # (bench/dinov2_probe.py --rounding nearest --awq: ahead of GPTQ by 5.4-6.8 points on all three
     # SARDFQ sets, 2,000 test images; models.loading._DINOV2_QUANTIZE)
     "w4a8+awq": {"scheme": "w4a8", "weight_rounding": "nearest", "awq": True},
+    # GPTQ with w4a16's Hessian (4 views, rollout token weights), from grey sixteenth-grid sets:
+    # bench/dinov2_image_scale_probe.py --rows w4a8+v4+r --scales 0.0625 --grey, 2,000 test images:
+    # 82.20 / 82.85 / 85.40% against AWQ + nearest's 77.40 / 82.75 / 81.55% on the same sets
+    "w4a8+v4+r": {"scheme": "w4a8", "weight_rounding": "gptq", "gptq_views": 4, "gptq_tokens": "rollout"},
     # ... then 150 steps of distillation on fresh crop views of the 32 images (--finetune kd --kd-views,
     # lr 3e-6, fp32 as the probe ran): bench/dinov2_kd_probe.py --row w4a8+awq --augment, 2,000 test
     # images: seed 0 80.75% -> 81.75%, seed 1 76.90% -> 78.80% (plain KD on the 32 images: 78.60, 78.00%)
