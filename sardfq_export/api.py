@@ -80,7 +80,10 @@ class QuantizeConfig:
     # (calibrators.lowpass; synthetic images carry fine detail no real image has). 1: off. None: the
     # model's own default (MODEL_RECIPE_FIELDS), else 1.
     calib_lowpass: float | None = None
-    keep_fp: tuple[str, ...] = ()  # Linears left float (timm module-name globs): mixed precision
+    # Linears left float (timm module-name globs): mixed precision. None: the model's own default
+    # for the scheme (MODEL_RECIPE_FIELDS, e.g. a block measured to carry most of its 4-bit error),
+    # else none; () keeps none.
+    keep_fp: tuple[str, ...] | None = None
     # SmoothQuant migration strength in [0, 1) folded into LayerNorm→Linear pairs and V → proj;
     # 0: off. None: the model's own default (MODEL_RECIPE_FIELDS), else off.
     smoothquant: float | None = None
@@ -118,7 +121,8 @@ class QuantizeConfig:
             raise UserInputError(
                 f"keep_fp takes a list of module-name patterns, got the string {self.keep_fp!r}"
             )
-        object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
+        if self.keep_fp is not None:
+            object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
         if self.finetune not in FINETUNES:
             raise UserInputError(f"unknown finetune {self.finetune!r}: use one of {', '.join(FINETUNES)}")
         if not self.gptq_damp > 0:
@@ -160,7 +164,7 @@ class QuantizeConfig:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["keep_fp"] = list(self.keep_fp)
+        d["keep_fp"] = None if self.keep_fp is None else list(self.keep_fp)
         return d
 
 
@@ -198,7 +202,8 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 # QuantizeConfig fields whose None means "this model's default": LoadedModel.extra["quantize"]
 # (models.loading.ZOO_EXTRA, measured per model), else the value here.
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
-                       "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0}  # fmt: skip
+                       "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
+                       "keep_fp": ()}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:

@@ -171,7 +171,8 @@ recipe_options = _stack(
         "--keep-fp",
         metavar="PATTERN",
         multiple=True,
-        help="Leave these Linears float (timm module-name globs, repeatable), e.g. --keep-fp 'blocks.11.mlp.fc2'.",
+        help="Leave these Linears float (timm module-name globs, repeatable), e.g. --keep-fp 'blocks.11.mlp.fc2'; "
+        "--keep-fp none: none float. [default: the model's own for the scheme, else none]",
     ),
     click.option(
         "--smoothquant",
@@ -231,6 +232,17 @@ recipe_options = _stack(
 )
 
 
+def _keep_fp(patterns: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``--keep-fp`` as QuantizeConfig.keep_fp: not given → None (the model's own), ``none`` → ()."""
+    if not patterns:
+        return None
+    if "none" in patterns:
+        if len(patterns) > 1:
+            raise click.UsageError("--keep-fp none keeps no Linear float: give it alone, without patterns")
+        return ()
+    return tuple(patterns)
+
+
 def recipe_config(opts: dict, **fields):
     """The QuantizeConfig the recipe options describe (plus ``fields``: scheme, seed...)."""
     from sardfq_export.api import QuantizeConfig
@@ -238,7 +250,7 @@ def recipe_config(opts: dict, **fields):
     return QuantizeConfig(range=opts["range_method"], weight_range=opts["weight_range"],
                           weight_rounding=opts["weight_rounding"], gptq_views=opts["gptq_views"],
                           gptq_tokens=opts["gptq_tokens"], calib_lowpass=opts["calib_lowpass"],
-                          keep_fp=tuple(opts["keep_fp"]),
+                          keep_fp=_keep_fp(opts["keep_fp"]),
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
                           bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
