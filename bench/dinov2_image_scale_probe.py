@@ -9,7 +9,7 @@ a grid ``scale`` times as fine as the model's input, upsampled at every step, so
 smooth *and* optimized. Per scale and seed: SARDFQ's set (32 images, 100 iterations, cached beside
 the table's sets as ``sardfq-image_scale<scale>-n32-s<seed>-it100``; scale 1 is the table's own set),
 its share of pixel energy above 1/8 cycle per pixel, then per row of ``bench/dinov2_table.py``'s
-RECIPES (or of ``PROBE_ROWS``) the product's quantize and fake-quant top-1 on the first ``--limit``
+RECIPES the product's quantize and fake-quant top-1 on the first ``--limit``
 test images; with ``--union``, instead once on all the seeds' sets together.
 """
 
@@ -29,17 +29,10 @@ from dinov2_table import EXPLICIT, MODEL, RECIPES, calibration, logits_of, score
 
 import sardfq_export as sx  # noqa: E402
 
-# Recipes measured here before any becomes a table row (each states its fields, as the table's rows do)
-PROBE_ROWS = {
-    # w4a16 with the last block's Linears float (the error budget's largest single part)
-    "w4a16+v4+r+fp11": {**RECIPES["w4a16+v4+r"], "keep_fp": ("blocks.11.*",)},
-}
-ROWS = {**RECIPES, **PROBE_ROWS}
-
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", nargs="+", default=["w4a8+awq"], choices=sorted(ROWS))
+    ap.add_argument("--rows", nargs="+", default=["w4a8+awq"], choices=sorted(RECIPES))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5])
     ap.add_argument("--grey", action="store_true", help="synthesize one grey channel (SynthConfig.grey)")
@@ -69,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                   "synthesis_seconds": cal.meta.get("wall_time_s"), "commit": _commit()}, a.log)  # fmt: skip
             for row in () if a.union else a.rows:
                 t0 = time.perf_counter()
-                q = sx.quantize(loaded, cal, seed=seed, progress=False, **{**EXPLICIT, **ROWS[row]})
+                q = sx.quantize(loaded, cal, seed=seed, progress=False, **{**EXPLICIT, **RECIPES[row]})
                 emit({"row": row, "calib": "sardfq", "seed": seed, "image_scale": scale, "limit": len(y),
                       **grey,
                       "fp32_top1": fp32, "fakequant_top1": scores(logits_of(q.model, x), y),
@@ -78,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         union = torch.cat(images)
         for row in a.rows:
             t0 = time.perf_counter()
-            q = sx.quantize(loaded, union, seed=a.seeds[0], progress=False, **{**EXPLICIT, **ROWS[row]})
+            q = sx.quantize(loaded, union, seed=a.seeds[0], progress=False, **{**EXPLICIT, **RECIPES[row]})
             emit({"row": row, "calib": "sardfq", "seeds": a.seeds, "union": len(union), "image_scale": scale,
                   "limit": len(y), **grey, "fp32_top1": fp32, "fakequant_top1": scores(logits_of(q.model, x), y),
                   "seconds": round(time.perf_counter() - t0, 1), "commit": _commit()}, a.log)  # fmt: skip
