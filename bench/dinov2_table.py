@@ -440,12 +440,13 @@ def write_doc(
     rows = [r for r in cache.rows.values() if r["key"] in planned]
     superseded = [r for r in cache.rows.values() if r["key"] not in planned]
     fp = next((r for r in rows if r.get("kind") == "fp32"), None)
+    own_sizes = "".join(f" ({k}: {f['num_images']})" for k, (_, f) in GRIDS.items() if "num_images" in f)
     lines = [
         "# DINOv2 ViT-S/14 (112 px): data-free quantization, side by side",
         "",
         f"Command: `{meta.get('command', CMD)}` (resumable; this file is rewritten from its cache after every cell).",
         f"Model: `{MODEL}` (docs/dinov2-model.md; weights `{meta.get('model_weights', '?')}`). Test set: the first {meta['limit']} Fashion-MNIST test images.",
-        f"Calibration: {meta['num_images']} images; synthetic ones with {meta['iters']} iterations. Seeds {seeds}; "
+        f"Calibration: {meta['num_images']} images{own_sizes}; synthetic ones with {meta['iters']} iterations. Seeds {seeds}; "
         "cells show mean ± standard deviation over seeds (top-1, %).",
         f"Machine: {meta['machine']}.",
     ]
