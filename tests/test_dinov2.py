@@ -347,7 +347,7 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
     from sardfq_export.models import loading
 
     monkeypatch.setitem(loading.ZOO, "dinov2_s14_fmnist",
-                        lambda size: (tiny_vit(), {"input_size": (3, 32, 32), "mean": (0.5,) * 3,
+                        lambda size: (tiny_vit(depth=12), {"input_size": (3, 32, 32), "mean": (0.5,) * 3,
                                                    "std": (0.5,) * 3}, "stand-in"))  # fmt: skip
     loaded = sx.load_model("dinov2_s14_fmnist")
     assert loaded.extra == {
@@ -358,7 +358,7 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
             "centre_fc2": True,
             "bias_correct": True,
             "w8a8": {"smoothquant": 0.5, "smooth_fc2": True},
-            "w4a16": {"gptq_views": 4, "gptq_tokens": "rollout"},
+            "w4a16": {"gptq_views": 4, "gptq_tokens": "rollout", "keep_fp": ["blocks.11.*"]},
             "w4a8": {"centre_fc2": False, "bias_correct": False, "awq": True, "weight_rounding": "nearest"},
         },
         "psaq2": {"student_lr": 1e-6, "disc_weight": 0.1},
@@ -377,7 +377,7 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
 
     assert model_recipe(sx.QuantizeConfig(), loaded).centre_fc2 is True
     q = sx.quantize(loaded, torch.randn(4, 3, 32, 32), progress=False)
-    assert q.scheme.centre_fc2 and q.summary["bias_correction"]["corrected"] == 8
+    assert q.scheme.centre_fc2 and q.summary["bias_correction"]["corrected"] == 48
     assert not sx.quantize(
         loaded, torch.randn(4, 3, 32, 32), centre_fc2=False, progress=False
     ).scheme.centre_fc2
@@ -385,10 +385,15 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
     w4 = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a16", progress=False)
     assert w4.summary["gptq"]["views"] == 4 and not w4.scheme.centre_fc2 and w4.config.centre_fc2 is False
     assert w4.summary["gptq"]["token_weights"] == "rollout"  # tokens weighted by their reach to the CLS
+    # ... and its last block float (the stand-in has 12 blocks, as the model has), at w4a16 only
+    assert w4.scheme.keep_fp == ("blocks.11.*",) and type(w4.model.blocks[11].mlp.fc2) is torch.nn.Linear
+    assert (
+        w4.summary["quant"]["quant_linear"] == 44 and type(w4.model.blocks[10].mlp.fc2) is not torch.nn.Linear
+    )
     w4a8 = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", progress=False)
     # w4a8: AWQ's scales, then round-to-nearest (GPTQ on synthetic images measured worse there)
     assert w4a8.summary["resolved"]["weight_rounding"] == "nearest" and "gptq" not in w4a8.summary
-    assert w4a8.scheme.awq and w4a8.summary["calibration"]["awq"]["scaled"] == 8
+    assert w4a8.scheme.awq and w4a8.summary["calibration"]["awq"]["scaled"] == 48
     # a caller's GPTQ at w4a8 drops the model's AWQ (measured with nearest rounding only) ...
     g = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", weight_rounding="gptq", progress=False)
     assert g.summary["gptq"]["views"] == 1 and not g.scheme.awq  # views measured worse at w4a8
