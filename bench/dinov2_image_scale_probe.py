@@ -52,6 +52,16 @@ def main(argv: list[str] | None = None) -> None:
     fp32 = scores(logits_of(loaded.model, x), y)
     grey = {"grey": True} if a.grey else {}  # in the set's fields and in every row
     sets: dict[float, list] = {scale: [] for scale in a.scales}
+
+    def measure(images, seed: int, where: dict) -> None:
+        """Each row's quantize from ``images`` and its fake-quant top-1, one JSON line per row."""
+        for row in a.rows:
+            t0 = time.perf_counter()
+            q = sx.quantize(loaded, images, seed=seed, progress=False, **{**EXPLICIT, **RECIPES[row]})
+            emit({"row": row, "calib": "sardfq", **where, "limit": len(y), **grey, "fp32_top1": fp32,
+                  "fakequant_top1": scores(logits_of(q.model, x), y),
+                  "seconds": round(time.perf_counter() - t0, 1), "commit": _commit()}, a.log)  # fmt: skip
+
     for seed in a.seeds:
         for scale in a.scales:
             synth = {**({} if scale == 1.0 else {"image_scale": scale}), **grey}
@@ -60,21 +70,11 @@ def main(argv: list[str] | None = None) -> None:
             emit({"calib": "sardfq", "seed": seed, "image_scale": scale, **grey,
                   "energy_above_1/8": high_frequency_share(cal.images, 1 / 8),
                   "synthesis_seconds": cal.meta.get("wall_time_s"), "commit": _commit()}, a.log)  # fmt: skip
-            for row in () if a.union else a.rows:
-                t0 = time.perf_counter()
-                q = sx.quantize(loaded, cal, seed=seed, progress=False, **{**EXPLICIT, **RECIPES[row]})
-                emit({"row": row, "calib": "sardfq", "seed": seed, "image_scale": scale, "limit": len(y),
-                      **grey,
-                      "fp32_top1": fp32, "fakequant_top1": scores(logits_of(q.model, x), y),
-                      "seconds": round(time.perf_counter() - t0, 1), "commit": _commit()}, a.log)  # fmt: skip
+            if not a.union:
+                measure(cal, seed, {"seed": seed, "image_scale": scale})
     for scale, images in sets.items() if a.union else ():  # more images per Hessian, each set as made
         union = torch.cat(images)
-        for row in a.rows:
-            t0 = time.perf_counter()
-            q = sx.quantize(loaded, union, seed=a.seeds[0], progress=False, **{**EXPLICIT, **RECIPES[row]})
-            emit({"row": row, "calib": "sardfq", "seeds": a.seeds, "union": len(union), "image_scale": scale,
-                  "limit": len(y), **grey, "fp32_top1": fp32, "fakequant_top1": scores(logits_of(q.model, x), y),
-                  "seconds": round(time.perf_counter() - t0, 1), "commit": _commit()}, a.log)  # fmt: skip
+        measure(union, a.seeds[0], {"seeds": a.seeds, "union": len(union), "image_scale": scale})
 
 
 if __name__ == "__main__":
