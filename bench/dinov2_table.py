@@ -133,6 +133,14 @@ RECIPES = {
     # bench/dinov2_image_scale_probe.py --rows w4a8+v4+r --scales 0.0625 --grey, 2,000 test images:
     # 82.20 / 82.85 / 85.40% against AWQ + nearest's 77.40 / 82.75 / 81.55% on the same sets
     "w4a8+v4+r": {"scheme": "w4a8", "weight_rounding": "gptq", "gptq_views": 4, "gptq_tokens": "rollout"},
+    # ... with the last block's Linears float, as w4a16's default keeps them (w4a16+v4+r+fp11)
+    "w4a8+v4+r+fp11": {
+        "scheme": "w4a8",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "keep_fp": ("blocks.11.*",),
+    },
     # ... then 150 steps of distillation on fresh crop views of the 32 images (--finetune kd --kd-views,
     # lr 3e-6, fp32 as the probe ran): bench/dinov2_kd_probe.py --row w4a8+awq --augment, 2,000 test
     # images: seed 0 80.75% -> 81.75%, seed 1 76.90% -> 78.80% (plain KD on the 32 images: 78.60, 78.00%)
@@ -158,6 +166,10 @@ RECIPES = {
 # (weight_rounding is not among them: every 4-bit row states its rounding, and "auto" at w8a8 is
 # nearest, the model naming a rounding of its own only at w4a8.)
 EXPLICIT = dict(MODEL_RECIPE_FIELDS)
+# The row whose recipe is the product's default for the model at each scheme (api.model_recipe of
+# models.loading.ZOO_EXTRA): what the docs publish as "the default" is this row's number, and
+# tests/test_dinov2.py fails when a default moves without its row.
+DEFAULT_ROWS = {"w8a8": "w8a8+sq.5+c+bc", "w4a16": "w4a16+v4+r+fp11", "w4a8": "w4a8+awq"}
 # Bump when the product's "auto" recipe (api.resolved_recipe) or the export changes: cached cells
 # of an older version are then measured again.
 RECIPE_VERSION = 1

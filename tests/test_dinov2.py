@@ -337,6 +337,40 @@ def test_main_job_on_dinov2_exports_lints_and_runs_in_onnxruntime(tmp_path, caps
     assert report["op_census"]["int8_gemm"] == 48 and report["op_census"]["int4_gemm"] == 0
 
 
+@pytest.mark.parametrize("size", ["", "@224"])
+def test_the_tables_default_rows_are_the_models_own_recipe(size):
+    """bench/dinov2_table.py publishes each scheme's default under one row (DEFAULT_ROWS): that row's
+    recipe must be what ``sx.quantize`` resolves for the model, or the number called "the default" in
+    the docs was measured on something else (w4a16 once defaulted to a bias correction its row lacked)."""
+    import importlib.util
+    from pathlib import Path
+
+    from conftest import tiny_vit
+
+    import sardfq_export as sx
+    from sardfq_export import calibrators
+    from sardfq_export.api import MODEL_RECIPE_FIELDS, model_recipe, resolved_recipe
+    from sardfq_export.models.loading import ZOO_EXTRA, wrap_module
+
+    spec = importlib.util.spec_from_file_location(
+        "dinov2_table", Path(__file__).parents[1] / "bench" / "dinov2_table.py"
+    )
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    loaded = wrap_module(tiny_vit())
+    loaded.extra = ZOO_EXTRA[table.MODEL + size]
+    assert set(table.DEFAULT_ROWS) == set(ZOO_EXTRA[table.MODEL]["quantize"]) - set(MODEL_RECIPE_FIELDS)
+    for scheme_name, row in table.DEFAULT_ROWS.items():
+        scheme = calibrators.get_scheme(scheme_name)
+        got = model_recipe(sx.QuantizeConfig(scheme=scheme_name), loaded)
+        want = sx.QuantizeConfig(**{**table.EXPLICIT, **table.RECIPES[row]})
+        assert want.scheme == scheme_name, row
+        assert {k: getattr(got, k) for k in MODEL_RECIPE_FIELDS} == {
+            k: getattr(want, k) for k in MODEL_RECIPE_FIELDS
+        }, row
+        assert resolved_recipe(got, scheme) == resolved_recipe(want, scheme), row
+
+
 def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
     """The ZOO entry's per-model defaults reach synthesis: 100 iterations (the 1000 of an ImageNet
     ViT would take the default main job past its 20-minute budget), grey images on an eighth-side
@@ -358,7 +392,12 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
             "centre_fc2": True,
             "bias_correct": True,
             "w8a8": {"smoothquant": 0.5, "smooth_fc2": True},
-            "w4a16": {"gptq_views": 4, "gptq_tokens": "rollout", "keep_fp": ["blocks.11.*"]},
+            "w4a16": {
+                "gptq_views": 4,
+                "gptq_tokens": "rollout",
+                "keep_fp": ["blocks.11.*"],
+                "bias_correct": False,
+            },
             "w4a8": {"centre_fc2": False, "bias_correct": False, "awq": True, "weight_rounding": "nearest"},
         },
         "psaq2": {"student_lr": 1e-6, "disc_weight": 0.1},
@@ -385,6 +424,7 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
     w4 = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a16", progress=False)
     assert w4.summary["gptq"]["views"] == 4 and not w4.scheme.centre_fc2 and w4.config.centre_fc2 is False
     assert w4.summary["gptq"]["token_weights"] == "rollout"  # tokens weighted by their reach to the CLS
+    assert w4.config.bias_correct is False and "bias_correction" not in w4.summary  # as the table measured
     # ... and its last block float (the stand-in has 12 blocks, as the model has), at w4a16 only
     assert w4.scheme.keep_fp == ("blocks.11.*",) and type(w4.model.blocks[11].mlp.fc2) is torch.nn.Linear
     assert (
