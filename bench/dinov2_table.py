@@ -124,6 +124,23 @@ RECIPES = {
         "gptq_tokens": "rollout",
         "keep_fp": ("blocks.11.*",),
     },
+    # ... with INT4 blocks of 64 input channels instead of 128 (TensorRT takes both): a finer grid for
+    # GPTQ to round on (AWQ + nearest from full-grid colour sets lost with it, docs/dinov2-accuracy.md)
+    "w4a16_b64+v4+r+fp11": {
+        "scheme": "w4a16_b64",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "keep_fp": ("blocks.11.*",),
+    },
+    # ... with the last two blocks float (the error budget's next parts are at most 0.3 points a block)
+    "w4a16+v4+r+fp10-11": {
+        "scheme": "w4a16",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "keep_fp": ("blocks.10.*", "blocks.11.*"),
+    },
     "w4a8": {"scheme": "w4a8", "weight_rounding": "gptq"},
     # AWQ's per-channel scales, then round-to-nearest: DINOv2's w4a8 recipe since 2026-12-05
     # (bench/dinov2_probe.py --rounding nearest --awq: ahead of GPTQ by 5.4-6.8 points on all three

@@ -211,13 +211,20 @@ def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
 
     A model's defaults may differ by weight width and by scheme, each measured on the model:
     ``extra["quantize"]["w4"]`` (or ``"w8"``) overrides the common ones for schemes with 4-bit
-    (8-bit) weights, and ``extra["quantize"][scheme name]`` (e.g. ``"w4a16"``) overrides both.
+    (8-bit) weights, ``extra["quantize"]["w4a16"]`` (the widths, activations 16 when weight-only) those
+    for every scheme of these widths (``w4a16_b64`` too), and ``extra["quantize"][scheme name]`` all.
     ``weight_rounding`` "auto" takes the model's ``"weight_rounding"`` there too, when it names one."""
     from sardfq_export import calibrators
 
     scheme = calibrators.get_scheme(cfg.scheme)
     common = loaded.extra.get("quantize", {})
-    own = {**common, **common.get(f"w{scheme.w_bits}", {}), **common.get(scheme.name, {})}
+    widths = f"w{scheme.w_bits}a{scheme.a_bits or 16}"
+    own = {
+        **common,
+        **common.get(f"w{scheme.w_bits}", {}),
+        **common.get(widths, {}),
+        **common.get(scheme.name, {}),
+    }
     resolved = {
         k: type(fallback)(own.get(k, fallback))
         for k, fallback in MODEL_RECIPE_FIELDS.items()

@@ -425,6 +425,9 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
     assert w4.summary["gptq"]["views"] == 4 and not w4.scheme.centre_fc2 and w4.config.centre_fc2 is False
     assert w4.summary["gptq"]["token_weights"] == "rollout"  # tokens weighted by their reach to the CLS
     assert w4.config.bias_correct is False and "bias_correction" not in w4.summary  # as the table measured
+    # the same recipe for INT4 blocks of 64 (the widths' entry, not the scheme's name, holds it)
+    b64 = model_recipe(sx.QuantizeConfig(scheme="w4a16_b64"), loaded)
+    assert replace(b64, scheme="w4a16") == model_recipe(sx.QuantizeConfig(scheme="w4a16"), loaded)
     # ... and its last block float (the stand-in has 12 blocks, as the model has), at w4a16 only
     assert w4.scheme.keep_fp == ("blocks.11.*",) and type(w4.model.blocks[11].mlp.fc2) is torch.nn.Linear
     assert (
