@@ -169,7 +169,12 @@ RECIPES = {
         "smooth_fc2": True,
     },
     # ... with the last block's Linears float, as w4a16's default keeps them
-    "w4a8+awq+fp11": {"scheme": "w4a8", "weight_rounding": "nearest", "awq": True, "keep_fp": ("blocks.11.*",)},
+    "w4a8+awq+fp11": {
+        "scheme": "w4a8",
+        "weight_rounding": "nearest",
+        "awq": True,
+        "keep_fp": ("blocks.11.*",),
+    },
     # ... then 150 steps of distillation on fresh crop views of the 32 images (--finetune kd --kd-views,
     # lr 3e-6, fp32 as the probe ran): bench/dinov2_kd_probe.py --row w4a8+awq --augment, 2,000 test
     # images: seed 0 80.75% -> 81.75%, seed 1 76.90% -> 78.80% (plain KD on the 32 images: 78.60, 78.00%)
