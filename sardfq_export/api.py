@@ -84,6 +84,10 @@ class QuantizeConfig:
     # for the scheme (MODEL_RECIPE_FIELDS, e.g. a block measured to carry most of its 4-bit error),
     # else none; () keeps none.
     keep_fp: tuple[str, ...] | None = None
+    # INT4 weight blocks of a block-wise scheme (w4a16): 64 or 128 input channels per scale (TensorRT
+    # runs both; the exported DequantizeLinear's block_size). 0: the scheme's own. None: the model's
+    # own default for the scheme (MODEL_RECIPE_FIELDS), else the scheme's.
+    weight_block: int | None = None
     # SmoothQuant migration strength in [0, 1) folded into LayerNorm→Linear pairs and V → proj;
     # 0: off. None: the model's own default (MODEL_RECIPE_FIELDS), else off.
     smoothquant: float | None = None
@@ -123,6 +127,12 @@ class QuantizeConfig:
             )
         if self.keep_fp is not None:
             object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
+        if self.weight_block is not None and (
+            isinstance(self.weight_block, bool) or self.weight_block not in (0, 64, 128)
+        ):
+            raise UserInputError(
+                f"weight_block is an INT4 block size, 64 or 128 (0: the scheme's own), got {self.weight_block!r}"
+            )
         if self.finetune not in FINETUNES:
             raise UserInputError(f"unknown finetune {self.finetune!r}: use one of {', '.join(FINETUNES)}")
         if not self.gptq_damp > 0:
@@ -203,7 +213,7 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 # (models.loading.ZOO_EXTRA, measured per model), else the value here.
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
                        "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
-                       "keep_fp": ()}  # fmt: skip
+                       "keep_fp": (), "weight_block": 0}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -232,6 +242,8 @@ def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
     }
     if resolved.get("centre_fc2") and scheme.a_bits is None:
         resolved["centre_fc2"] = False  # a weight-only scheme has no activation quantizer to centre for
+    if resolved.get("weight_block") and not isinstance(scheme.w_granularity, calibrators.PerBlock):
+        resolved["weight_block"] = 0  # a per-channel scheme has no blocks to size
     if resolved.get("awq") and scheme.w_bits != 4:
         resolved["awq"] = False  # AWQ is for 4-bit weights
     # AWQ and SmoothQuant rescale the same inputs: a model default yields to the caller's choice of
@@ -386,14 +398,21 @@ def calibration_set(
     )
 
 
-def _scheme_of(cfg: QuantizeConfig):
+def scheme_of(cfg: QuantizeConfig):
+    """The scheme ``cfg`` (its model defaults resolved) quantizes with; a one-line error where they conflict."""
     from sardfq_export import calibrators
 
     scheme = calibrators.get_scheme(cfg.scheme)
     alpha = cfg.smoothquant or None  # 0 (and an unresolved None): off
     if cfg.smooth_fc2 and alpha is None:
         raise UserInputError("smooth_fc2 (--smooth-fc2) needs smoothquant (--smoothquant ALPHA, ALPHA > 0)")
+    if cfg.weight_block and not isinstance(scheme.w_granularity, calibrators.PerBlock):
+        raise UserInputError(
+            f"weight_block (--weight-block) sizes INT4 weight blocks; scheme {scheme.name} has per-channel "
+            f"weight scales: use a block-wise scheme ({', '.join(n for n, s in calibrators.SCHEMES.items() if isinstance(s.w_granularity, calibrators.PerBlock))})"
+        )
     return scheme.with_options(
+        w_granularity=calibrators.PerBlock(cfg.weight_block) if cfg.weight_block else None,
         keep_fp=cfg.keep_fp or None,
         smoothquant_alpha=alpha,
         smooth_explicit=cfg.smooth_fc2 or None,
@@ -520,7 +539,7 @@ def quantize(
             progress=progress,
             device=device,
         ).quantized
-    scheme = _scheme_of(cfg)
+    scheme = scheme_of(cfg)
     dev = resolve_device(device)
     check_precision(cfg.precision, dev)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, dev, loaded.extra.get("precision")))
@@ -620,7 +639,7 @@ def psaq2(
     acfg = (adaptive or AdaptiveConfig()).resolve(loaded.family, loaded.extra.get("psaq2"))
     if iters is not None:
         acfg = replace(acfg, rounds=iters)
-    scheme = _scheme_of(cfg)
+    scheme = scheme_of(cfg)
     dev = resolve_device(device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, dev, loaded.extra.get("precision")))
     teacher = PatchSimilarityTeacher(loaded, replace(synth or SynthConfig(), seed=seed), dev)

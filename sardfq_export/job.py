@@ -224,6 +224,7 @@ def _run_locked(
     qcfg = api.model_recipe(
         replace(cfg.quantize, scheme=scheme.name, seed=cfg.seed), loaded
     )  # its own defaults
+    api.scheme_of(qcfg)  # a recipe its scheme refuses (--weight-block on w8a8...) fails before synthesis
     # --iters: synthesis iterations, or V2's rounds (another unit: the model's synthesis default is not one)
     iters = cfg.iters if cfg.iters is not None or adaptive else loaded.extra.get("synthesis_iters")
     student = {

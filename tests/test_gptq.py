@@ -526,6 +526,58 @@ def test_recipe_switches_left_unset_take_the_models_own_defaults():
     )
 
 
+def test_weight_block_sizes_int4_blocks_from_the_caller_or_the_model(tmp_path):
+    """``weight_block`` (``--weight-block``) sets a block-wise scheme's INT4 block size: fc2's 256
+    inputs carry 4 scales a row at 64, 2 at 128; the model may name its own per scheme; a stated size
+    wins; a per-channel scheme refuses a stated size and ignores a model's; sizes TensorRT has not
+    are refused. The QDQ graph's DequantizeLinear carries the size."""
+    import click
+    import onnx
+    from click.testing import CliRunner
+
+    import sardfq_export as sx
+    from sardfq_export.cli.options import recipe_config, recipe_options
+    from sardfq_export.models import LoadedModel
+
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    own = {"quantize": {}}
+    loaded = LoadedModel(tiny_vit(), "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init", extra=own)
+
+    def fc2_scales(**kw):
+        q = sx.quantize(loaded, images, weight_rounding="nearest", progress=False, **kw)
+        return q, tuple(q.model.blocks[0].mlp.fc2.weight_quantizer.scale.shape)
+
+    plain, shape = fc2_scales(scheme="w4a16")
+    assert plain.config.weight_block == 0 and shape == (64, 2)
+    b64, shape = fc2_scales(scheme="w4a16", weight_block=64)
+    assert b64.scheme.w_granularity == PerBlock(64) and shape == (64, 4)
+    assert calibrators.Scheme.from_dict(b64.scheme.to_dict()) == b64.scheme  # saved with the scheme
+    res = sx.export(b64, tmp_path / "m.onnx")
+    blocks = {a.i for n in onnx.load(str(res.path)).graph.node if n.op_type == "DequantizeLinear"
+              for a in n.attribute if a.name == "block_size"}  # fmt: skip
+    assert res.lint.passed and blocks == {64}
+    own["quantize"]["w4a16"] = {"weight_block": 64}  # the model's own for the scheme; a stated size wins
+    assert fc2_scales(scheme="w4a16")[1] == (64, 4) and fc2_scales(scheme="w4a16", weight_block=128)[1] == (
+        64,
+        2,
+    )
+    own["quantize"]["weight_block"] = 64  # a common default: per-channel schemes have no blocks to size
+    assert sx.quantize(loaded, images, scheme="w8a8", progress=False).config.weight_block == 0
+    with pytest.raises(sx.UserInputError, match="per-channel"):
+        sx.quantize(loaded, images, scheme="w8a8", weight_block=64, progress=False)
+    with pytest.raises(sx.UserInputError, match="64 or 128"):
+        sx.QuantizeConfig(weight_block=32)
+
+    @click.command()
+    @recipe_options
+    def cmd(**opts):
+        click.echo(repr(recipe_config(opts).weight_block))
+
+    assert CliRunner().invoke(cmd, ["--weight-block", "64"]).output.strip() == "64"
+    assert CliRunner().invoke(cmd, []).output.strip() == "None"
+    assert CliRunner().invoke(cmd, ["--weight-block", "32"]).exit_code == 2
+
+
 def test_rollout_token_weights_follow_attention_to_the_readout():
     """Exact where the math is: the last block's proj/fc1/fc2 see the CLS token alone (weight T, the
     rest 0); qkv's row is the readout pushed back through its block's (½A + ½I) attention, computed

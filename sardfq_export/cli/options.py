@@ -175,6 +175,12 @@ recipe_options = _stack(
         "--keep-fp none: none float. [default: the model's own for the scheme, else none]",
     ),
     click.option(
+        "--weight-block",
+        type=click.Choice(["64", "128"]),
+        help="INT4 weight blocks of a block-wise scheme (w4a16): input channels per scale; TensorRT runs "
+        "both. [default: the model's own for the scheme, else the scheme's]",
+    ),
+    click.option(
         "--smoothquant",
         type=click.FloatRange(0.0, 1.0, max_open=True),
         metavar="ALPHA",
@@ -251,6 +257,7 @@ def recipe_config(opts: dict, **fields):
                           weight_rounding=opts["weight_rounding"], gptq_views=opts["gptq_views"],
                           gptq_tokens=opts["gptq_tokens"], calib_lowpass=opts["calib_lowpass"],
                           keep_fp=_keep_fp(opts["keep_fp"]),
+                          weight_block=int(opts["weight_block"]) if opts["weight_block"] else None,
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
                           bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
