@@ -349,7 +349,7 @@ def test_the_tables_default_rows_are_the_models_own_recipe(size):
 
     import sardfq_export as sx
     from sardfq_export import calibrators
-    from sardfq_export.api import MODEL_RECIPE_FIELDS, model_recipe, resolved_recipe
+    from sardfq_export.api import MODEL_RECIPE_FIELDS, model_recipe, resolved_recipe, scheme_of
     from sardfq_export.models.loading import ZOO_EXTRA, wrap_module
 
     spec = importlib.util.spec_from_file_location(
@@ -360,15 +360,16 @@ def test_the_tables_default_rows_are_the_models_own_recipe(size):
     loaded = wrap_module(tiny_vit())
     loaded.extra = ZOO_EXTRA[table.MODEL + size]
     assert set(table.DEFAULT_ROWS) == set(ZOO_EXTRA[table.MODEL]["quantize"]) - set(MODEL_RECIPE_FIELDS)
+
+    def effective(cfg):  # what quantizes: the scheme with its options (a name aside), and the rest
+        scheme = {k: v for k, v in scheme_of(cfg).to_dict().items() if k not in ("name", "description")}
+        fields = {k: getattr(cfg, k) for k in MODEL_RECIPE_FIELDS if k != "weight_block"}  # in the scheme
+        return scheme, fields, resolved_recipe(cfg, calibrators.get_scheme(cfg.scheme))
+
     for scheme_name, row in table.DEFAULT_ROWS.items():
-        scheme = calibrators.get_scheme(scheme_name)
         got = model_recipe(sx.QuantizeConfig(scheme=scheme_name), loaded)
         want = sx.QuantizeConfig(**{**table.EXPLICIT, **table.RECIPES[row]})
-        assert want.scheme == scheme_name, row
-        assert {k: getattr(got, k) for k in MODEL_RECIPE_FIELDS} == {
-            k: getattr(want, k) for k in MODEL_RECIPE_FIELDS
-        }, row
-        assert resolved_recipe(got, scheme) == resolved_recipe(want, scheme), row
+        assert effective(got) == effective(want), row
 
 
 def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
