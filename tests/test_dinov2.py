@@ -399,7 +399,13 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
                 "keep_fp": ["blocks.11.*"],
                 "bias_correct": False,
             },
-            "w4a8": {"centre_fc2": False, "bias_correct": False, "awq": True, "weight_rounding": "nearest"},
+            "w4a8": {
+                "centre_fc2": False,
+                "bias_correct": False,
+                "gptq_views": 4,
+                "gptq_tokens": "rollout",
+                "keep_fp": ["blocks.11.*"],
+            },
         },
         "psaq2": {"student_lr": 1e-6, "disc_weight": 0.1},
     }
@@ -435,25 +441,28 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
         w4.summary["quant"]["quant_linear"] == 44 and type(w4.model.blocks[10].mlp.fc2) is not torch.nn.Linear
     )
     w4a8 = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", progress=False)
-    # w4a8: AWQ's scales, then round-to-nearest (GPTQ on synthetic images measured worse there)
-    assert w4a8.summary["resolved"]["weight_rounding"] == "nearest" and "gptq" not in w4a8.summary
-    assert w4a8.scheme.awq and w4a8.summary["calibration"]["awq"]["scaled"] == 48
-    # a caller's GPTQ at w4a8 drops the model's AWQ (measured with nearest rounding only) ...
-    g = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", weight_rounding="gptq", progress=False)
-    assert g.summary["gptq"]["views"] == 1 and not g.scheme.awq  # views measured worse at w4a8
-    # ... and AWQ turned off drops the model's nearest rounding (GPTQ, by width) ...
-    no = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", awq=False, progress=False)
-    assert not no.scheme.awq and no.summary["resolved"]["weight_rounding"] == "gptq"
-    # ... unless they ask for both
-    both = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", weight_rounding="gptq", awq=True,
-                       progress=False)  # fmt: skip
-    assert both.scheme.awq and "gptq" in both.summary
+    # w4a8: w4a16's GPTQ (4 views, rollout tokens) and its last block float; no AWQ
+    assert w4a8.summary["resolved"]["weight_rounding"] == "gptq" and not w4a8.scheme.awq
+    assert w4a8.summary["gptq"]["views"] == 4 and w4a8.summary["gptq"]["token_weights"] == "rollout"
+    assert w4a8.scheme.keep_fp == ("blocks.11.*",) and w4a8.summary["quant"]["quant_linear"] == 44
     # and neither centring nor bias correction there (both measured worse at w4a8)
     assert (
         not w4a8.scheme.centre_fc2
         and w4a8.config.bias_correct is False
         and "bias_correction" not in w4a8.summary
     )
+    # A model's rounding and AWQ measured together go together (models.loading: DINOv2's w4a8 until
+    # 2026-12-06 was AWQ + nearest): a caller's GPTQ drops the model's AWQ ...
+    own = {**loaded.extra["quantize"], "w4a8": {"awq": True, "weight_rounding": "nearest"}}
+    paired = replace(loaded, extra={**loaded.extra, "quantize": own})
+    assert model_recipe(sx.QuantizeConfig(scheme="w4a8"), paired).weight_rounding == "nearest"
+    g = model_recipe(sx.QuantizeConfig(scheme="w4a8", weight_rounding="gptq"), paired)
+    assert g.awq is False
+    # ... and AWQ turned off drops the model's nearest rounding (GPTQ, by width) ...
+    assert model_recipe(sx.QuantizeConfig(scheme="w4a8", awq=False), paired).weight_rounding == "auto"
+    # ... unless they ask for both
+    both = model_recipe(sx.QuantizeConfig(scheme="w4a8", weight_rounding="gptq", awq=True), paired)
+    assert both.awq and both.weight_rounding == "gptq"
     # w8a8: SmoothQuant α 0.5, fc2 through its explicit Mul; not at 4-bit weights (unmeasured there)
     assert (q.scheme.smoothquant_alpha, q.scheme.smooth_explicit) == (0.5, True)
     assert all(not torch.equal(b.mlp.fc2.input_smooth, torch.ones_like(b.mlp.fc2.input_smooth))
