@@ -203,7 +203,7 @@ EXPLICIT = dict(MODEL_RECIPE_FIELDS)
 # The row whose recipe is the product's default for the model at each scheme (api.model_recipe of
 # models.loading.ZOO_EXTRA): what the docs publish as "the default" is this row's number, and
 # tests/test_dinov2.py fails when a default moves without its row.
-DEFAULT_ROWS = {"w8a8": "w8a8+sq.5+c+bc", "w4a16": "w4a16+v4+r+fp11", "w4a8": "w4a8+v4+r+fp11"}
+DEFAULT_ROWS = {"w8a8": "w8a8+sq.5+c+bc", "w4a16": "w4a16+v4+r+fp10-11", "w4a8": "w4a8+v4+r+fp11"}
 # Bump when the product's "auto" recipe (api.resolved_recipe) or the export changes: cached cells
 # of an older version are then measured again.
 RECIPE_VERSION = 1
@@ -519,7 +519,9 @@ def write_doc(
             cells.append(
                 f"{_ms([r['deployed_top1'] for r in got])} / {_ms([r['fakequant_top1'] for r in got])}"
             )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        default = [s for s, row in DEFAULT_ROWS.items() if row == name]
+        label = f"{name} (the model's {default[0]} default)" if default else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Deployed vs fake-quant agreement on the test set, and the fake-quant model's noise floors "
               "(its agreement with itself when every activation quantizer's input moves by a relative 1e-6, "
               f"the first {min(2000, meta['limit'])} test images: what the report shows; and under 1e-6 input "

@@ -396,7 +396,7 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
             "w4a16": {
                 "gptq_views": 4,
                 "gptq_tokens": "rollout",
-                "keep_fp": ["blocks.11.*"],
+                "keep_fp": ["blocks.10.*", "blocks.11.*"],
                 "bias_correct": False,
             },
             "w4a8": {
@@ -435,10 +435,11 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
     # the same recipe for INT4 blocks of 64 (the widths' entry, not the scheme's name, holds it)
     b64 = model_recipe(sx.QuantizeConfig(scheme="w4a16_b64"), loaded)
     assert replace(b64, scheme="w4a16") == model_recipe(sx.QuantizeConfig(scheme="w4a16"), loaded)
-    # ... and its last block float (the stand-in has 12 blocks, as the model has), at w4a16 only
-    assert w4.scheme.keep_fp == ("blocks.11.*",) and type(w4.model.blocks[11].mlp.fc2) is torch.nn.Linear
+    # ... and its last two blocks float (the stand-in has 12 blocks, as the model has)
+    assert w4.scheme.keep_fp == ("blocks.10.*", "blocks.11.*")
+    assert all(type(w4.model.blocks[i].mlp.fc2) is torch.nn.Linear for i in (10, 11))
     assert (
-        w4.summary["quant"]["quant_linear"] == 44 and type(w4.model.blocks[10].mlp.fc2) is not torch.nn.Linear
+        w4.summary["quant"]["quant_linear"] == 40 and type(w4.model.blocks[9].mlp.fc2) is not torch.nn.Linear
     )
     w4a8 = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", progress=False)
     # w4a8: w4a16's GPTQ (4 views, rollout tokens) and its last block float; no AWQ
