@@ -149,9 +149,10 @@ def test_distill_on_crop_views_does_not_learn_the_calibration_images_by_heart(re
 def test_distill_float_lr_trains_the_float_parameters_at_their_own_rate(reference, tmp_path):
     """``float_lr`` adds every 1-D parameter (biases, LayerNorm affines) in a group of its own: with
     the weights' lr at 0 the 4-bit weights stay bit-equal while the norms move and take the KL on 64
-    other test images down (reference model, w4a8, 40 view steps at 1e-3: 0.00191 -> 0.00181; at 3e-3
-    it rises to 0.0034, so the rate matters); the moved norms are saved with the quantized state and
-    reload equal."""
+    other test images down (reference model, w4a8, 40 view steps at 3e-4 on an AMX-BF16 Xeon: 0.00190
+    -> 0.00171; at 1e-4 0.00171, but at 1e-3 it rises to 0.00226 there, where an earlier host went
+    0.00191 -> 0.00181 and rose only at 3e-3: the rate matters, and 1e-3 is at its edge); the moved
+    norms are saved with the quantized state and reload equal."""
     from sardfq_export.data import load_raw, preprocess
 
     loaded = reference
@@ -168,9 +169,9 @@ def test_distill_float_lr_trains_the_float_parameters_at_their_own_rate(referenc
     weights = {n: p.detach().clone() for n, p in q.named_parameters() if p.ndim > 1}
     norms = {n: p.detach().clone() for n, p in q.named_parameters() if "norm" in n}
     before = kl(q, held)
-    rep = C.distill(q, loaded.model, x, iters=40, lr=0.0, float_lr=1e-3, batch_size=16, progress=False,
+    rep = C.distill(q, loaded.model, x, iters=40, lr=0.0, float_lr=3e-4, batch_size=16, progress=False,
                     augment=True)  # fmt: skip
-    assert rep["float_lr"] == 1e-3
+    assert rep["float_lr"] == 3e-4
     assert all(torch.equal(p, weights[n]) for n, p in q.named_parameters() if p.ndim > 1)
     moved = [n for n, p in q.named_parameters() if n in norms and not torch.equal(p, norms[n])]
     assert len(moved) == len(norms) and set(moved) <= q.sardfq_quant["modified"]

@@ -438,7 +438,7 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
         assert "--bias-correct" in out and "--gptq-views" in out and "--gptq-tokens" in out
         assert "--no-smooth-fc2" in out and "0: off" in out
     opts = {"range_method": "auto", "weight_range": "mse", "weight_rounding": "auto", "gptq_views": None,
-            "gptq_tokens": None, "calib_lowpass": None, "keep_fp": (),
+            "gptq_tokens": None, "calib_lowpass": None, "keep_fp": (), "weight_block": None,
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
             "awq": None, "finetune": "none", "kd_views": False}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
