@@ -230,8 +230,8 @@ ZOO.update({"dinov2_s14_fmnist": _dinov2(112), "dinov2_s14_fmnist@224": _dinov2(
 # (82.74 / 83.70 / 84.09%: drop 6.86 → 3.15).
 # w4a16 leaves block 10 float too (2/12 of the block weights in FP16: the weights take about 2.6x less
 # memory than FP16 instead of 3.1x with one block): same sets, row w4a16+v4+r+fp10-11, 85.78 / 85.51 /
-# 85.89% (85.73 ± 0.20%, drop 0.93) against 85.20 ± 0.61% (drop 1.46) with block 11 alone (on the
-# sets an AMD EPYC host synthesized; the two-block cells' sets are an Intel Xeon's: not yet paired).
+# 85.89% (85.73 ± 0.20%, drop 0.93); block 11 alone on the same sets (bench/dinov2_image_scale_probe.py
+# --limit 10000): 85.33 / 84.93 / 84.95%, so +0.45, +0.58, +0.94 (on an AMD EPYC's sets it gave 85.20%).
 # w4a16 leaves the last block's Linears float (1/12 of the block weights in FP16; TensorRT runs it as
 # is): the error budget's largest single part (1.8 of 4.55 points, docs/dinov2-accuracy.md). All 10k
 # test images, deployed, the default grey eighth-grid SARDFQ sets (bench/dinov2_table.py rows
