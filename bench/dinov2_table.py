@@ -141,6 +141,15 @@ RECIPES = {
         "gptq_tokens": "rollout",
         "keep_fp": ("blocks.10.*", "blocks.11.*"),
     },
+    # ... with GPTQ fitting each layer to the float model's output there (--gptq-target float)
+    "w4a16+v4+r+fp10-11+ft": {
+        "scheme": "w4a16",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "gptq_target": "float",
+        "keep_fp": ("blocks.10.*", "blocks.11.*"),
+    },
     "w4a8": {"scheme": "w4a8", "weight_rounding": "gptq"},
     # AWQ's per-channel scales, then round-to-nearest: DINOv2's w4a8 recipe since 2026-12-05
     # (bench/dinov2_probe.py --rounding nearest --awq: ahead of GPTQ by 5.4-6.8 points on all three
@@ -156,6 +165,24 @@ RECIPES = {
         "weight_rounding": "gptq",
         "gptq_views": 4,
         "gptq_tokens": "rollout",
+        "keep_fp": ("blocks.11.*",),
+    },
+    # ... with the last two blocks float, as w4a16's default keeps them (w4a16+v4+r+fp10-11)
+    "w4a8+v4+r+fp10-11": {
+        "scheme": "w4a8",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "keep_fp": ("blocks.10.*", "blocks.11.*"),
+    },
+    # ... with GPTQ fitting each layer to the float model's output there, not to the float weights on
+    # its quantized inputs (--gptq-target float; calibrators.gptq, GPTAQ-style asymmetric calibration)
+    "w4a8+v4+r+fp11+ft": {
+        "scheme": "w4a8",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "gptq_target": "float",
         "keep_fp": ("blocks.11.*",),
     },
     # ... and w8a8's SmoothQuant (α 0.5, fc2 through its explicit Mul) for the 8-bit activations

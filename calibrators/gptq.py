@@ -13,14 +13,24 @@ identity, so the export is plain INT8/INT4 with the same scales. The weights are
 
 Inputs are what the layer sees in the quantized model (earlier layers already re-rounded, input
 quantizer applied), layer by layer in forward order, as GPTQ does sequentially.
+
+Target ("quantized", the paper's, or "float"): GPTQ fits the rounded layer's output ``Q X̃`` to
+``W X̃``, the float weights on the *quantized* model's inputs, so the error the earlier layers and the
+layer's own input quantizer left in ``X̃`` is taken as given. With "float" it fits ``W X``, the
+float model's output at that layer (asymmetric calibration, as GPTAQ, Li et al. 2025). Writing
+``ΔX = X − X̃`` and ``H = X̃ X̃ᵀ``, ``‖Q X̃ − W X‖² = ‖(Q − W′) X̃‖² + const`` with the least-squares
+weights ``W′ = W + W ΔX X̃ᵀ H⁻¹`` (the residual is orthogonal to ``X̃``), so it is GPTQ run on
+``W′`` with the same Hessian: one extra ``in × in`` statistic, and the export is unchanged.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 from sardfq_export.calibrators.calibrate import iter_batches
-from sardfq_export.calibrators.instrument import mark_modified
+from sardfq_export.calibrators.instrument import mark_modified, set_quantizers_enabled
 from sardfq_export.calibrators.modules import QuantLinear
 from sardfq_export.calibrators.quantizer import TensorQuantizer
 from sardfq_export.calibrators.rollout import rollout_token_weights
@@ -30,6 +40,7 @@ from sardfq_export.core.errors import UserInputError
 
 DAMP = 0.01  # [paper] dampening: 1% of the mean Hessian diagonal (the rank-deficient case is normal)
 TOKEN_WEIGHTS = ("uniform", "rollout")  # how each token's term counts in the Hessian
+TARGETS = ("quantized", "float")  # whose output at the layer the rounded layer is fitted to
 COLUMN_BLOCK = 128  # [paper] lazy batch updates: columns rounded together before the trailing update
 
 
@@ -84,36 +95,84 @@ def hessian_views(images: torch.Tensor, views: int, seed: int = 0) -> torch.Tens
 
 
 def _input_hessian(
-    qmodel: nn.Module, lin: QuantLinear, data, batch_size: int, weights: torch.Tensor | None = None
-) -> tuple[torch.Tensor, int]:
+    qmodel: nn.Module,
+    lin: QuantLinear,
+    data,
+    batch_size: int,
+    weights: torch.Tensor | None = None,
+    reference: nn.Module | None = None,
+    name: str = "",
+) -> tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor] | None]:
     """Σ w x xᵀ over every token of the calibration images at ``lin``'s (quantized) input, float64;
-    ``weights``: (images, tokens) per-token weights in the images' order (None: all 1)."""
+    ``weights``: (images, tokens) per-token weights in the images' order (None: all 1). With a
+    ``reference`` (the model with its quantizers off, before rounding), also ``(Σ w Δx xᵀ,
+    Σ w Δx Δxᵀ)`` where ``Δx`` is the reference's input to its module ``name`` minus ``x``."""
     device = lin.weight.device
-    h = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
-    count, seen = [0], [0]
+    n = lin.in_features
+    h = torch.zeros(n, n, dtype=torch.float64, device=device)
+    cross = (torch.zeros_like(h), torch.zeros_like(h)) if reference is not None else None
+    count, seen, ref_x = [0], [0], [None]
+
+    def ref_hook(m, args):
+        ref_x[0] = args[0].detach().double()
+        raise _Stop
 
     def hook(m, args):
         x = m.quant_input(args[0].detach()).double()  # what F.linear sees
+        dx = ref_x[0] - x if cross is not None else None
         if weights is not None:
             w = weights[seen[0] : seen[0] + x.shape[0]].to(device=device, dtype=torch.float64)
             seen[0] += x.shape[0]
             x = x * w.sqrt().unsqueeze(-1)
+            dx = dx * w.sqrt().unsqueeze(-1) if dx is not None else None
         x = x.reshape(-1, m.in_features)
         h.addmm_(x.T, x)
+        if cross is not None:
+            dx = dx.reshape(-1, m.in_features)
+            cross[0].addmm_(dx.T, x)
+            cross[1].addmm_(dx.T, dx)
         count[0] += x.shape[0]
         raise _Stop  # nothing after this layer is needed
 
     handle = lin.register_forward_pre_hook(hook)
+    ref_handle = (
+        reference.get_submodule(name).register_forward_pre_hook(ref_hook) if reference is not None else None
+    )
     try:
         with torch.no_grad():
             for batch in iter_batches(data, batch_size):
+                batch = batch.to(device)
+                if reference is not None:
+                    try:
+                        reference(batch)
+                    except _Stop:
+                        pass
                 try:
-                    qmodel(batch.to(device))
+                    qmodel(batch)
                 except _Stop:
                     pass
     finally:
         handle.remove()
-    return h, count[0]
+        if ref_handle is not None:
+            ref_handle.remove()
+    return h, count[0], cross
+
+
+def float_target_weights(
+    weight: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float = DAMP
+) -> torch.Tensor:
+    """``W′ = W + W C H⁻¹`` (float64), ``C = Σ Δx x̃ᵀ``: the weights whose output on the quantized
+    inputs ``x̃`` is closest to the float weights' on the float inputs ``x̃ + Δx`` (least squares,
+    ``H`` dampened as GPTQ dampens it; inputs that are always zero keep their weights)."""
+    w = weight.detach().double()
+    hd = h.clone()
+    dead = torch.diag(hd) == 0
+    hd[dead, dead] = 1.0
+    hd.diagonal().add_(damp * torch.diag(hd).mean())
+    # W C H⁻¹ = (H⁻¹ Cᵀ Wᵀ)ᵀ, H symmetric positive definite once dampened
+    delta = torch.cholesky_solve((w @ cross).T, torch.linalg.cholesky(hd)).T
+    delta[:, dead] = 0.0
+    return w + delta
 
 
 def gptq_round(
@@ -158,10 +217,21 @@ def gptq_round(
     return qw[:, torch.argsort(perm)].to(weight.dtype)
 
 
-def _output_error(weight: torch.Tensor, qweight: torch.Tensor, h: torch.Tensor) -> float:
-    """tr((W−Q) H (W−Q)ᵀ) = Σ over the calibration tokens of ‖(W−Q) x‖²."""
-    d = weight.double() - qweight.double()
-    return float(torch.einsum("oi,ij,oj->", d, h, d))
+def _output_error(
+    weight: torch.Tensor,
+    qweight: torch.Tensor,
+    h: torch.Tensor,
+    cross: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> float:
+    """tr((W−Q) H (W−Q)ᵀ) = Σ over the calibration tokens of ‖(W−Q) x‖²; with ``cross`` (the float
+    target's ``(Σ Δx xᵀ, Σ Δx Δxᵀ)``): Σ ‖Q x − W (x + Δx)‖²."""
+    w = weight.double()
+    d = qweight.double() - w
+    err = torch.einsum("oi,ij,oj->", d, h, d)
+    if cross is not None:
+        c, dd = cross  # ‖D x − W Δx‖² = xᵀDᵀDx − 2 ΔxᵀWᵀDx + ΔxᵀWᵀWΔx
+        err = err - 2 * torch.einsum("oi,ji,oj->", d, c, w) + torch.einsum("oi,ij,oj->", w, dd, w)
+    return float(err)
 
 
 @torch.no_grad()
@@ -175,6 +245,7 @@ def gptq_weights(
     seed: int = 0,
     tokens: str = "uniform",
     float_model: nn.Module | None = None,
+    target: str = "quantized",
     progress: bool = True,
 ) -> dict:
     """Re-round every enabled, calibrated weight quantizer's Linear in ``qmodel`` with GPTQ.
@@ -182,9 +253,12 @@ def gptq_weights(
     ``data``: the calibration images (tensor, CalibSet-like or iterable of batches); ``views`` > 1
     adds label-preserving variants of them to the Hessian (:func:`hessian_views`). ``tokens``:
     "uniform" (every token's term counts 1, the paper's) or "rollout" (each token weighted by how
-    much it reaches the prediction in ``float_model``, :mod:`calibrators.rollout`). Returns the
-    summary: layers re-rounded and the mean relative output-error reduction on the calibration
-    inputs (``tr((W−Q) H (W−Q)ᵀ)`` of GPTQ over round-to-nearest's).
+    much it reaches the prediction in ``float_model``, :mod:`calibrators.rollout`). ``target``:
+    "quantized" fits each layer's float output on its quantized inputs (the paper's), "float" the
+    float model's output there (the module docstring; the reference is ``qmodel`` itself with its
+    quantizers off, taken before any rounding, so folds that rescale a layer keep its units).
+    Returns the summary: layers re-rounded and the mean relative output-error reduction on the
+    calibration inputs (the target's error of GPTQ over round-to-nearest's).
     """
     from sardfq_export.core.progress import progress_bar
 
@@ -198,6 +272,8 @@ def gptq_weights(
         raise UserInputError(
             f"unknown GPTQ token weighting {tokens!r}: use one of {', '.join(TOKEN_WEIGHTS)}"
         )
+    if target not in TARGETS:
+        raise UserInputError(f"unknown GPTQ target {target!r}: use one of {', '.join(TARGETS)}")
     if views > 1:
         data = hessian_views(torch.cat(list(iter_batches(data, batch_size))), views, seed)
     importance: dict[str, torch.Tensor] = {}
@@ -206,18 +282,24 @@ def gptq_weights(
             raise UserInputError("rollout token weights are read from the float model: pass float_model")
         data = torch.cat(list(iter_batches(data, batch_size)))
         importance = rollout_token_weights(float_model, data, batch_size)
+    reference = None
+    if target == "float":
+        reference = copy.deepcopy(qmodel).eval()
+        set_quantizers_enabled(reference, False)
     was_training = qmodel.training
     qmodel.eval()
     ratios, seen = [], 0
     for name, lin in progress_bar(layers, desc="gptq", unit="layer", disable=not progress, leave=False):
         # outside the blocks (a quantized head, say) every token counts 1
-        h, seen = _input_hessian(qmodel, lin, data, batch_size, importance.get(name))
+        h, seen, cross = _input_hessian(qmodel, lin, data, batch_size, importance.get(name), reference, name)
         if seen == 0:
             raise UserInputError("GPTQ rounding saw no calibration images")
         wq = lin.weight_quantizer
         nearest = wq.fake_quant(lin.weight).double()
-        rounded = gptq_round(lin.weight, h, wq, damp, act_order)
-        before, after = _output_error(lin.weight, nearest, h), _output_error(lin.weight, rounded, h)
+        goal = lin.weight if cross is None else float_target_weights(lin.weight, h, cross[0], damp)
+        rounded = gptq_round(goal, h, wq, damp, act_order)
+        before = _output_error(lin.weight, nearest, h, cross)
+        after = _output_error(lin.weight, rounded, h, cross)
         if after < before:  # GPTQ is a heuristic; never keep a rounding worse on its own objective
             lin.weight.copy_(rounded)
             mark_modified(qmodel, {f"{name}.weight"})
@@ -230,6 +312,7 @@ def gptq_weights(
         "act_order": act_order,
         "views": views,
         "token_weights": tokens,
+        "target": target,
         "mean_output_error_ratio": sum(ratios) / len(ratios),
     }
     info = getattr(qmodel, "sardfq_quant", None)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from sardfq_export.calibrators.adaptive import AdaptiveConfig
+from sardfq_export.calibrators.gptq import TARGETS as GPTQ_TARGETS
 from sardfq_export.calibrators.gptq import TOKEN_WEIGHTS as GPTQ_TOKENS
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.device import (
@@ -73,6 +74,11 @@ class QuantizeConfig:
     # attention-rollout reach to the prediction in the float model; calibrators.rollout). None: the
     # model's own default (MODEL_RECIPE_FIELDS), else uniform.
     gptq_tokens: str | None = None
+    # Whose output each GPTQ-rounded Linear is fitted to: "quantized" (the float weights on the
+    # quantized model's inputs, the paper's) or "float" (the float model's output at that layer, so
+    # the rounding also absorbs the error earlier layers and the input quantizer left; GPTAQ-style,
+    # calibrators.gptq). None: the model's own default (MODEL_RECIPE_FIELDS), else quantized.
+    gptq_target: str | None = None
     # GPTQ's dampening, a fraction of the mean Hessian diagonal added to it (the paper's 0.01);
     # larger values trust the calibration tokens' correlations less.
     gptq_damp: float = 0.01
@@ -149,6 +155,10 @@ class QuantizeConfig:
             raise UserInputError(
                 f"unknown gptq_tokens {self.gptq_tokens!r}: use one of {', '.join(GPTQ_TOKENS)}"
             )
+        if self.gptq_target is not None and self.gptq_target not in GPTQ_TARGETS:
+            raise UserInputError(
+                f"unknown gptq_target {self.gptq_target!r}: use one of {', '.join(GPTQ_TARGETS)}"
+            )
         if self.smoothquant is not None and (
             isinstance(self.smoothquant, bool) or not 0.0 <= self.smoothquant < 1.0
         ):
@@ -212,7 +222,7 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 # QuantizeConfig fields whose None means "this model's default": LoadedModel.extra["quantize"]
 # (models.loading.ZOO_EXTRA, measured per model), else the value here.
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
-                       "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
+                       "gptq_target": "quantized", "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
                        "keep_fp": (), "weight_block": 0}  # fmt: skip
 
 
@@ -469,7 +479,7 @@ def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: QuantizeConfig, sch
     if recipe["weight_rounding"] == "gptq":
         summary["gptq"] = calibrators.gptq_weights(
             qmodel, images, damp=cfg.gptq_damp, views=cfg.gptq_views, seed=cfg.seed, tokens=cfg.gptq_tokens,
-            float_model=float_model, progress=progress,
+            float_model=float_model, target=cfg.gptq_target, progress=progress,
         )  # fmt: skip
     if cfg.bias_correct:  # last: the biases absorb what ranges and rounding left
         summary["bias_correction"] = calibrators.correct_biases(qmodel, reference, images, progress=progress)

@@ -438,7 +438,7 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
         assert "--bias-correct" in out and "--gptq-views" in out and "--gptq-tokens" in out
         assert "--no-smooth-fc2" in out and "0: off" in out
     opts = {"range_method": "auto", "weight_range": "mse", "weight_rounding": "auto", "gptq_views": None,
-            "gptq_tokens": None, "calib_lowpass": None, "keep_fp": (), "weight_block": None,
+            "gptq_tokens": None, "gptq_target": None, "calib_lowpass": None, "keep_fp": (), "weight_block": None,
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
             "awq": None, "finetune": "none", "kd_views": False}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
@@ -451,6 +451,8 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     assert recipe_config(opts | {"gptq_views": 4}, scheme="w4a8").gptq_views == 4
     assert recipe_config(opts | {"finetune": "kd", "kd_views": True}, scheme="w4a8").kd_views
     assert recipe_config(opts | {"gptq_tokens": "rollout"}, scheme="w4a8").gptq_tokens == "rollout"
+    assert recipe_config(opts, scheme="w4a8").gptq_target is None  # the model's own
+    assert recipe_config(opts | {"gptq_target": "float"}, scheme="w4a8").gptq_target == "float"
     # --smoothquant 0 / --no-smooth-fc2 reach the config as a stated off (None: the model's own)
     off = recipe_config(opts | {"smoothquant": 0.0, "smooth_fc2": None}, scheme="w8a8")
     assert (off.smoothquant, off.smooth_fc2) == (0.0, None)
@@ -629,8 +631,8 @@ def test_gptq_rollout_tokens_reweight_the_hessian_and_keep_the_export(tmp_path):
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     plain = sx.quantize(loaded, images, scheme="w4a16", weight_rounding="gptq", progress=False)
     lin = plain.model.blocks[0].mlp.fc1
-    h, n = _input_hessian(plain.model, lin, images, 4)
-    hw, nw = _input_hessian(plain.model, lin, images, 4, torch.ones(8, 17))
+    h, n, _ = _input_hessian(plain.model, lin, images, 4)
+    hw, nw, _ = _input_hessian(plain.model, lin, images, 4, torch.ones(8, 17))
     assert torch.equal(h, hw) and n == nw == 8 * 17
     roll = sx.quantize(
         loaded, images, scheme="w4a16", weight_rounding="gptq", gptq_tokens="rollout", progress=False
@@ -655,3 +657,61 @@ def test_gptq_rollout_tokens_reweight_the_hessian_and_keep_the_export(tmp_path):
                              embed_dim=32, depths=(1, 1), num_heads=(1, 2), num_classes=4).eval()  # fmt: skip
     with pytest.raises(sx.UserInputError, match="Swin"):
         sx.quantize(swin, torch.randn(2, 3, 56, 56), scheme="w4a8", gptq_tokens="rollout", progress=False)
+
+
+def test_gptq_float_target_is_gptq_on_the_least_squares_weights():
+    """‖Q X̃ − W X‖² = ‖(Q − W′) X̃‖² + const with W′ the least-squares fit of W X on X̃: the float
+    target's weights and its error are that math, exactly (float64)."""
+    from sardfq_export.calibrators.gptq import _output_error, float_target_weights
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 64, generator=gen, dtype=torch.float64)
+    xq = (
+        torch.randn(4096, 64, generator=gen, dtype=torch.float64)
+        @ (torch.eye(64) + 0.1 * torch.randn(64, 64, generator=gen)).double()
+    )
+    dx = 0.05 * torch.randn(4096, 64, generator=gen, dtype=torch.float64) + 0.02 * xq  # upstream error
+    h, cross = xq.T @ xq, (dx.T @ xq, dx.T @ dx)
+    wp = float_target_weights(w, h, cross[0], damp=1e-12)
+    lstsq = torch.linalg.lstsq(xq, (xq + dx) @ w.T).solution.T
+    torch.testing.assert_close(wp, lstsq, rtol=0, atol=1e-8)
+    q = w + 0.1 * torch.randn(w.shape, generator=gen, dtype=torch.float64)  # any candidate weights
+    direct = float(((xq @ q.T - (xq + dx) @ w.T) ** 2).sum())
+    assert _output_error(w, q, h, cross) == pytest.approx(direct, rel=1e-10)
+    const = float(((xq @ wp.T - (xq + dx) @ w.T) ** 2).sum())
+    assert _output_error(wp, q, h) + const == pytest.approx(direct, rel=1e-8)
+    # no input error: the float target is the paper's GPTQ
+    torch.testing.assert_close(float_target_weights(w, h, torch.zeros_like(h)), w, rtol=0, atol=0)
+
+
+def test_gptq_float_target_fits_the_float_model_keeps_the_scales_and_exports(tmp_path):
+    from click.testing import CliRunner
+
+    import sardfq_export as sx
+    from sardfq_export.cli.app import cli
+    from sardfq_export.models import LoadedModel
+
+    model = tiny_vit()
+    loaded = LoadedModel(model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    paper = sx.quantize(loaded, images, scheme="w4a8", weight_rounding="gptq", progress=False)
+    fitted = sx.quantize(
+        loaded, images, scheme="w4a8", weight_rounding="gptq", gptq_target="float", progress=False
+    )
+    assert paper.summary["gptq"]["target"] == "quantized" and fitted.summary["gptq"]["target"] == "float"
+    assert fitted.config.gptq_target == "float"
+    for (name, a), (_, b) in zip(paper.model.named_modules(), fitted.model.named_modules(), strict=True):
+        if isinstance(b, calibrators.QuantLinear):  # same scales, weights on their grid
+            assert torch.equal(a.weight_quantizer.scale, b.weight_quantizer.scale), name
+            assert torch.equal(b.weight_quantizer.fake_quant(b.weight), b.weight), name
+    with torch.no_grad():
+        ref = model(images)
+        err = {
+            k: float(((q.model(images) - ref) ** 2).mean()) for k, q in (("paper", paper), ("float", fitted))
+        }
+    # it fits the float model's output, on the images it saw: logit MSE measured 8.0e-5 → 2.0e-5
+    assert err["float"] < 0.5 * err["paper"], err
+    assert sx.export(fitted, tmp_path / "m.onnx").lint.passed
+    with pytest.raises(sx.UserInputError, match="gptq_target"):
+        sx.QuantizeConfig(gptq_target="fp32")
+    assert "--gptq-target" in CliRunner().invoke(cli, ["quantize", "--help"]).output

@@ -160,6 +160,14 @@ recipe_options = _stack(
         "prediction through the float model's attention; ViTs only). [default: the model's own, else uniform]",
     ),
     click.option(
+        "--gptq-target",
+        type=click.Choice(["quantized", "float"]),
+        default=None,
+        help="What each GPTQ-rounded Linear's output is fitted to: the float weights on the quantized "
+        "model's inputs (quantized, the paper's), or the float model's output there (float: the rounding "
+        "also absorbs the earlier layers' error). [default: the model's own, else quantized]",
+    ),
+    click.option(
         "--calib-lowpass",
         type=click.FloatRange(0.0, 1.0, min_open=True),
         default=None,
@@ -255,7 +263,8 @@ def recipe_config(opts: dict, **fields):
 
     return QuantizeConfig(range=opts["range_method"], weight_range=opts["weight_range"],
                           weight_rounding=opts["weight_rounding"], gptq_views=opts["gptq_views"],
-                          gptq_tokens=opts["gptq_tokens"], calib_lowpass=opts["calib_lowpass"],
+                          gptq_tokens=opts["gptq_tokens"], gptq_target=opts["gptq_target"],
+                          calib_lowpass=opts["calib_lowpass"],
                           keep_fp=_keep_fp(opts["keep_fp"]),
                           weight_block=int(opts["weight_block"]) if opts["weight_block"] else None,
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
