@@ -141,13 +141,13 @@ RECIPES = {
         "gptq_tokens": "rollout",
         "keep_fp": ("blocks.10.*", "blocks.11.*"),
     },
-    # ... with GPTQ fitting each layer to the float model's output there (--gptq-target float)
+    # ... with GPTQ fitting each layer to the float model's output there (--gptq-target 1)
     "w4a16+v4+r+fp10-11+ft": {
         "scheme": "w4a16",
         "weight_rounding": "gptq",
         "gptq_views": 4,
         "gptq_tokens": "rollout",
-        "gptq_target": "float",
+        "gptq_target": 1.0,
         "keep_fp": ("blocks.10.*", "blocks.11.*"),
     },
     "w4a8": {"scheme": "w4a8", "weight_rounding": "gptq"},
@@ -176,13 +176,22 @@ RECIPES = {
         "keep_fp": ("blocks.10.*", "blocks.11.*"),
     },
     # ... with GPTQ fitting each layer to the float model's output there, not to the float weights on
-    # its quantized inputs (--gptq-target float; calibrators.gptq, GPTAQ-style asymmetric calibration)
+    # its quantized inputs (--gptq-target 1; calibrators.gptq, GPTAQ-style asymmetric calibration)
     "w4a8+v4+r+fp11+ft": {
         "scheme": "w4a8",
         "weight_rounding": "gptq",
         "gptq_views": 4,
         "gptq_tokens": "rollout",
-        "gptq_target": "float",
+        "gptq_target": 1.0,
+        "keep_fp": ("blocks.11.*",),
+    },
+    # ... a quarter of the way from the paper's target to the float model's (GPTAQ's ViT code's 0.25)
+    "w4a8+v4+r+fp11+ft.25": {
+        "scheme": "w4a8",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "gptq_target": 0.25,
         "keep_fp": ("blocks.11.*",),
     },
     # ... and w8a8's SmoothQuant (α 0.5, fc2 through its explicit Mul) for the 8-bit activations

@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 
 from sardfq_export.calibrators.adaptive import AdaptiveConfig
-from sardfq_export.calibrators.gptq import TARGETS as GPTQ_TARGETS
 from sardfq_export.calibrators.gptq import TOKEN_WEIGHTS as GPTQ_TOKENS
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.device import (
@@ -74,11 +73,11 @@ class QuantizeConfig:
     # attention-rollout reach to the prediction in the float model; calibrators.rollout). None: the
     # model's own default (MODEL_RECIPE_FIELDS), else uniform.
     gptq_tokens: str | None = None
-    # Whose output each GPTQ-rounded Linear is fitted to: "quantized" (the float weights on the
-    # quantized model's inputs, the paper's) or "float" (the float model's output at that layer, so
-    # the rounding also absorbs the error earlier layers and the input quantizer left; GPTAQ-style,
-    # calibrators.gptq). None: the model's own default (MODEL_RECIPE_FIELDS), else quantized.
-    gptq_target: str | None = None
+    # What each GPTQ-rounded Linear's output is fitted to, a in [0, 1]: W X̃ + a W ΔX, where 0 is the
+    # paper's (the float weights on the quantized model's inputs X̃) and 1 the float model's output at
+    # that layer (the rounding also absorbs the error the earlier layers and the input quantizer left;
+    # GPTAQ-style, calibrators.gptq). None: the model's own default (MODEL_RECIPE_FIELDS), else 0.
+    gptq_target: float | None = None
     # GPTQ's dampening, a fraction of the mean Hessian diagonal added to it (the paper's 0.01);
     # larger values trust the calibration tokens' correlations less.
     gptq_damp: float = 0.01
@@ -155,9 +154,14 @@ class QuantizeConfig:
             raise UserInputError(
                 f"unknown gptq_tokens {self.gptq_tokens!r}: use one of {', '.join(GPTQ_TOKENS)}"
             )
-        if self.gptq_target is not None and self.gptq_target not in GPTQ_TARGETS:
+        if self.gptq_target is not None and (
+            isinstance(self.gptq_target, bool)
+            or not isinstance(self.gptq_target, (int, float))
+            or not 0.0 <= self.gptq_target <= 1.0
+        ):
             raise UserInputError(
-                f"unknown gptq_target {self.gptq_target!r}: use one of {', '.join(GPTQ_TARGETS)}"
+                f"gptq_target weighs the float model's output in GPTQ's target, in [0, 1] (0: the paper's), "
+                f"got {self.gptq_target!r}"
             )
         if self.smoothquant is not None and (
             isinstance(self.smoothquant, bool) or not 0.0 <= self.smoothquant < 1.0
@@ -222,7 +226,7 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 # QuantizeConfig fields whose None means "this model's default": LoadedModel.extra["quantize"]
 # (models.loading.ZOO_EXTRA, measured per model), else the value here.
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
-                       "gptq_target": "quantized", "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
+                       "gptq_target": 0.0, "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
                        "keep_fp": (), "weight_block": 0}  # fmt: skip
 
 

@@ -452,7 +452,7 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     assert recipe_config(opts | {"finetune": "kd", "kd_views": True}, scheme="w4a8").kd_views
     assert recipe_config(opts | {"gptq_tokens": "rollout"}, scheme="w4a8").gptq_tokens == "rollout"
     assert recipe_config(opts, scheme="w4a8").gptq_target is None  # the model's own
-    assert recipe_config(opts | {"gptq_target": "float"}, scheme="w4a8").gptq_target == "float"
+    assert recipe_config(opts | {"gptq_target": 0.25}, scheme="w4a8").gptq_target == 0.25
     # --smoothquant 0 / --no-smooth-fc2 reach the config as a stated off (None: the model's own)
     off = recipe_config(opts | {"smoothquant": 0.0, "smooth_fc2": None}, scheme="w8a8")
     assert (off.smoothquant, off.smooth_fc2) == (0.0, None)
@@ -680,6 +680,13 @@ def test_gptq_float_target_is_gptq_on_the_least_squares_weights():
     assert _output_error(w, q, h, cross) == pytest.approx(direct, rel=1e-10)
     const = float(((xq @ wp.T - (xq + dx) @ w.T) ** 2).sum())
     assert _output_error(wp, q, h) + const == pytest.approx(direct, rel=1e-8)
+    # a target in between: the least-squares fit of W (x̃ + a Δx), the same fraction of the way
+    a = 0.25
+    torch.testing.assert_close(
+        float_target_weights(w, h, cross[0], 1e-12, a), w + a * (lstsq - w), rtol=0, atol=1e-8
+    )
+    direct = float(((xq @ q.T - (xq + a * dx) @ w.T) ** 2).sum())
+    assert _output_error(w, q, h, cross, a) == pytest.approx(direct, rel=1e-10)
     # no input error: the float target is the paper's GPTQ
     torch.testing.assert_close(float_target_weights(w, h, torch.zeros_like(h)), w, rtol=0, atol=0)
 
@@ -696,10 +703,10 @@ def test_gptq_float_target_fits_the_float_model_keeps_the_scales_and_exports(tmp
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     paper = sx.quantize(loaded, images, scheme="w4a8", weight_rounding="gptq", progress=False)
     fitted = sx.quantize(
-        loaded, images, scheme="w4a8", weight_rounding="gptq", gptq_target="float", progress=False
+        loaded, images, scheme="w4a8", weight_rounding="gptq", gptq_target=1.0, progress=False
     )
-    assert paper.summary["gptq"]["target"] == "quantized" and fitted.summary["gptq"]["target"] == "float"
-    assert fitted.config.gptq_target == "float"
+    assert paper.summary["gptq"]["target"] == 0.0 and fitted.summary["gptq"]["target"] == 1.0
+    assert fitted.config.gptq_target == 1.0
     for (name, a), (_, b) in zip(paper.model.named_modules(), fitted.model.named_modules(), strict=True):
         if isinstance(b, calibrators.QuantLinear):  # same scales, weights on their grid
             assert torch.equal(a.weight_quantizer.scale, b.weight_quantizer.scale), name
@@ -712,6 +719,7 @@ def test_gptq_float_target_fits_the_float_model_keeps_the_scales_and_exports(tmp
     # it fits the float model's output, on the images it saw: logit MSE measured 8.0e-5 → 2.0e-5
     assert err["float"] < 0.5 * err["paper"], err
     assert sx.export(fitted, tmp_path / "m.onnx").lint.passed
-    with pytest.raises(sx.UserInputError, match="gptq_target"):
-        sx.QuantizeConfig(gptq_target="fp32")
+    for bad in (1.5, -0.1, "float", True):
+        with pytest.raises(sx.UserInputError, match="gptq_target"):
+            sx.QuantizeConfig(gptq_target=bad)
     assert "--gptq-target" in CliRunner().invoke(cli, ["quantize", "--help"]).output

@@ -161,11 +161,12 @@ recipe_options = _stack(
     ),
     click.option(
         "--gptq-target",
-        type=click.Choice(["quantized", "float"]),
+        type=click.FloatRange(0.0, 1.0),
         default=None,
-        help="What each GPTQ-rounded Linear's output is fitted to: the float weights on the quantized "
-        "model's inputs (quantized, the paper's), or the float model's output there (float: the rounding "
-        "also absorbs the earlier layers' error). [default: the model's own, else quantized]",
+        metavar="A",
+        help="What each GPTQ-rounded Linear's output is fitted to: 0, the float weights on the quantized "
+        "model's inputs (the paper's); 1, the float model's output there (the rounding also absorbs the "
+        "earlier layers' error); in between, a mix. [default: the model's own, else 0]",
     ),
     click.option(
         "--calib-lowpass",
