@@ -203,6 +203,15 @@ RECIPES = {
         "gptq_target": 1.0,
         "keep_fp": ("blocks.10.*", "blocks.11.*"),
     },
+    # ... the same at a quarter of the way to the float model's output
+    "w4a8+v4+r+fp10-11+ft.25": {
+        "scheme": "w4a8",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "gptq_target": 0.25,
+        "keep_fp": ("blocks.10.*", "blocks.11.*"),
+    },
     # ... and w8a8's SmoothQuant (α 0.5, fc2 through its explicit Mul) for the 8-bit activations
     "w4a8+v4+r+fp11+sq.5": {
         "scheme": "w4a8",
