@@ -404,7 +404,7 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
                 "bias_correct": False,
                 "gptq_views": 4,
                 "gptq_tokens": "rollout",
-                "keep_fp": ["blocks.11.*"],
+                "keep_fp": ["blocks.10.*", "blocks.11.*"],
             },
         },
         "psaq2": {"student_lr": 1e-6, "disc_weight": 0.1},
@@ -442,10 +442,10 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
         w4.summary["quant"]["quant_linear"] == 40 and type(w4.model.blocks[9].mlp.fc2) is not torch.nn.Linear
     )
     w4a8 = sx.quantize(loaded, torch.randn(4, 3, 32, 32), scheme="w4a8", progress=False)
-    # w4a8: w4a16's GPTQ (4 views, rollout tokens) and its last block float; no AWQ
+    # w4a8: w4a16's GPTQ (4 views, rollout tokens) and its last two blocks float; no AWQ
     assert w4a8.summary["resolved"]["weight_rounding"] == "gptq" and not w4a8.scheme.awq
     assert w4a8.summary["gptq"]["views"] == 4 and w4a8.summary["gptq"]["token_weights"] == "rollout"
-    assert w4a8.scheme.keep_fp == ("blocks.11.*",) and w4a8.summary["quant"]["quant_linear"] == 44
+    assert w4a8.scheme.keep_fp == ("blocks.10.*", "blocks.11.*") and w4a8.summary["quant"]["quant_linear"] == 40
     # and neither centring nor bias correction there (both measured worse at w4a8)
     assert (
         not w4a8.scheme.centre_fc2
