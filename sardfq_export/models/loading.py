@@ -228,7 +228,7 @@ ZOO.update({"dinov2_s14_fmnist": _dinov2(112), "dinov2_s14_fmnist@224": _dinov2(
 # 86.66% (rows w4a8+awq, w4a8+v4+r, w4a8+awq+fp11, w4a8+v4+r+fp11): AWQ + nearest 79.80 ± 1.58%, GPTQ
 # v4+r 80.73 ± 1.77%, AWQ + nearest with block 11 float 82.01 ± 0.50%, GPTQ v4+r with it 83.51 ± 0.69%
 # (82.74 / 83.70 / 84.09%: drop 6.86 → 3.15). Block 10 float too, as at w4a16 (row w4a8+v4+r+fp10-11,
-# same sets): 83.56 / 84.31 / 84.67% (84.18 ± 0.56%, drop 2.48), +0.82, +0.61, +0.58 over block 11 alone.
+# same sets): 83.56 / 84.31 / 84.67% (84.18 ± 0.57%, drop 2.48), +0.82, +0.61, +0.58 over block 11 alone.
 # w4a16 leaves block 10 float too (2/12 of the block weights in FP16: the weights take about 2.6x less
 # memory than FP16 instead of 3.1x with one block): same sets, row w4a16+v4+r+fp10-11, 85.78 / 85.51 /
 # 85.89% (85.73 ± 0.20%, drop 0.93); block 11 alone on the same sets (bench/dinov2_image_scale_probe.py
