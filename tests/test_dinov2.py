@@ -445,7 +445,9 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
     # w4a8: w4a16's GPTQ (4 views, rollout tokens) and its last two blocks float; no AWQ
     assert w4a8.summary["resolved"]["weight_rounding"] == "gptq" and not w4a8.scheme.awq
     assert w4a8.summary["gptq"]["views"] == 4 and w4a8.summary["gptq"]["token_weights"] == "rollout"
-    assert w4a8.scheme.keep_fp == ("blocks.10.*", "blocks.11.*") and w4a8.summary["quant"]["quant_linear"] == 40
+    assert (
+        w4a8.scheme.keep_fp == ("blocks.10.*", "blocks.11.*") and w4a8.summary["quant"]["quant_linear"] == 40
+    )
     # and neither centring nor bias correction there (both measured worse at w4a8)
     assert (
         not w4a8.scheme.centre_fc2
