@@ -19,7 +19,9 @@ import sardfq_export as sx
 from sardfq_export.data import load_dataset
 
 
-def main() -> None:
+def sweep(field: str, values) -> None:
+    """One JSON line per calibration set, scheme and value of the QuantizeConfig ``field`` (the line
+    names it without its ``gptq_`` prefix); the FP32 top-1 first."""
     ref = sx.load_model("reference")
     images, labels = load_dataset("fashion-mnist", ref.data_config, "test").take(range(10000))
 
@@ -35,18 +37,23 @@ def main() -> None:
         "real": sx.calibration_set("real:fashion-mnist", ref, 32)[0],
         "sardfq": sx.synthesize(ref, method="sardfq", num_images=32, seed=0, progress=False),
     }
+    key = field.removeprefix("gptq_")
     for cname, cal in cals.items():
         for scheme in ("w4a16", "w4a8", "w4a4"):
-            for tokens in ("uniform", "rollout"):
-                q = sx.quantize(ref, cal, scheme=scheme, gptq_tokens=tokens, progress=False).model
+            for value in values:
+                q = sx.quantize(ref, cal, scheme=scheme, progress=False, **{field: value}).model
                 log = logits(q).log_softmax(1)
                 row = {
-                    "calib": cname, "scheme": scheme, "tokens": tokens,
+                    "calib": cname, "scheme": scheme, key: value,
                     "top1": round(100 * (log.argmax(1) == labels).float().mean().item(), 2),
                     "kl": round(F.kl_div(log, fp, log_target=True, reduction="batchmean").item(), 5),
                     "agreement": round(100 * (log.argmax(1) == fp.argmax(1)).float().mean().item(), 2),
                 }  # fmt: skip
                 print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    sweep("gptq_tokens", ("uniform", "rollout"))
 
 
 if __name__ == "__main__":

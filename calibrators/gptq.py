@@ -249,6 +249,7 @@ def gptq_weights(
     tokens: str = "uniform",
     float_model: nn.Module | None = None,
     target: float = 0.0,
+    reference: nn.Module | None = None,
     progress: bool = True,
 ) -> dict:
     """Re-round every enabled, calibrated weight quantizer's Linear in ``qmodel`` with GPTQ.
@@ -259,7 +260,8 @@ def gptq_weights(
     much it reaches the prediction in ``float_model``, :mod:`calibrators.rollout`). ``target``:
     0 fits each layer's float output on its quantized inputs (the paper's), 1 the float model's
     output there, in between a mix (the module docstring; the reference is ``qmodel`` itself with its
-    quantizers off, taken before any rounding, so folds that rescale a layer keep its units).
+    quantizers off, taken before any rounding, so folds that rescale a layer keep its units; a caller
+    that holds one already, as bias correction does, passes it as ``reference``).
     Returns the summary: layers re-rounded and the mean relative output-error reduction on the
     calibration inputs (the target's error of GPTQ over round-to-nearest's).
     """
@@ -285,8 +287,9 @@ def gptq_weights(
             raise UserInputError("rollout token weights are read from the float model: pass float_model")
         data = torch.cat(list(iter_batches(data, batch_size)))
         importance = rollout_token_weights(float_model, data, batch_size)
-    reference = None
-    if target > 0:
+    if target == 0:
+        reference = None
+    elif reference is None:
         reference = copy.deepcopy(qmodel).eval()
         set_quantizers_enabled(reference, False)
     was_training = qmodel.training

@@ -476,14 +476,15 @@ def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: QuantizeConfig, sch
     # AWQ's V → proj folds rescale qkv's V rows, so there the float model's own outputs are in other
     # units (on DINOv2, w8a8 with SmoothQuant α 0.5 and correction against them: 25% top-1). The
     # reference is this model with its quantizers off, taken before GPTQ writes rounded weights.
+    # GPTQ's float target (gptq_target > 0) reads its inputs from the same reference: one copy for both.
     reference = None
-    if cfg.bias_correct:
+    if cfg.bias_correct or (recipe["weight_rounding"] == "gptq" and cfg.gptq_target > 0):
         reference = copy.deepcopy(qmodel)
         calibrators.set_quantizers_enabled(reference, False)
     if recipe["weight_rounding"] == "gptq":
         summary["gptq"] = calibrators.gptq_weights(
             qmodel, images, damp=cfg.gptq_damp, views=cfg.gptq_views, seed=cfg.seed, tokens=cfg.gptq_tokens,
-            float_model=float_model, target=cfg.gptq_target, progress=progress,
+            float_model=float_model, target=cfg.gptq_target, reference=reference, progress=progress,
         )  # fmt: skip
     if cfg.bias_correct:  # last: the biases absorb what ranges and rounding left
         summary["bias_correction"] = calibrators.correct_biases(qmodel, reference, images, progress=progress)
