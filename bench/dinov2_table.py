@@ -212,6 +212,16 @@ RECIPES = {
         "gptq_target": 0.25,
         "keep_fp": ("blocks.10.*", "blocks.11.*"),
     },
+    # ... with fc2's one-sided post-GELU input centred per channel (w8a8's centre_fc2, without its bias
+    # correction): the 8-bit input step halves where it is widest; GPTQ then rounds on the centred input
+    "w4a8+v4+r+fp10-11+c": {
+        "scheme": "w4a8",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "centre_fc2": True,
+        "keep_fp": ("blocks.10.*", "blocks.11.*"),
+    },
     # ... and w8a8's SmoothQuant (α 0.5, fc2 through its explicit Mul) for the 8-bit activations
     "w4a8+v4+r+fp11+sq.5": {
         "scheme": "w4a8",
@@ -532,6 +542,19 @@ def _ms(values: list[float]) -> str:
     )
 
 
+def mixed_sets(rows: list[dict]) -> dict[tuple[str, int], dict[str, list[str]]]:
+    """(calib, seed) → {calib_sha: the rows measured on it}, where the cells of one column and seed
+    were calibrated on more than one set. The cache keys a cell by its recipe and the set's *name*; a
+    set synthesized again (a wiped cache, another CPU's float rounding) is other bytes under the same
+    name, so rows compared across those sets are not paired. A cell measured before ``calib_sha`` was
+    recorded counts as unknown, not as a different set."""
+    seen: dict[tuple[str, int], dict[str, list[str]]] = {}
+    for r in rows:
+        if r.get("kind") == "ours" and r.get("calib_sha") and not r.get("synth"):
+            seen.setdefault((r["calib"], r["seed"]), {}).setdefault(r["calib_sha"], []).append(r["row"])
+    return {k: v for k, v in seen.items() if len(v) > 1}
+
+
 def write_doc(
     doc: Path, json_out: Path, cache: Cache, meta: dict, seeds: list[int], planned: set[str]
 ) -> None:
@@ -625,6 +648,14 @@ def write_doc(
         for b, v in lat["latency"].items():
             lines.append(f"| {b} | {v['ort_fp32_p50_ms']:.2f} | {v['ort_int8_p50_ms']:.2f} | "
                          f"{v['speedup_median']:.2f}× ({v['speedup_min']:.2f}–{v['speedup_max']:.2f}) |")  # fmt: skip
+    mixed = mixed_sets(rows)
+    if mixed:
+        lines += ["", "**Unpaired cells.** These columns and seeds hold cells calibrated on different sets "
+                  "of the same name (re-synthesized: their bytes differ), so rows there are not compared "
+                  "on the same images (each cell's set is its `calib_sha` in the JSON):", ""]  # fmt: skip
+        for (calib, seed), sets in sorted(mixed.items()):
+            where = "; ".join(f"set {sha}: {', '.join(names)}" for sha, names in sets.items())
+            lines.append(f"- {calib}, seed {seed}: {where}")
     missing = meta.get("missing", 0)
     lines += ["", f"Cells still to run: {missing}." if missing else "All cells measured."]
     if superseded:

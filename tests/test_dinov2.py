@@ -337,14 +337,66 @@ def test_main_job_on_dinov2_exports_lints_and_runs_in_onnxruntime(tmp_path, caps
     assert report["op_census"]["int8_gemm"] == 48 and report["op_census"]["int4_gemm"] == 0
 
 
+def _table_module():
+    """bench/dinov2_table.py as a module (bench/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "dinov2_table", Path(__file__).parents[1] / "bench" / "dinov2_table.py"
+    )
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    return table
+
+
+def test_the_table_flags_cells_calibrated_on_a_resynthesized_set(tmp_path):
+    """A set synthesized again under the same name (another CPU) is other images: the doc must say
+    which columns and seeds then hold unpaired cells, and nothing where every cell shares its set."""
+    table = _table_module()
+
+    def cell(row, seed, sha, **kw):
+        top1 = {"deployed_top1": 0.5, "fakequant_top1": 0.5}
+        return {
+            "kind": "ours",
+            "row": row,
+            "calib": "sardfq/8g",
+            "seed": seed,
+            "calib_sha": sha,
+            **top1,
+            **kw,
+        }
+
+    rows = [
+        cell("w8a8+sq.5+c+bc", 0, "aaaa"), cell("w4a8+v4+r+fp10-11", 0, "bbbb"),
+        cell("w8a8+sq.5+c+bc", 1, "cccc"), cell("w4a8+v4+r+fp10-11", 1, "cccc"),
+        cell("w4a8", 0, "dddd", synth={"msr": False}),  # an ablation's own set: not a column's
+        cell("w4a8", 1, None),  # measured before calib_sha was recorded
+    ]  # fmt: skip
+    assert table.mixed_sets(rows) == {
+        ("sardfq/8g", 0): {"aaaa": ["w8a8+sq.5+c+bc"], "bbbb": ["w4a8+v4+r+fp10-11"]}
+    }
+    assert table.mixed_sets(rows[2:]) == {}
+
+    rows = [{"key": str(i), **r} for i, r in enumerate(rows)]
+    cache = table.Cache(tmp_path)
+    cache.rows = {r["key"]: r for r in rows}
+    meta = {"limit": 10, "num_images": 32, "iters": 100, "machine": "here"}
+    doc = tmp_path / "t.md"
+    table.write_doc(doc, tmp_path / "t.json", cache, meta, [0, 1], {r["key"] for r in rows})
+    text = doc.read_text()
+    assert (
+        "**Unpaired cells.**" in text
+        and "- sardfq/8g, seed 0: set aaaa: w8a8+sq.5+c+bc; set bbbb: w4a8+v4+r+fp10-11" in text
+    )
+    assert "seed 1:" not in text
+
+
 @pytest.mark.parametrize("size", ["", "@224"])
 def test_the_tables_default_rows_are_the_models_own_recipe(size):
     """bench/dinov2_table.py publishes each scheme's default under one row (DEFAULT_ROWS): that row's
     recipe must be what ``sx.quantize`` resolves for the model, or the number called "the default" in
     the docs was measured on something else (w4a16 once defaulted to a bias correction its row lacked)."""
-    import importlib.util
-    from pathlib import Path
-
     from conftest import tiny_vit
 
     import sardfq_export as sx
@@ -352,11 +404,7 @@ def test_the_tables_default_rows_are_the_models_own_recipe(size):
     from sardfq_export.api import MODEL_RECIPE_FIELDS, model_recipe, resolved_recipe, scheme_of
     from sardfq_export.models.loading import ZOO_EXTRA, wrap_module
 
-    spec = importlib.util.spec_from_file_location(
-        "dinov2_table", Path(__file__).parents[1] / "bench" / "dinov2_table.py"
-    )
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _table_module()
     loaded = wrap_module(tiny_vit())
     loaded.extra = ZOO_EXTRA[table.MODEL + size]
     assert set(table.DEFAULT_ROWS) == set(ZOO_EXTRA[table.MODEL]["quantize"]) - set(MODEL_RECIPE_FIELDS)
