@@ -212,6 +212,27 @@ RECIPES = {
         "gptq_target": 0.25,
         "keep_fp": ("blocks.10.*", "blocks.11.*"),
     },
+    # ... with 4-bit blocks of 128 inputs nested on each channel's INT8 step (--weight-block 128 at
+    # w4a8: scales m × step, m = 1..16; still an INT8 GEMM). Weight error on DINOv2's blocks 0-9
+    # (bench/dinov2_weight_block_error.py: MSE ranges, relative, summed over the Linears): per channel
+    # 0.704; blocks of 128 free 0.558, nested 0.564; blocks of 64 free 0.452, nested 0.463
+    "w4a8+v4+r+fp10-11+b128": {
+        "scheme": "w4a8",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "keep_fp": ("blocks.10.*", "blocks.11.*"),
+        "weight_block": 128,
+    },
+    # ... the same with blocks of 64
+    "w4a8+v4+r+fp10-11+b64": {
+        "scheme": "w4a8",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "keep_fp": ("blocks.10.*", "blocks.11.*"),
+        "weight_block": 64,
+    },
     # ... with fc2's one-sided post-GELU input centred per channel (w8a8's centre_fc2, without its bias
     # correction): the 8-bit input step halves where it is widest; GPTQ then rounds on the centred input
     "w4a8+v4+r+fp10-11+c": {

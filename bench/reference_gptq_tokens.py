@@ -19,7 +19,7 @@ import sardfq_export as sx
 from sardfq_export.data import load_dataset
 
 
-def sweep(field: str, values) -> None:
+def sweep(field: str, values, schemes=("w4a16", "w4a8", "w4a4")) -> None:
     """One JSON line per calibration set, scheme and value of the QuantizeConfig ``field`` (the line
     names it without its ``gptq_`` prefix); the FP32 top-1 first."""
     ref = sx.load_model("reference")
@@ -39,7 +39,7 @@ def sweep(field: str, values) -> None:
     }
     key = field.removeprefix("gptq_")
     for cname, cal in cals.items():
-        for scheme in ("w4a16", "w4a8", "w4a4"):
+        for scheme in schemes:
             for value in values:
                 q = sx.quantize(ref, cal, scheme=scheme, progress=False, **{field: value}).model
                 log = logits(q).log_softmax(1)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn as nn
 from sardfq_export.calibrators.modules import QUANT_WEIGHTED
-from sardfq_export.calibrators.quantizer import TensorQuantizer, _fq_channel
+from sardfq_export.calibrators.quantizer import SCALE_FLOOR, TensorQuantizer, _fq_channel
 from sardfq_export.calibrators.scheme import PerBlock
 
 from sardfq_export.core.errors import UserInputError
@@ -114,6 +114,7 @@ def calibrate_weight(
     w = weight.detach().float()
     rows, _ = _weight_views(w, q)
     amax = rows.abs().amax(1)
+    weigh = None
     if method == "mse":
         weigh = 1.0
         if importance is not None:  # the same per-input-channel weights, laid out as the rows are
@@ -128,7 +129,53 @@ def calibrate_weight(
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, cand, best)
         amax = best
+    if isinstance(q.granularity, PerBlock) and q.granularity.nested:
+        q.set_scale(nested_block_scales(rows, amax / q.qmax, q, weigh))
+        return
     q.set_amax(amax.reshape(q.scale.shape))
+
+
+NEST_MULTIPLES = 16  # a block scale is m × its channel's step, m = 1..16: 4-bit codes stay in INT8
+
+
+def channel_step(block_scales: torch.Tensor) -> torch.Tensor:
+    """(out,) INT8 step of each channel of nested (out, blocks) scales: the largest block's / 16,
+    its float32 significand rounded up to 20 bits so that every m × step (m ≤ 16) is exact in
+    float32. Then a 4-bit code q times its block scale and the INT8 code q·m times the step round
+    the same exact product once: the fake-quant weight and the exported INT8 per-channel
+    ``DequantizeLinear`` agree bit for bit (exporters.weights checks it)."""
+    top = block_scales.amax(1).clamp(min=SCALE_FLOOR * NEST_MULTIPLES) / NEST_MULTIPLES
+    mant, exp = torch.frexp(top.float())
+    return torch.ldexp(torch.ceil(mant * 2.0**20), exp - 20).float()
+
+
+@torch.no_grad()
+def nested_block_scales(
+    rows: torch.Tensor, scale: torch.Tensor, q: TensorQuantizer, weigh: torch.Tensor | float | None
+) -> torch.Tensor:
+    """Block scales (out, blocks) on each channel's INT8 step (``PerBlock(nested=True)``), from the
+    free ones the range method chose (``scale``, one per row of ``rows``, the blocks' weights).
+
+    The largest block of each channel keeps 16 steps (its scale, rounded up by at most 2⁻²⁰); every other block takes the multiple
+    m of the step with the least (``weigh``-ted) squared error on its weights (``weigh`` None: the
+    smallest m that clips nothing, min-max's meaning)."""
+    shape = q.scale.shape
+    step = channel_step(scale.reshape(shape))
+    per_row = step.repeat_interleave(shape[1])
+    if weigh is None:
+        m = torch.ceil(scale / per_row).clamp(1, NEST_MULTIPLES)
+    else:
+        best_err = torch.full_like(scale, float("inf"))
+        m = torch.ones_like(scale)
+        for k in range(1, NEST_MULTIPLES + 1):
+            err = ((_fq_channel(rows, per_row * k, 0, q.bits) - rows) ** 2 * weigh).sum(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            m = torch.where(better, torch.full_like(m, k), m)
+    # the largest block keeps 16 steps: the export reads each channel's step back as its largest / 16
+    m = m.reshape(shape)
+    m[torch.arange(shape[0]), scale.reshape(shape).argmax(1)] = NEST_MULTIPLES
+    return m * step[:, None]
 
 
 def _run_data(model: nn.Module, data: DataSource, progress: bool, desc: str) -> int:

@@ -39,7 +39,7 @@ def _weight_quantizer(weight: torch.Tensor, scheme: Scheme, where: str) -> Tenso
                 f"({g.size}; 64 also tried): use a per-channel scheme (w4a8) for this model"
             )
         shape = (weight.shape[0], fan_in // size)
-        return TensorQuantizer(scheme.w_bits, PerBlock(size), shape=shape, role="weight")
+        return TensorQuantizer(scheme.w_bits, PerBlock(size, g.nested), shape=shape, role="weight")
     return TensorQuantizer(scheme.w_bits, PerChannel(0), shape=(weight.shape[0],), role="weight")
 
 

@@ -35,16 +35,24 @@ class PerChannel:
 
 @dataclass(frozen=True)
 class PerBlock:
-    """One scale per block of ``size`` consecutive input channels of each output row (INT4)."""
+    """One scale per block of ``size`` consecutive input channels of each output row (INT4).
+
+    ``nested``: each row's block scales are integer multiples m ∈ [1, 16] of one step per output
+    channel (the row's largest block scale / 16), so a 4-bit code q of a block is the INT8 code
+    q·m ∈ [-128, 112] of that channel: the weight is stored and run as INT8 per channel (an INT8
+    GEMM beside INT8 activations, which TensorRT's blocked INT4 path is not), while each block keeps
+    a 4-bit grid of its own size. The multiples are 4-bit scale codes, as llama.cpp's k-quants
+    quantize their block scales against one super-block scale."""
 
     size: int = 128
+    nested: bool = False
 
     def __post_init__(self) -> None:
         if self.size not in (64, 128):
             raise UserInputError(f"INT4 block size must be 64 or 128 (TensorRT), got {self.size}")
 
     def to_dict(self) -> dict:
-        return {"type": "per_block", "size": self.size}
+        return {"type": "per_block", "size": self.size, **({"nested": True} if self.nested else {})}
 
 
 Granularity = PerTensor | PerChannel | PerBlock
@@ -57,7 +65,7 @@ def granularity_from_dict(d: dict) -> Granularity:
     if kind == "per_channel":
         return PerChannel(int(d.get("axis", 0)))
     if kind == "per_block":
-        return PerBlock(int(d.get("size", 128)))
+        return PerBlock(int(d.get("size", 128)), bool(d.get("nested", False)))
     raise UserInputError(f"unknown granularity {d!r}")
 
 
@@ -130,8 +138,12 @@ class Scheme:
             problems.append(f"scheme {self.name!r} is research-only (exportable=False)")
         if self.log2_softmax:
             problems.append("log2 softmax quantizer has no Q/DQ equivalent")
-        if isinstance(self.w_granularity, PerBlock) and self.a_bits is not None:
-            problems.append("block-wise INT4 weights are weight-only in TensorRT (a_bits must be None)")
+        g = self.w_granularity
+        if isinstance(g, PerBlock) and self.a_bits is not None and not g.nested:
+            problems.append(
+                "block-wise INT4 weights are weight-only in TensorRT (a_bits must be None; with INT8 "
+                "activations, nested blocks run as INT8 per channel)"
+            )
         return problems
 
     def assert_exportable(self) -> None:
@@ -169,7 +181,9 @@ class Scheme:
 
     def __str__(self) -> str:
         g = self.w_granularity
-        gran = f"block{g.size}" if isinstance(g, PerBlock) else "per-channel"
+        gran = "per-channel"
+        if isinstance(g, PerBlock):
+            gran = f"block{g.size}" + (" on INT8 channel steps" if g.nested else "")
         flags = [
             f
             for f in (

@@ -172,6 +172,8 @@ def _int8(
             helper.make_node("Transpose", [dq_out], [final], perm=[1, 0], name=f"/{tag}/weight_transpose")
         )
     _rename_input(graph, init_name, final)
+    if plan.nested_block:
+        return f"int{plan.bits}-block{plan.nested_block}-in-int8-{plan.granularity}"
     return f"int{plan.bits}-in-int8-{plan.granularity}" if plan.bits < 8 else f"int8-{plan.granularity}"
 
 

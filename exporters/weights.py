@@ -27,6 +27,9 @@ class WeightPlan:
     scale: np.ndarray  # float32: () per-tensor, (out,) per-channel, (out, in // block) per-block
     bits: int  # 8, or 4 (stored INT4 when blocked weight-only, else in INT8 containers)
     block: int | None  # block size over the input dim, or None
+    # 4-bit blocks nested on the channel's INT8 step (scheme.PerBlock nested): their size; the plan
+    # itself is INT8 per channel (codes q·m, scale the step), so ``block`` is None
+    nested_block: int | None = None
 
     @property
     def granularity(self) -> str:
@@ -91,8 +94,34 @@ def plan_weight(name: str, mod: nn.Module) -> WeightPlan:
     # Bit-exactness: DequantizeLinear computes code * scale in float32, as the fake-quant did.
     if not torch.equal(codes * full, fq.cpu()):
         raise RuntimeError(f"{name}: the fake-quant weight is not code × scale; cannot export it exactly")
+    nested = getattr(wq.granularity, "nested", False)
+    if nested:
+        return _nested_plan(name, fq.cpu(), codes, scale, bits, block)
     return WeightPlan(
         name, fq.cpu().numpy(), codes.to(torch.int8).numpy(), scale.numpy().astype(np.float32), bits, block
+    )
+
+
+def _nested_plan(
+    name: str, fq: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int, block: int
+) -> WeightPlan:
+    """A nested-block weight as INT8 per channel: codes q·m on each channel's step (the largest
+    block scale / 16), checked to be the same float32 weight bit for bit."""
+    from sardfq_export.calibrators.calibrate import NEST_MULTIPLES
+
+    step = scale.amax(1) / NEST_MULTIPLES  # exact: a power-of-two division
+    m = scale / step[:, None]
+    if not (torch.equal(m, m.round()) and m.min() >= 1 and m.max() <= NEST_MULTIPLES):
+        raise RuntimeError(
+            f"{name}: nested block scales are not 1-16 multiples of a channel step; cannot export"
+        )
+    wide = codes * m.repeat_interleave(block, dim=1)
+    if not torch.equal(wide * step[:, None], fq):
+        raise RuntimeError(
+            f"{name}: the nested weight is not INT8 code × channel step; cannot export it exactly"
+        )
+    return WeightPlan(
+        name, fq.numpy(), wide.to(torch.int8).numpy(), step.numpy().astype(np.float32), bits, None, block
     )
 
 

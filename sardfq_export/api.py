@@ -89,9 +89,10 @@ class QuantizeConfig:
     # for the scheme (MODEL_RECIPE_FIELDS, e.g. a block measured to carry most of its 4-bit error),
     # else none; () keeps none.
     keep_fp: tuple[str, ...] | None = None
-    # INT4 weight blocks of a block-wise scheme (w4a16): 64 or 128 input channels per scale (TensorRT
-    # runs both; the exported DequantizeLinear's block_size). 0: the scheme's own. None: the model's
-    # own default for the scheme (MODEL_RECIPE_FIELDS), else the scheme's.
+    # 4-bit weight blocks, 64 or 128 input channels per scale: INT4 blocks at w4a16 (TensorRT runs
+    # both; the exported DequantizeLinear's block_size), blocks nested on each channel's INT8 step at
+    # w4a8/w4a4 (calibrators.PerBlock nested: still an INT8 GEMM). 0: the scheme's own. None: the
+    # model's own default for the scheme (MODEL_RECIPE_FIELDS), else the scheme's.
     weight_block: int | None = None
     # SmoothQuant migration strength in [0, 1) folded into LayerNorm→Linear pairs and V → proj;
     # 0: off. None: the model's own default (MODEL_RECIPE_FIELDS), else off.
@@ -256,8 +257,8 @@ def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
     }
     if resolved.get("centre_fc2") and scheme.a_bits is None:
         resolved["centre_fc2"] = False  # a weight-only scheme has no activation quantizer to centre for
-    if resolved.get("weight_block") and not isinstance(scheme.w_granularity, calibrators.PerBlock):
-        resolved["weight_block"] = 0  # a per-channel scheme has no blocks to size
+    if resolved.get("weight_block") and scheme.w_bits != 4:
+        resolved["weight_block"] = 0  # 8-bit weights have no 4-bit blocks to size
     if resolved.get("awq") and scheme.w_bits != 4:
         resolved["awq"] = False  # AWQ is for 4-bit weights
     # AWQ and SmoothQuant rescale the same inputs: a model default yields to the caller's choice of
@@ -420,13 +421,18 @@ def scheme_of(cfg: QuantizeConfig):
     alpha = cfg.smoothquant or None  # 0 (and an unresolved None): off
     if cfg.smooth_fc2 and alpha is None:
         raise UserInputError("smooth_fc2 (--smooth-fc2) needs smoothquant (--smoothquant ALPHA, ALPHA > 0)")
-    if cfg.weight_block and not isinstance(scheme.w_granularity, calibrators.PerBlock):
-        raise UserInputError(
-            f"weight_block (--weight-block) sizes INT4 weight blocks; scheme {scheme.name} has per-channel "
-            f"weight scales: use a block-wise scheme ({', '.join(n for n, s in calibrators.SCHEMES.items() if isinstance(s.w_granularity, calibrators.PerBlock))})"
-        )
+    block = None
+    if cfg.weight_block:
+        if scheme.w_bits != 4:
+            raise UserInputError(
+                f"weight_block (--weight-block) sizes 4-bit weight blocks; scheme {scheme.name} has "
+                f"{scheme.w_bits}-bit weights: use a w4 scheme ({', '.join(n for n, s in calibrators.SCHEMES.items() if s.w_bits == 4 and s.exportable)})"
+            )
+        # With INT8 activations (w4a8, w4a4) the blocks nest on each channel's INT8 step, so the
+        # GEMM stays INT8 per channel (scheme.PerBlock); weight-only schemes get true INT4 blocks.
+        block = calibrators.PerBlock(cfg.weight_block, nested=scheme.a_bits is not None)
     return scheme.with_options(
-        w_granularity=calibrators.PerBlock(cfg.weight_block) if cfg.weight_block else None,
+        w_granularity=block,
         keep_fp=cfg.keep_fp or None,
         smoothquant_alpha=alpha,
         smooth_explicit=cfg.smooth_fc2 or None,

@@ -531,7 +531,7 @@ def test_recipe_switches_left_unset_take_the_models_own_defaults():
 def test_weight_block_sizes_int4_blocks_from_the_caller_or_the_model(tmp_path):
     """``weight_block`` (``--weight-block``) sets a block-wise scheme's INT4 block size: fc2's 256
     inputs carry 4 scales a row at 64, 2 at 128; the model may name its own per scheme; a stated size
-    wins; a per-channel scheme refuses a stated size and ignores a model's; sizes TensorRT has not
+    wins; an 8-bit scheme refuses a stated size and ignores a model's; sizes TensorRT has not
     are refused. The QDQ graph's DequantizeLinear carries the size."""
     import click
     import onnx
@@ -565,7 +565,7 @@ def test_weight_block_sizes_int4_blocks_from_the_caller_or_the_model(tmp_path):
     )
     own["quantize"]["weight_block"] = 64  # a common default: per-channel schemes have no blocks to size
     assert sx.quantize(loaded, images, scheme="w8a8", progress=False).config.weight_block == 0
-    with pytest.raises(sx.UserInputError, match="per-channel"):
+    with pytest.raises(sx.UserInputError, match="8-bit weights"):
         sx.quantize(loaded, images, scheme="w8a8", weight_block=64, progress=False)
     with pytest.raises(sx.UserInputError, match="64 or 128"):
         sx.QuantizeConfig(weight_block=32)

@@ -186,8 +186,9 @@ recipe_options = _stack(
     click.option(
         "--weight-block",
         type=click.Choice(["64", "128"]),
-        help="INT4 weight blocks of a block-wise scheme (w4a16): input channels per scale; TensorRT runs "
-        "both. [default: the model's own for the scheme, else the scheme's]",
+        help="4-bit weight blocks: input channels per scale. w4a16: INT4 blocks (TensorRT runs both sizes); "
+        "w4a8/w4a4: blocks nested on each channel's INT8 step, still an INT8 GEMM. 8-bit weights refuse it. "
+        "[default: the model's own for the scheme, else the scheme's]",
     ),
     click.option(
         "--smoothquant",
