@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 
 import torch
-
-import sardfq_export as sx
 from sardfq_export.calibrators import PerBlock, PerChannel
 from sardfq_export.calibrators.calibrate import NEST_MULTIPLES, calibrate_weight
 from sardfq_export.calibrators.quantizer import TensorQuantizer
+
+import sardfq_export as sx
 
 
 def grids(out: int, fan_in: int):
