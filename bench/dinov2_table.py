@@ -213,9 +213,9 @@ RECIPES = {
         "keep_fp": ("blocks.10.*", "blocks.11.*"),
     },
     # ... with 4-bit blocks of 128 inputs nested on each channel's INT8 step (--weight-block 128 at
-    # w4a8: scales m × step, m = 1..16; still an INT8 GEMM). Weight error on DINOv2's blocks 0-9
+    # w4a8: scales m × step, m = 1..15; still an INT8 GEMM). Weight error on DINOv2's blocks 0-9
     # (bench/dinov2_weight_block_error.py: MSE ranges, relative, summed over the Linears): per channel
-    # 0.704; blocks of 128 free 0.558, nested 0.564; blocks of 64 free 0.452, nested 0.463
+    # 0.704; blocks of 128 free 0.558, nested 0.564; blocks of 64 free 0.452, nested 0.464
     "w4a8+v4+r+fp10-11+b128": {
         "scheme": "w4a8",
         "weight_rounding": "gptq",

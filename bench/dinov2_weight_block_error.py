@@ -6,7 +6,7 @@ No data: each quantized Linear of blocks 0-9 (w4a8's default leaves 10 and 11 fl
 ranges (calibrators.calibrate_weight, as the product's default ``weight_range``) per output channel,
 per free block of 64 / 128 inputs (INT4 blocks: weight-only in TensorRT) and per block nested on the
 channel's INT8 step (``--weight-block`` at w4a8: an INT8 GEMM). One JSON line per Linear: its relative
-squared error ‖Q(W) − W‖² / ‖W‖² per grid, and the histogram of the nested multiples m = 1..16; a
+squared error ‖Q(W) − W‖² / ‖W‖² per grid, and the histogram of the nested multiples m = 1..15 (blocks of 128); a
 last line sums the relative errors over the Linears.
 """
 
@@ -48,7 +48,9 @@ def main() -> None:
             total[tag] = total.get(tag, 0.0) + rel
             if tag == "nested_128":
                 m = (q.scale / (q.scale.amax(1, keepdim=True) / NEST_MULTIPLES)).round().long()
-                row["nested_128_m_histogram"] = torch.bincount(m.flatten(), minlength=17)[1:].tolist()
+                row["nested_128_m_histogram"] = torch.bincount(m.flatten(), minlength=NEST_MULTIPLES + 1)[
+                    1:
+                ].tolist()
         print(json.dumps(row), flush=True)
     print(json.dumps({"sum_over_linears": {k: round(v, 4) for k, v in total.items()}}), flush=True)
 

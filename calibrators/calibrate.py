@@ -135,15 +135,18 @@ def calibrate_weight(
     q.set_amax(amax.reshape(q.scale.shape))
 
 
-NEST_MULTIPLES = 16  # a block scale is m × its channel's step, m = 1..16: 4-bit codes stay in INT8
+# A block scale is m × its channel's step, m = 1..15: the INT8 codes q·m (q in -8..7) stay in
+# [-120, 105], inside the [-127, 127] TensorRT takes for INT8 weights (not -128).
+NEST_MULTIPLES = 15
 
 
 def channel_step(block_scales: torch.Tensor) -> torch.Tensor:
-    """(out,) INT8 step of each channel of nested (out, blocks) scales: the largest block's / 16,
-    its float32 significand rounded up to 20 bits so that every m × step (m ≤ 16) is exact in
-    float32. Then a 4-bit code q times its block scale and the INT8 code q·m times the step round
-    the same exact product once: the fake-quant weight and the exported INT8 per-channel
-    ``DequantizeLinear`` agree bit for bit (exporters.weights checks it)."""
+    """(out,) INT8 step of each channel of nested (out, blocks) scales: the largest block's / 15,
+    its float32 significand rounded up to 20 bits so that every m × step (m ≤ 15) is exact in
+    float32 (and the largest scale / 15 gives the step back exactly). Then a 4-bit code q times its
+    block scale and the INT8 code q·m times the step round the same exact product once: the
+    fake-quant weight and the exported INT8 per-channel ``DequantizeLinear`` agree bit for bit
+    (exporters.weights checks it)."""
     top = block_scales.amax(1).clamp(min=SCALE_FLOOR * NEST_MULTIPLES) / NEST_MULTIPLES
     mant, exp = torch.frexp(top.float())
     return torch.ldexp(torch.ceil(mant * 2.0**20), exp - 20).float()
@@ -156,9 +159,9 @@ def nested_block_scales(
     """Block scales (out, blocks) on each channel's INT8 step (``PerBlock(nested=True)``), from the
     free ones the range method chose (``scale``, one per row of ``rows``, the blocks' weights).
 
-    The largest block of each channel keeps 16 steps (its scale, rounded up by at most 2⁻²⁰); every other block takes the multiple
-    m of the step with the least (``weigh``-ted) squared error on its weights (``weigh`` None: the
-    smallest m that clips nothing, min-max's meaning)."""
+    The largest block of each channel keeps 15 steps (its scale, rounded up by at most 2⁻¹⁹); every
+    other block takes the multiple m of the step with the least (``weigh``-ted) squared error on its
+    weights (``weigh`` None: the smallest m that clips nothing, min-max's meaning)."""
     shape = q.scale.shape
     step = channel_step(scale.reshape(shape))
     per_row = step.repeat_interleave(shape[1])
@@ -172,7 +175,7 @@ def nested_block_scales(
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             m = torch.where(better, torch.full_like(m, k), m)
-    # the largest block keeps 16 steps: the export reads each channel's step back as its largest / 16
+    # the largest block keeps all 15 steps: the export reads each channel's step back as its largest / 15
     m = m.reshape(shape)
     m[torch.arange(shape[0]), scale.reshape(shape).argmax(1)] = NEST_MULTIPLES
     return m * step[:, None]

@@ -37,9 +37,9 @@ class PerChannel:
 class PerBlock:
     """One scale per block of ``size`` consecutive input channels of each output row (INT4).
 
-    ``nested``: each row's block scales are integer multiples m ∈ [1, 16] of one step per output
-    channel (the row's largest block scale / 16), so a 4-bit code q of a block is the INT8 code
-    q·m ∈ [-128, 112] of that channel: the weight is stored and run as INT8 per channel (an INT8
+    ``nested``: each row's block scales are integer multiples m ∈ [1, 15] of one step per output
+    channel (the largest block scale of the row / 15), so a 4-bit code q of a block is the INT8 code
+    q·m ∈ [-120, 105] of that channel (TensorRT takes INT8 weights in [-127, 127]): the weight is stored and run as INT8 per channel (an INT8
     GEMM beside INT8 activations, which TensorRT's blocked INT4 path is not), while each block keeps
     a 4-bit grid of its own size. The multiples are 4-bit scale codes, as llama.cpp's k-quants
     quantize their block scales against one super-block scale."""

@@ -106,14 +106,14 @@ def _nested_plan(
     name: str, fq: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int, block: int
 ) -> WeightPlan:
     """A nested-block weight as INT8 per channel: codes q·m on each channel's step (the largest
-    block scale / 16), checked to be the same float32 weight bit for bit."""
+    block scale / 15), checked to be the same float32 weight bit for bit."""
     from sardfq_export.calibrators.calibrate import NEST_MULTIPLES
 
-    step = scale.amax(1) / NEST_MULTIPLES  # exact: a power-of-two division
+    step = scale.amax(1) / NEST_MULTIPLES  # exact: the largest scale is 15 × a 20-bit step
     m = scale / step[:, None]
     if not (torch.equal(m, m.round()) and m.min() >= 1 and m.max() <= NEST_MULTIPLES):
         raise RuntimeError(
-            f"{name}: nested block scales are not 1-16 multiples of a channel step; cannot export"
+            f"{name}: nested block scales are not 1-{NEST_MULTIPLES} multiples of a channel step; cannot export"
         )
     wide = codes * m.repeat_interleave(block, dim=1)
     if not torch.equal(wide * step[:, None], fq):
