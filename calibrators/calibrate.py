@@ -136,7 +136,8 @@ def calibrate_weight(
 
 
 # A block scale is m × its channel's step, m = 1..15: the INT8 codes q·m (q in -8..7) stay in
-# [-120, 105], inside the [-127, 127] TensorRT takes for INT8 weights (not -128).
+# [-120, 105], inside the narrow weight range [-127, 127] that TensorRT's implicit (calibrator) INT8
+# mode and TFLite's spec assume; explicit Q/DQ, what we export, takes -128 as well (NVIDIA/TensorRT#1796).
 NEST_MULTIPLES = 15
 
 

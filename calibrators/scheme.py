@@ -39,10 +39,11 @@ class PerBlock:
 
     ``nested``: each row's block scales are integer multiples m ∈ [1, 15] of one step per output
     channel (the largest block scale of the row / 15), so a 4-bit code q of a block is the INT8 code
-    q·m ∈ [-120, 105] of that channel (TensorRT takes INT8 weights in [-127, 127]): the weight is stored and run as INT8 per channel (an INT8
-    GEMM beside INT8 activations, which TensorRT's blocked INT4 path is not), while each block keeps
-    a 4-bit grid of its own size. The multiples are 4-bit scale codes, as llama.cpp's k-quants
-    quantize their block scales against one super-block scale."""
+    q·m ∈ [-120, 105] of that channel (inside the narrow weight range [-127, 127]): the weight is
+    stored and run as INT8 per channel (an INT8 GEMM beside INT8 activations, which TensorRT's
+    blocked INT4 path is not), while each block keeps a 4-bit grid of its own size. The multiples
+    are 4-bit scale codes, as llama.cpp's k-quants quantize their block scales against one
+    super-block scale."""
 
     size: int = 128
     nested: bool = False
