@@ -233,6 +233,26 @@ RECIPES = {
         "keep_fp": ("blocks.10.*", "blocks.11.*"),
         "weight_block": 64,
     },
+    # ... nested blocks of 64 and GPTQ a quarter of the way to the float model's output
+    "w4a8+v4+r+fp10-11+b64+ft.25": {
+        "scheme": "w4a8",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "gptq_target": 0.25,
+        "keep_fp": ("blocks.10.*", "blocks.11.*"),
+        "weight_block": 64,
+    },
+    # ... nested blocks of 64 and fc2's input centred
+    "w4a8+v4+r+fp10-11+b64+c": {
+        "scheme": "w4a8",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "centre_fc2": True,
+        "keep_fp": ("blocks.10.*", "blocks.11.*"),
+        "weight_block": 64,
+    },
     # ... with fc2's one-sided post-GELU input centred per channel (w8a8's centre_fc2, without its bias
     # correction): the 8-bit input step halves where it is widest; GPTQ then rounds on the centred input
     "w4a8+v4+r+fp10-11+c": {
