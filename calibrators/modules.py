@@ -34,9 +34,10 @@ def _weight_quantizer(weight: torch.Tensor, scheme: Scheme, where: str) -> Tenso
         fan_in = weight.shape[1]
         size = next((s for s in (g.size, 128, 64) if s <= g.size and fan_in % s == 0), None)
         if size is None:
+            fix = "--weight-block 0 (4-bit per channel)" if g.nested else "a per-channel scheme (w4a8)"
             raise UserInputError(
-                f"{where}: {fan_in} input channels are not a multiple of the INT4 block size "
-                f"({g.size}; 64 also tried): use a per-channel scheme (w4a8) for this model"
+                f"{where}: {fan_in} input channels are not a multiple of the 4-bit block size "
+                f"({g.size}; 64 also tried): use {fix} for this model"
             )
         shape = (weight.shape[0], fan_in // size)
         return TensorQuantizer(scheme.w_bits, PerBlock(size, g.nested), shape=shape, role="weight")
