@@ -453,6 +453,7 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
                 "gptq_views": 4,
                 "gptq_tokens": "rollout",
                 "keep_fp": ["blocks.10.*", "blocks.11.*"],
+                "weight_block": 64,
             },
         },
         "psaq2": {"student_lr": 1e-6, "disc_weight": 0.1},
@@ -496,6 +497,10 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
     assert (
         w4a8.scheme.keep_fp == ("blocks.10.*", "blocks.11.*") and w4a8.summary["quant"]["quant_linear"] == 40
     )
+    # 4-bit blocks of 64 nested on each channel's INT8 step: still INT8 per channel in the graph
+    from sardfq_export.calibrators import PerBlock
+
+    assert w4a8.scheme.w_granularity == PerBlock(64, nested=True) and w4a8.config.weight_block == 64
     # and neither centring nor bias correction there (both measured worse at w4a8)
     assert (
         not w4a8.scheme.centre_fc2
