@@ -452,6 +452,7 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
                 "bias_correct": False,
                 "gptq_views": 4,
                 "gptq_tokens": "rollout",
+                "gptq_target": 0.25,
                 "keep_fp": ["blocks.10.*", "blocks.11.*"],
                 "weight_block": 64,
             },
@@ -501,6 +502,7 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
     from sardfq_export.calibrators import PerBlock
 
     assert w4a8.scheme.w_granularity == PerBlock(64, nested=True) and w4a8.config.weight_block == 64
+    assert w4a8.summary["gptq"]["target"] == 0.25  # a quarter of the way to the float model's output
     # and neither centring nor bias correction there (both measured worse at w4a8)
     assert (
         not w4a8.scheme.centre_fc2
