@@ -318,7 +318,11 @@ EXPLICIT = dict(MODEL_RECIPE_FIELDS)
 # The row whose recipe is the product's default for the model at each scheme (api.model_recipe of
 # models.loading.ZOO_EXTRA): what the docs publish as "the default" is this row's number, and
 # tests/test_dinov2.py fails when a default moves without its row.
-DEFAULT_ROWS = {"w8a8": "w8a8+sq.5+c+bc", "w4a16": "w4a16+v4+r+fp10-11", "w4a8": "w4a8+v4+r+fp10-11+b64+ft.25"}
+DEFAULT_ROWS = {
+    "w8a8": "w8a8+sq.5+c+bc",
+    "w4a16": "w4a16+v4+r+fp10-11",
+    "w4a8": "w4a8+v4+r+fp10-11+b64+ft.25",
+}
 # Bump when the product's "auto" recipe (api.resolved_recipe) or the export changes: cached cells
 # of an older version are then measured again.
 RECIPE_VERSION = 1
