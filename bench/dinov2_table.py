@@ -263,6 +263,17 @@ RECIPES = {
         "keep_fp": ("blocks.10.*", "blocks.11.*"),
         "weight_block": 64,
     },
+    # ... all three: nested blocks of 64, GPTQ a quarter of the way to the float output, fc2 centred
+    "w4a8+v4+r+fp10-11+b64+ft.25+c": {
+        "scheme": "w4a8",
+        "weight_rounding": "gptq",
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "gptq_target": 0.25,
+        "centre_fc2": True,
+        "keep_fp": ("blocks.10.*", "blocks.11.*"),
+        "weight_block": 64,
+    },
     # ... with fc2's one-sided post-GELU input centred per channel (w8a8's centre_fc2, without its bias
     # correction): the 8-bit input step halves where it is widest; GPTQ then rounds on the centred input
     "w4a8+v4+r+fp10-11+c": {
