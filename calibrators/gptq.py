@@ -107,7 +107,8 @@ def _input_hessian(
     """Σ w x xᵀ over every token of the calibration images at ``lin``'s (quantized) input, float64;
     ``weights``: (images, tokens) per-token weights in the images' order (None: all 1). With a
     ``reference`` (the model with its quantizers off, before rounding), also ``(Σ w Δx xᵀ,
-    Σ w Δx Δxᵀ)`` where ``Δx`` is the reference's input to its module ``name`` minus ``x``."""
+    Σ w Δx Δxᵀ)`` where ``Δx`` is what the reference's module ``name`` multiplies minus ``x`` (both
+    after the module's own input shift and smoothing)."""
     device = lin.weight.device
     n = lin.in_features
     h = torch.zeros(n, n, dtype=torch.float64, device=device)
@@ -115,7 +116,10 @@ def _input_hessian(
     count, seen, ref_x = [0], [0], [None]
 
     def ref_hook(m, args):
-        ref_x[0] = args[0].detach().double()
+        # what the reference's GEMM sees: its copy of the same shift and smoothing, its quantizer off
+        # (fc2's centring subtracts z from the quantized model's input: a raw input would make Δx = z)
+        x = args[0].detach()
+        ref_x[0] = (m.quant_input(x) if isinstance(m, QuantLinear) else x).double()
         raise _Stop
 
     def hook(m, args):
