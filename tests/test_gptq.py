@@ -732,8 +732,9 @@ def test_gptq_float_target_compares_what_both_gemms_see_after_centring():
     with centring and A = 0.25 collapsed to 11.5% on DINOv2)."""
     import copy
 
-    import sardfq_export as sx
     from sardfq_export.calibrators.gptq import _input_hessian
+
+    import sardfq_export as sx
     from sardfq_export.models import LoadedModel
 
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
