@@ -67,6 +67,15 @@ PROBE_SETS = {
 # PSAQ-ViT V2 cells carry their schedule in the cell (and so in its cache key): a new default
 # measures them again, without touching the other calibs' finished cells.
 PSAQ2 = "psaq2"
+# The GPTQ recipe (4 views, rollout token weights) with blocks 10 and 11 float, which rows below vary.
+_GPTQ_FP10_11 = {
+    "weight_rounding": "gptq",
+    "gptq_views": 4,
+    "gptq_tokens": "rollout",
+    "keep_fp": ("blocks.10.*", "blocks.11.*"),
+}
+_W4A16_FP10_11 = {"scheme": "w4a16", **_GPTQ_FP10_11}
+_W4A8_FP10_11 = {"scheme": "w4a8", **_GPTQ_FP10_11}
 # The product's recipe per row (QuantizeConfig fields); "recon" rows add block reconstruction.
 RECIPES = {
     "w8a8": {"scheme": "w8a8"},  # GPTQ at 8 bits overfits 32 images: measured worse (bench/dinov2_probe.py)
@@ -134,32 +143,12 @@ RECIPES = {
         "keep_fp": ("blocks.11.*",),
     },
     # ... with the last two blocks float (the error budget's next parts are at most 0.3 points a block)
-    "w4a16+v4+r+fp10-11": {
-        "scheme": "w4a16",
-        "weight_rounding": "gptq",
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "keep_fp": ("blocks.10.*", "blocks.11.*"),
-    },
+    "w4a16+v4+r+fp10-11": _W4A16_FP10_11,
     # ... with INT4 blocks of 64 (--weight-block 64; TensorRT runs both sizes): the finer grid that
     # nested blocks of 64 gained with at w4a8 (bench/dinov2_weight_block_error.py: free 64 0.452, 128 0.558)
-    "w4a16+v4+r+fp10-11+b64": {
-        "scheme": "w4a16",
-        "weight_rounding": "gptq",
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "keep_fp": ("blocks.10.*", "blocks.11.*"),
-        "weight_block": 64,
-    },
+    "w4a16+v4+r+fp10-11+b64": {**_W4A16_FP10_11, "weight_block": 64},
     # ... with GPTQ fitting each layer to the float model's output there (--gptq-target 1)
-    "w4a16+v4+r+fp10-11+ft": {
-        "scheme": "w4a16",
-        "weight_rounding": "gptq",
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "gptq_target": 1.0,
-        "keep_fp": ("blocks.10.*", "blocks.11.*"),
-    },
+    "w4a16+v4+r+fp10-11+ft": {**_W4A16_FP10_11, "gptq_target": 1.0},
     "w4a8": {"scheme": "w4a8", "weight_rounding": "gptq"},
     # AWQ's per-channel scales, then round-to-nearest: DINOv2's w4a8 recipe since 2026-12-05
     # (bench/dinov2_probe.py --rounding nearest --awq: ahead of GPTQ by 5.4-6.8 points on all three
@@ -178,13 +167,7 @@ RECIPES = {
         "keep_fp": ("blocks.11.*",),
     },
     # ... with the last two blocks float, as w4a16's default keeps them (w4a16+v4+r+fp10-11)
-    "w4a8+v4+r+fp10-11": {
-        "scheme": "w4a8",
-        "weight_rounding": "gptq",
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "keep_fp": ("blocks.10.*", "blocks.11.*"),
-    },
+    "w4a8+v4+r+fp10-11": _W4A8_FP10_11,
     # ... with GPTQ fitting each layer to the float model's output there, not to the float weights on
     # its quantized inputs (--gptq-target 1; calibrators.gptq, GPTAQ-style asymmetric calibration)
     "w4a8+v4+r+fp11+ft": {
@@ -205,85 +188,30 @@ RECIPES = {
         "keep_fp": ("blocks.11.*",),
     },
     # ... both: the last two blocks float and GPTQ fitted to the float model's output
-    "w4a8+v4+r+fp10-11+ft": {
-        "scheme": "w4a8",
-        "weight_rounding": "gptq",
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "gptq_target": 1.0,
-        "keep_fp": ("blocks.10.*", "blocks.11.*"),
-    },
+    "w4a8+v4+r+fp10-11+ft": {**_W4A8_FP10_11, "gptq_target": 1.0},
     # ... the same at a quarter of the way to the float model's output
-    "w4a8+v4+r+fp10-11+ft.25": {
-        "scheme": "w4a8",
-        "weight_rounding": "gptq",
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "gptq_target": 0.25,
-        "keep_fp": ("blocks.10.*", "blocks.11.*"),
-    },
+    "w4a8+v4+r+fp10-11+ft.25": {**_W4A8_FP10_11, "gptq_target": 0.25},
     # ... with 4-bit blocks of 128 inputs nested on each channel's INT8 step (--weight-block 128 at
     # w4a8: scales m × step, m = 1..15; still an INT8 GEMM). Weight error on DINOv2's blocks 0-9
     # (bench/dinov2_weight_block_error.py: MSE ranges, relative, summed over the Linears): per channel
     # 0.704; blocks of 128 free 0.558, nested 0.564; blocks of 64 free 0.452, nested 0.464
-    "w4a8+v4+r+fp10-11+b128": {
-        "scheme": "w4a8",
-        "weight_rounding": "gptq",
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "keep_fp": ("blocks.10.*", "blocks.11.*"),
-        "weight_block": 128,
-    },
+    "w4a8+v4+r+fp10-11+b128": {**_W4A8_FP10_11, "weight_block": 128},
     # ... the same with blocks of 64
-    "w4a8+v4+r+fp10-11+b64": {
-        "scheme": "w4a8",
-        "weight_rounding": "gptq",
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "keep_fp": ("blocks.10.*", "blocks.11.*"),
-        "weight_block": 64,
-    },
+    "w4a8+v4+r+fp10-11+b64": {**_W4A8_FP10_11, "weight_block": 64},
     # ... nested blocks of 64 and GPTQ a quarter of the way to the float model's output
-    "w4a8+v4+r+fp10-11+b64+ft.25": {
-        "scheme": "w4a8",
-        "weight_rounding": "gptq",
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "gptq_target": 0.25,
-        "keep_fp": ("blocks.10.*", "blocks.11.*"),
-        "weight_block": 64,
-    },
+    "w4a8+v4+r+fp10-11+b64+ft.25": {**_W4A8_FP10_11, "weight_block": 64, "gptq_target": 0.25},
     # ... nested blocks of 64 and fc2's input centred
-    "w4a8+v4+r+fp10-11+b64+c": {
-        "scheme": "w4a8",
-        "weight_rounding": "gptq",
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "centre_fc2": True,
-        "keep_fp": ("blocks.10.*", "blocks.11.*"),
-        "weight_block": 64,
-    },
+    "w4a8+v4+r+fp10-11+b64+c": {**_W4A8_FP10_11, "weight_block": 64, "centre_fc2": True},
     # ... all three: nested blocks of 64, GPTQ a quarter of the way to the float output, fc2 centred
     "w4a8+v4+r+fp10-11+b64+ft.25+c": {
-        "scheme": "w4a8",
-        "weight_rounding": "gptq",
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
+        **_W4A8_FP10_11,
+        "weight_block": 64,
         "gptq_target": 0.25,
         "centre_fc2": True,
-        "keep_fp": ("blocks.10.*", "blocks.11.*"),
-        "weight_block": 64,
     },
     # ... with fc2's one-sided post-GELU input centred per channel (w8a8's centre_fc2, without its bias
     # correction): the 8-bit input step halves where it is widest; GPTQ then rounds on the centred input
-    "w4a8+v4+r+fp10-11+c": {
-        "scheme": "w4a8",
-        "weight_rounding": "gptq",
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "centre_fc2": True,
-        "keep_fp": ("blocks.10.*", "blocks.11.*"),
-    },
+    "w4a8+v4+r+fp10-11+c": {**_W4A8_FP10_11, "centre_fc2": True},
     # ... and w8a8's SmoothQuant (α 0.5, fc2 through its explicit Mul) for the 8-bit activations
     "w4a8+v4+r+fp11+sq.5": {
         "scheme": "w4a8",
