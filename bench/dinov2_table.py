@@ -43,6 +43,7 @@ CALIBS = (
     "sardfq/16g-n96",
     "real",
     "psaq",
+    "psaq/8g",
     "psaq2",
     "noise",
 )
@@ -57,6 +58,9 @@ GRIDS = {
     "sardfq/16g": ("sardfq", {"image_scale": 0.0625, "grey": True}),
     # 96 images instead of the table's 32 (images are drawn per index, so its first 32 are sardfq/16g's)
     "sardfq/16g-n96": ("sardfq", {"image_scale": 0.0625, "grey": True, "num_images": 96}),
+    # PSAQ-ViT on the same grey eighth grid: what `--method psaq` synthesizes for this model by default
+    # (ZOO_EXTRA's synthesis defaults hold for every method), so SARDFQ and PSAQ-ViT meet on equal terms
+    "psaq/8g": ("psaq", {"image_scale": 0.125, "grey": True}),
 }
 # Sets the probes name beside the table's (not columns): kind → (method, SynthConfig fields).
 PROBE_SETS = {
@@ -248,6 +252,31 @@ RECIPES = {
     "w4a8+c+bc": {"scheme": "w4a8", "weight_rounding": "gptq", "centre_fc2": True, "bias_correct": True},
     "w4a4": {"scheme": "w4a4", "weight_rounding": "gptq"},
     "w4a4+recon": {"scheme": "w4a4", "weight_rounding": "gptq", "finetune": "recon"},
+    # w4a8's default recipe at w4a4 (GPTQ over 4 views with rollout tokens, blocks 10-11 float, nested
+    # 4-bit blocks of 64, A = 0.25): what the product's other 4-bit defaults would bring to w4a4
+    "w4a4+v4+r+fp10-11+b64+ft.25": {
+        "scheme": "w4a4",
+        **_GPTQ_FP10_11,
+        "weight_block": 64,
+        "gptq_target": 0.25,
+    },
+    # ... with fc2's post-GELU input centred per channel (its 4-bit step halves where it is widest;
+    # fc2's input alone takes w4a4 to 26%: docs/dinov2-accuracy.md, "Which 4-bit inputs break it")
+    "w4a4+v4+r+fp10-11+b64+ft.25+c": {
+        "scheme": "w4a4",
+        **_GPTQ_FP10_11,
+        "weight_block": 64,
+        "gptq_target": 0.25,
+        "centre_fc2": True,
+    },
+    # ... then the paper's block reconstruction on top
+    "w4a4+v4+r+fp10-11+b64+ft.25+recon": {
+        "scheme": "w4a4",
+        **_GPTQ_FP10_11,
+        "weight_block": 64,
+        "gptq_target": 0.25,
+        "finetune": "recon",
+    },
 }
 # Each row states its recipe in full: the switches a model may turn on by default (api.MODEL_RECIPE_FIELDS)
 # are off unless the row names them, so a row means the same whatever the product's defaults become.
@@ -265,6 +294,21 @@ DEFAULT_ROWS = {
 # Bump when the product's "auto" recipe (api.resolved_recipe) or the export changes: cached cells
 # of an older version are then measured again.
 RECIPE_VERSION = 1
+# The headline: each scheme's row as the product runs it on this model, from each calibration source
+# as the product synthesizes it for this model (grey, eighth grid) or 32 real train images, or noise.
+# w4a4 has no recipe of its own on this model (DEFAULT_ROWS): its row is the one the headline shows.
+HEADLINE_COLUMNS = ("sardfq/8g", "psaq/8g", "real", "noise")
+HEADLINE_ROWS = {
+    **DEFAULT_ROWS,
+    "w4a4": "w4a4",
+    "w4a4 + reconstruction": "w4a4+recon",
+}
+# SARDFQ without one of its parts, on the model's own sets (grey, eighth grid) and w4a8 default row
+HEADLINE_ABLATION = {
+    "sardfq/8g -APA": {"apa": False},
+    "sardfq/8g -MSR": {"msr": False},
+    "sardfq/8g -SL": {"soft_labels": False},
+}
 ABLATION = {  # SARDFQ without one of its parts (synthesis flags), at w4a8
     "sardfq -APA": {"apa": False},
     "sardfq -MSR": {"msr": False},
@@ -549,6 +593,31 @@ def mixed_sets(rows: list[dict]) -> dict[tuple[str, int], dict[str, list[str]]]:
     return {k: v for k, v in seen.items() if len(v) > 1}
 
 
+def _is(r: dict, row: str, calib: str) -> bool:
+    """A table cell of ``row`` on ``calib``'s own sets (not an ablation's)."""
+    return r.get("kind") == "ours" and r["row"] == row and r["calib"] == calib and not r.get("synth")
+
+
+def headline_lines(rows: list[dict], fp: dict | None) -> list[str]:
+    """Each scheme's default row for this model, by calibration source: deployed top-1 and its drop."""
+    if not fp:
+        return []
+    out = ["## Headline: the product's recipe for this model per scheme, by calibration source", "",
+           "Deployed (ONNX Runtime) top-1, mean ± sd over seeds; in brackets the drop from FP32 (points) and "
+           "the seeds' largest drop. Synthetic sets as the product makes them for this model (grey, eighth "
+           "grid, 100 iterations); `real`: 32 Fashion-MNIST train images; `noise`: Gaussian noise images.", "",
+           "| scheme | row | " + " | ".join(HEADLINE_COLUMNS) + " |", "|---|---|" + "---|" * len(HEADLINE_COLUMNS)]  # fmt: skip
+    for scheme, row in HEADLINE_ROWS.items():
+        cells = []
+        for calib in HEADLINE_COLUMNS:
+            got = [r["deployed_top1"] for r in rows if _is(r, row, calib)]
+            drops = [100 * (fp["top1"] - v) for v in got]
+            worst = f"; max {max(drops):.2f}" if len(got) > 1 else ""
+            cells.append(f"{_ms(got)} ({statistics.mean(drops):.2f}{worst})" if got else "–")
+        out.append(f"| {scheme} | {row} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def write_doc(
     doc: Path, json_out: Path, cache: Cache, meta: dict, seeds: list[int], planned: set[str]
 ) -> None:
@@ -577,6 +646,7 @@ def write_doc(
     lines.append("")
     if fp:
         lines += [f"**FP32 top-1: {100 * fp['top1']:.2f}%.**", ""]
+    lines += headline_lines(rows, fp)
     lines += ["## Ours: deployed (ONNX Runtime) top-1 / fake-quant top-1", "",
               "| recipe | " + " | ".join(CALIBS) + " |", "|---|" + "---|" * len(CALIBS)]  # fmt: skip
     for name in RECIPES:
@@ -615,10 +685,22 @@ def write_doc(
                 lines.append(
                     f"| {name} | {calib} | {100 * agr:.2f}% | {inner_s} | {100 * flo:.2f}% | {drop:.2f} |"
                 )
-    lines += ["", "## SARDFQ ablation (w4a8, deployed top-1)", "", "| variant | top-1 |", "|---|---|"]
+    lines += ["", "## SARDFQ ablation (w4a8, deployed top-1)", "",
+              "| variant | recipe | top-1 |", "|---|---|---|"]  # fmt: skip
+    full = [r for r in rows if _is(r, DEFAULT_ROWS["w4a8"], "sardfq/8g")]
+    lines.append(
+        f"| sardfq/8g (all parts) | {DEFAULT_ROWS['w4a8']} | {_ms([r['deployed_top1'] for r in full])} |"
+    )
+    for name in HEADLINE_ABLATION:
+        got = [r for r in rows if r.get("kind") == "ours" and r.get("ablation") == name]
+        lines.append(f"| {name} | {DEFAULT_ROWS['w4a8']} | {_ms([r['deployed_top1'] for r in got])} |")
+    full = [r for r in rows if _is(r, "w4a8", "sardfq")]
+    lines.append(
+        f"| sardfq (all parts; full-grid colour sets) | w4a8 | {_ms([r['deployed_top1'] for r in full])} |"
+    )
     for name in ABLATION:
         got = [r for r in rows if r.get("kind") == "ours" and r.get("ablation") == name]
-        lines.append(f"| {name} | {_ms([r['deployed_top1'] for r in got])} |")
+        lines.append(f"| {name} | w4a8 | {_ms([r['deployed_top1'] for r in got])} |")
     lines += ["", "## Peers on the same model and calibration images", "",
               "| peer | calib | top-1 | what |", "|---|---|---|---|"]  # fmt: skip
     peer_names = list(dict.fromkeys(r["peer"] for r in rows if r.get("kind") == "peer"))
@@ -724,7 +806,30 @@ def plan(seeds: list[int], limit: int, iters: int, n: int, schedule: dict | None
     for seed in seeds:  # the coarser-grid SARDFQ sets after everything that existed before them
         for calib in GRIDS:
             cells += ours(calib, seed)
+    for seed in seeds:
+        for name, synth in HEADLINE_ABLATION.items():
+            row = DEFAULT_ROWS["w4a8"]
+            cells.append({"kind": "ours", "row": row, "recipe": RECIPES[row], "calib": "sardfq/8g",
+                          "synth": synth, "ablation": name, "seed": seed, **common})  # fmt: skip
     return cells
+
+
+def headline_order(cells: list[dict]) -> list[dict]:
+    """The headline's cells (HEADLINE_ROWS × HEADLINE_COLUMNS, then HEADLINE_ABLATION), seed by seed,
+    each seed's cheapest first (block reconstruction, about 40 minutes a cell on 2 cores, last), so a
+    run stopped anywhere leaves whole seeds of the cheap rows."""
+    rows = list(HEADLINE_ROWS.values())
+
+    def rank(c: dict) -> tuple:
+        recon = RECIPES[c["row"]].get("finetune") == "recon"
+        return (c["seed"], recon, "ablation" in c, rows.index(c["row"]), HEADLINE_COLUMNS.index(c["calib"]))
+
+    picked = [
+        c for c in cells
+        if c["kind"] == "ours" and c["row"] in rows and c["calib"] in HEADLINE_COLUMNS
+        and (not c.get("synth") or c.get("ablation") in HEADLINE_ABLATION)
+    ]  # fmt: skip
+    return sorted(picked, key=rank)
 
 
 def main(argv=None) -> int:
@@ -748,6 +853,9 @@ def main(argv=None) -> int:
         "--only", nargs="+", help="run only cells whose kind/row/calib/peer label contains one of these texts"
     )
     ap.add_argument("--max-cells", type=int, help="stop after this many new cells")
+    ap.add_argument("--headline", action="store_true",
+                    help="run only the headline's cells (each scheme's default row × HEADLINE_COLUMNS, and the "
+                    "ablation on the model's own sets), seed by seed, cheapest first")  # fmt: skip
     ap.add_argument("--psaq2", nargs="*", default=[], metavar="K=V",
                     help="PSAQ-ViT V2 schedule fields other than AdaptiveConfig's defaults (e.g. rounds=2 for a "
                     "smoke run; they are part of the cells' keys)")  # fmt: skip
@@ -774,7 +882,9 @@ def main(argv=None) -> int:
     planned = {Cache.key(c) for c in cells}
     fp_logits = None
     done = 0
-    for i, cell in enumerate(cells):
+    index = {Cache.key(c): i for i, c in enumerate(cells)}
+    for cell in headline_order(cells) if a.headline else cells:
+        i = index[Cache.key(cell)]
         label = " ".join(
             str(cell.get(k))
             for k in ("kind", "row", "peer", "calib", "ablation", "seed")

@@ -392,6 +392,27 @@ def test_the_table_flags_cells_calibrated_on_a_resynthesized_set(tmp_path):
     assert "seed 1:" not in text
 
 
+def test_the_headline_runs_every_schemes_row_from_every_source_seed_by_seed_reconstruction_last():
+    """``--headline`` runs exactly the headline's cells (each scheme's row × each calibration source,
+    then SARDFQ's ablation on the model's own sets at the w4a8 default), a whole seed before the next,
+    and within a seed the 40-minute reconstruction cells after the others."""
+    table = _table_module()
+    cells = table.plan([0, 1], 10, 100, 32)
+    order = table.headline_order(cells)
+    per_seed = len(table.HEADLINE_ROWS) * len(table.HEADLINE_COLUMNS) + len(table.HEADLINE_ABLATION)
+    assert len(order) == 2 * per_seed and len({table.Cache.key(c) for c in order}) == len(order)
+    assert [c["seed"] for c in order] == [0] * per_seed + [1] * per_seed
+    seed0 = order[:per_seed]
+    assert {(c["row"], c["calib"]) for c in seed0 if "ablation" not in c} == {
+        (row, calib) for row in table.HEADLINE_ROWS.values() for calib in table.HEADLINE_COLUMNS
+    }
+    ablation = [c for c in seed0 if "ablation" in c]
+    assert {c["ablation"] for c in ablation} == set(table.HEADLINE_ABLATION)
+    assert all(c["row"] == table.DEFAULT_ROWS["w4a8"] and c["calib"] == "sardfq/8g" for c in ablation)
+    recon = [table.RECIPES[c["row"]].get("finetune") == "recon" for c in seed0]
+    assert recon == sorted(recon) and sum(recon) == len(table.HEADLINE_COLUMNS)
+
+
 @pytest.mark.parametrize("size", ["", "@224"])
 def test_the_tables_default_rows_are_the_models_own_recipe(size):
     """bench/dinov2_table.py publishes each scheme's default under one row (DEFAULT_ROWS): that row's
