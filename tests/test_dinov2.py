@@ -477,6 +477,15 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
                 "keep_fp": ["blocks.10.*", "blocks.11.*"],
                 "weight_block": 64,
             },
+            "w4a4": {
+                "centre_fc2": False,
+                "bias_correct": False,
+                "gptq_views": 4,
+                "gptq_tokens": "rollout",
+                "gptq_target": 0.25,
+                "keep_fp": ["blocks.10.*", "blocks.11.*"],
+                "weight_block": 64,
+            },
         },
         "psaq2": {"student_lr": 1e-6, "disc_weight": 0.1},
     }

@@ -215,8 +215,7 @@ ZOO.update({"dinov2_s14_fmnist": _dinov2(112), "dinov2_s14_fmnist@224": _dinov2(
 # Not at w4a8: there centring and correction cost top-1 (bench/dinov2_table.py rows w4a8 and
 # w4a8+c+bc, SARDFQ data, all 10k test images, the same sets: deployed 71.88% vs 65.37% on seed 1,
 # 72.04% vs 69.26% on seed 2; a 2,000-image probe of seed 1 puts most of it on the centring: plain
-# 71.50%, corrected 69.90%, centred 65.10%, both 63.95%; docs/dinov2-accuracy.md). w4a4 keeps the
-# common recipe: it is broken on this model whatever the recipe (19.3-27.5%, docs/dinov2-accuracy.md).
+# 71.50%, corrected 69.90%, centred 65.10%, both 63.95%; docs/dinov2-accuracy.md). w4a4: below.
 # w4a8 rounds to nearest after AWQ's scales instead of GPTQ: GPTQ fits the synthetic images' input
 # covariance, which does not carry over to real inputs (bench/dinov2_hessian_probe.py), while AWQ takes
 # one magnitude per channel. Paired on the same three SARDFQ sets (bench/dinov2_probe.py --scheme w4a8
@@ -257,6 +256,20 @@ _DINOV2_QUANTIZE = {
     # output (row +b64+ft.25: 85.92 / 85.60 / 85.68%, drop 0.93; +0.40 / -0.01 / +0.15 over +b64; per
     # channel +0.53 / +0.28 with blocks 10-11 float, +1.26 / +0.40 with block 11)
     "w4a8": {
+        "centre_fc2": False,
+        "bias_correct": False,
+        "gptq_views": 4,
+        "gptq_tokens": "rollout",
+        "gptq_target": 0.25,
+        "keep_fp": ["blocks.10.*", "blocks.11.*"],
+        "weight_block": 64,
+    },
+    # w4a4 takes w4a8's recipe: bench/dinov2_table.py rows w4a4 (plain GPTQ) and w4a4+v4+r+fp10-11+b64+ft.25,
+    # 10k, deployed, the default sets (paired): 20.90 / 19.91 / 23.75% plain, 48.34 / 48.88 / 47.62%
+    # (48.28 ± 0.63%) with it; the common recipe (centred + corrected) was worse than plain GPTQ in the
+    # 2,000-image probe (19.80 vs 24.50%, docs/dinov2-accuracy.md). Still far from FP32 (86.66%): 4-bit
+    # per-tensor activations are what fails on this model (same doc, "Which 4-bit inputs break it").
+    "w4a4": {
         "centre_fc2": False,
         "bias_correct": False,
         "gptq_views": 4,
