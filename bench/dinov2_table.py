@@ -601,7 +601,8 @@ def headline_lines(rows: list[dict], fp: dict | None) -> list[str]:
     out = ["## Headline: the product's recipe for this model per scheme, by calibration source", "",
            "Deployed (ONNX Runtime) top-1, mean ± sd over seeds; in brackets the drop from FP32 (points) and "
            "the seeds' largest drop. Synthetic sets as the product makes them for this model (grey, eighth "
-           "grid, 100 iterations); `real`: 32 Fashion-MNIST train images; `noise`: Gaussian noise images.", "",
+           "grid, 100 iterations); `real`: 32 Fashion-MNIST train images; `noise`: N(0, 1) images in the "
+           "model's normalized input space, not optimized.", "",
            "| scheme | row | " + " | ".join(HEADLINE_COLUMNS) + " |", "|---|---|" + "---|" * len(HEADLINE_COLUMNS)]  # fmt: skip
     for scheme, row in HEADLINE_ROWS.items():
         cells = []
