@@ -269,6 +269,24 @@ RECIPES = {
         "gptq_target": 0.25,
         "centre_fc2": True,
     },
+    # ... centred and bias-corrected, as w8a8's default
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+bc": {
+        "scheme": "w4a4",
+        **_GPTQ_FP10_11,
+        "weight_block": 64,
+        "gptq_target": 0.25,
+        "centre_fc2": True,
+        "bias_correct": True,
+    },
+    # ... centred, then the paper's block reconstruction on top
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon": {
+        "scheme": "w4a4",
+        **_GPTQ_FP10_11,
+        "weight_block": 64,
+        "gptq_target": 0.25,
+        "centre_fc2": True,
+        "finetune": "recon",
+    },
     # ... then the paper's block reconstruction on top
     "w4a4+v4+r+fp10-11+b64+ft.25+recon": {
         "scheme": "w4a4",
