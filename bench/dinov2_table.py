@@ -308,7 +308,7 @@ DEFAULT_ROWS = {
     "w8a8": "w8a8+sq.5+c+bc",
     "w4a16": "w4a16+v4+r+fp10-11",
     "w4a8": "w4a8+v4+r+fp10-11+b64+ft.25",
-    "w4a4": "w4a4+v4+r+fp10-11+b64+ft.25",
+    "w4a4": "w4a4+v4+r+fp10-11+b64+ft.25+c",
 }
 # Bump when the product's "auto" recipe (api.resolved_recipe) or the export changes: cached cells
 # of an older version are then measured again.
@@ -316,7 +316,7 @@ RECIPE_VERSION = 1
 # The headline: each scheme's row as the product runs it on this model, from each calibration source
 # as the product synthesizes it for this model (grey, eighth grid) or 32 real train images, or noise.
 HEADLINE_COLUMNS = ("sardfq/8g", "psaq/8g", "real", "noise")
-HEADLINE_ROWS = {**DEFAULT_ROWS, "w4a4 + reconstruction": "w4a4+v4+r+fp10-11+b64+ft.25+recon"}
+HEADLINE_ROWS = {**DEFAULT_ROWS, "w4a4 + reconstruction": "w4a4+v4+r+fp10-11+b64+ft.25+c+recon"}
 # SARDFQ without one of its parts, on the model's own sets (grey, eighth grid) and w4a8 default row
 HEADLINE_ABLATION = {
     "sardfq/8g -APA": {"apa": False},

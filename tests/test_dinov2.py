@@ -478,7 +478,7 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
                 "weight_block": 64,
             },
             "w4a4": {
-                "centre_fc2": False,
+                "centre_fc2": True,
                 "bias_correct": False,
                 "gptq_views": 4,
                 "gptq_tokens": "rollout",

@@ -264,13 +264,14 @@ _DINOV2_QUANTIZE = {
         "keep_fp": ["blocks.10.*", "blocks.11.*"],
         "weight_block": 64,
     },
-    # w4a4 takes w4a8's recipe: bench/dinov2_table.py rows w4a4 (plain GPTQ) and w4a4+v4+r+fp10-11+b64+ft.25,
-    # 10k, deployed, the default sets (paired): 20.90 / 19.91 / 23.75% plain, 48.34 / 48.88 / 47.62%
-    # (48.28 ± 0.63%) with it; the common recipe (centred + corrected) was worse than plain GPTQ in the
-    # 2,000-image probe (19.80 vs 24.50%, docs/dinov2-accuracy.md). Still far from FP32 (86.66%): 4-bit
-    # per-tensor activations are what fails on this model (same doc, "Which 4-bit inputs break it").
+    # w4a4 takes w4a8's recipe with fc2's input centred: bench/dinov2_table.py rows w4a4 (plain GPTQ),
+    # w4a4+v4+r+fp10-11+b64+ft.25 and its +c, 10k, deployed, the default sets (paired): 20.90 / 19.91 /
+    # 23.75% plain, 48.34 / 48.88 / 47.62% (48.28 ± 0.63%) with w4a8's recipe, 62.65 / 66.94 / 62.40%
+    # (64.00 ± 2.55%) centred too (4-bit steps on fc2's one-sided post-GELU input halve; at w4a8 it
+    # gained nothing). The common recipe (centred + corrected plain GPTQ) had lost to plain GPTQ in a
+    # 2,000-image probe (19.80 vs 24.50%). Still far from FP32 (86.66%): docs/dinov2-accuracy.md.
     "w4a4": {
-        "centre_fc2": False,
+        "centre_fc2": True,
         "bias_correct": False,
         "gptq_views": 4,
         "gptq_tokens": "rollout",
