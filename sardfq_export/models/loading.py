@@ -237,6 +237,16 @@ ZOO.update({"dinov2_s14_fmnist": _dinov2(112), "dinov2_s14_fmnist@224": _dinov2(
 # test images, deployed, the default grey eighth-grid SARDFQ sets (bench/dinov2_table.py rows
 # w4a16+v4+r and w4a16+v4+r+fp11, FP32 86.66%): 83.97 / 83.89 / 83.93% with every block INT4, 84.52 /
 # 85.69 / 85.38% (85.20 ± 0.61%) with block 11 float: drop 2.73 → 1.46 points, every seed +0.55 to +1.80.
+# w4a8 (and, with fc2 centred, w4a4): see the comments in _DINOV2_QUANTIZE
+_DINOV2_W4A8 = {
+    "centre_fc2": False,
+    "bias_correct": False,
+    "gptq_views": 4,
+    "gptq_tokens": "rollout",
+    "gptq_target": 0.25,
+    "keep_fp": ["blocks.10.*", "blocks.11.*"],
+    "weight_block": 64,
+}
 _DINOV2_QUANTIZE = {
     "centre_fc2": True,
     "bias_correct": True,
@@ -255,30 +265,14 @@ _DINOV2_QUANTIZE = {
     # +1.96 / +1.30 / +0.86 over per-channel scales), and GPTQ a quarter of the way to the float model's
     # output (row +b64+ft.25: 85.92 / 85.60 / 85.68%, drop 0.93; +0.40 / -0.01 / +0.15 over +b64; per
     # channel +0.53 / +0.28 with blocks 10-11 float, +1.26 / +0.40 with block 11)
-    "w4a8": {
-        "centre_fc2": False,
-        "bias_correct": False,
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "gptq_target": 0.25,
-        "keep_fp": ["blocks.10.*", "blocks.11.*"],
-        "weight_block": 64,
-    },
+    "w4a8": _DINOV2_W4A8,
     # w4a4 takes w4a8's recipe with fc2's input centred: bench/dinov2_table.py rows w4a4 (plain GPTQ),
     # w4a4+v4+r+fp10-11+b64+ft.25 and its +c, 10k, deployed, the default sets (paired): 20.90 / 19.91 /
     # 23.75% plain, 48.34 / 48.88 / 47.62% (48.28 ± 0.63%) with w4a8's recipe, 62.65 / 66.94 / 62.40%
     # (64.00 ± 2.55%) centred too (4-bit steps on fc2's one-sided post-GELU input halve; at w4a8 it
     # gained nothing). The common recipe (centred + corrected plain GPTQ) had lost to plain GPTQ in a
     # 2,000-image probe (19.80 vs 24.50%). Still far from FP32 (86.66%): docs/dinov2-accuracy.md.
-    "w4a4": {
-        "centre_fc2": True,
-        "bias_correct": False,
-        "gptq_views": 4,
-        "gptq_tokens": "rollout",
-        "gptq_target": 0.25,
-        "keep_fp": ["blocks.10.*", "blocks.11.*"],
-        "weight_block": 64,
-    },
+    "w4a4": {**_DINOV2_W4A8, "centre_fc2": True},
 }
 # PSAQ-ViT V2 on DINOv2 (bench/dinov2_psaq2_probe.py, docs/dinov2-accuracy.md): at the generic discrepancy
 # weight 1.0 the images run away from the prior (their KL to the teacher 0.12 → 13.5 in 8 rounds) and a
