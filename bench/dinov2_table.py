@@ -80,6 +80,8 @@ _GPTQ_FP10_11 = {
 }
 _W4A16_FP10_11 = {"scheme": "w4a16", **_GPTQ_FP10_11}
 _W4A8_FP10_11 = {"scheme": "w4a8", **_GPTQ_FP10_11}
+# w4a8's default recipe (nested 4-bit blocks of 64, A = 0.25) at w4a4, which rows below vary
+_W4A4_AS_W4A8 = {"scheme": "w4a4", **_GPTQ_FP10_11, "weight_block": 64, "gptq_target": 0.25}
 # The product's recipe per row (QuantizeConfig fields); "recon" rows add block reconstruction.
 RECIPES = {
     "w8a8": {"scheme": "w8a8"},  # GPTQ at 8 bits overfits 32 images: measured worse (bench/dinov2_probe.py)
@@ -254,47 +256,16 @@ RECIPES = {
     "w4a4+recon": {"scheme": "w4a4", "weight_rounding": "gptq", "finetune": "recon"},
     # w4a8's default recipe at w4a4 (GPTQ over 4 views with rollout tokens, blocks 10-11 float, nested
     # 4-bit blocks of 64, A = 0.25): what the product's other 4-bit defaults would bring to w4a4
-    "w4a4+v4+r+fp10-11+b64+ft.25": {
-        "scheme": "w4a4",
-        **_GPTQ_FP10_11,
-        "weight_block": 64,
-        "gptq_target": 0.25,
-    },
+    "w4a4+v4+r+fp10-11+b64+ft.25": _W4A4_AS_W4A8,
     # ... with fc2's post-GELU input centred per channel (its 4-bit step halves where it is widest;
     # fc2's input alone takes w4a4 to 26%: docs/dinov2-accuracy.md, "Which 4-bit inputs break it")
-    "w4a4+v4+r+fp10-11+b64+ft.25+c": {
-        "scheme": "w4a4",
-        **_GPTQ_FP10_11,
-        "weight_block": 64,
-        "gptq_target": 0.25,
-        "centre_fc2": True,
-    },
+    "w4a4+v4+r+fp10-11+b64+ft.25+c": {**_W4A4_AS_W4A8, "centre_fc2": True},
     # ... centred and bias-corrected, as w8a8's default
-    "w4a4+v4+r+fp10-11+b64+ft.25+c+bc": {
-        "scheme": "w4a4",
-        **_GPTQ_FP10_11,
-        "weight_block": 64,
-        "gptq_target": 0.25,
-        "centre_fc2": True,
-        "bias_correct": True,
-    },
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+bc": {**_W4A4_AS_W4A8, "centre_fc2": True, "bias_correct": True},
     # ... centred, then the paper's block reconstruction on top
-    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon": {
-        "scheme": "w4a4",
-        **_GPTQ_FP10_11,
-        "weight_block": 64,
-        "gptq_target": 0.25,
-        "centre_fc2": True,
-        "finetune": "recon",
-    },
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon": {**_W4A4_AS_W4A8, "centre_fc2": True, "finetune": "recon"},
     # ... then the paper's block reconstruction on top
-    "w4a4+v4+r+fp10-11+b64+ft.25+recon": {
-        "scheme": "w4a4",
-        **_GPTQ_FP10_11,
-        "weight_block": 64,
-        "gptq_target": 0.25,
-        "finetune": "recon",
-    },
+    "w4a4+v4+r+fp10-11+b64+ft.25+recon": {**_W4A4_AS_W4A8, "finetune": "recon"},
 }
 # Each row states its recipe in full: the switches a model may turn on by default (api.MODEL_RECIPE_FIELDS)
 # are off unless the row names them, so a row means the same whatever the product's defaults become.
