@@ -2,6 +2,8 @@
 (a probe; numbers in docs/dinov2-accuracy.md)
 
     nice bash tools/dev.sh python bench/dinov2_w4a4_range_swap.py --seed 0 --log docs/dinov2-w4a4-range-swap.jsonl
+    nice bash tools/dev.sh python bench/dinov2_w4a4_range_swap.py --seed 0 --limit 1000 --per-quantizer \
+        --log docs/dinov2-w4a4-range-swap-per-quantizer.jsonl
 
 Quantizes DINOv2 at w4a4 with the table's ``ROW`` (the model's w4a4 recipe) twice, from the table's
 SARDFQ set (``sardfq/8g``, the product's synthesis for this model) and from 32 real train images, then
@@ -45,6 +47,11 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--row", default=ROW)
     ap.add_argument("--log", type=Path)
+    ap.add_argument(
+        "--per-quantizer",
+        action="store_true",
+        help="also: the SARDFQ model with one quantizer at a time given the real set's range",
+    )
     a = ap.parse_args(argv)
     recipe = {**EXPLICIT, **RECIPES[a.row]}
     if recipe.get("centre_fc2") or recipe.get("smoothquant"):
@@ -67,6 +74,16 @@ def main(argv=None) -> int:
             row = {"row": a.row, "seed": a.seed, "limit": a.limit, "weights_from": weights,
                    "activation_ranges_from": acts, "top1": scores(logits_of(m, x), y)}  # fmt: skip
             set_act_scales(m, ranges[weights])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if a.per_quantizer:  # which of the real ranges carry the gain: one at a time into the SARDFQ model
+        m = models["sardfq/8g"]
+        for name in ranges["real"]:
+            set_act_scales(m, {name: ranges["real"][name]})
+            row = {"row": a.row, "seed": a.seed, "limit": a.limit, "weights_from": "sardfq/8g",
+                   "real_range_for": name, "top1": scores(logits_of(m, x), y),
+                   "range_ratio_synthetic_over_real": float(ranges["sardfq/8g"][name].mean() / ranges["real"][name].mean())}  # fmt: skip
+            set_act_scales(m, {name: ranges["sardfq/8g"][name]})
             print(json.dumps(row), flush=True)
             rows.append(row)
     # how far apart the two sets' ranges are, per Linear role (ratio synthetic / real, geometric mean)

@@ -62,7 +62,7 @@ class HistogramCollector:
         )
 
     def compute_amax(
-        self, method: str, quantizer: TensorQuantizer, percentile: float = 99.99
+        self, method: str, quantizer: TensorQuantizer, percentile: float = 99.99, norm: float = 2.0
     ) -> torch.Tensor:
         if self.amax is None:
             raise UserInputError("calibration saw no data: the data source yielded no batches")
@@ -85,7 +85,8 @@ class HistogramCollector:
             cands = float(amax) * torch.linspace(0.02, 1.0, 200, dtype=torch.float64, device=v.device)
             s = (cands / quantizer.qmax)[:, None]
             q = torch.clamp(torch.round(v[None] / s), quantizer.qmin, quantizer.qmax) * s
-            err = ((v[None] - q) ** 2 * n[None]).sum(1)
+            d = v[None] - q
+            err = ((d**2 if norm == 2 else d.abs() ** norm) * n[None]).sum(1)
             return cands[int(err.argmin())].float().to(amax.device)
         raise UserInputError(f"unknown range method {method!r}: choose one of {', '.join(ACT_METHODS)}")
 
@@ -224,12 +225,17 @@ def calibrate(
     percentile: float = 99.99,
     num_bins: int = 2048,
     progress: bool = True,
+    norm: float = 2.0,
 ) -> dict:
     """Set every enabled quantizer's scale in ``qmodel`` (weights first, then activations).
 
     ``data``: a ``forward_loop(model)`` callable, a tensor of images, a CalibSet-like object, or
-    any iterable of image batches. Returns a summary (also stored in the saved model).
+    any iterable of image batches. ``norm``: the exponent p of ``mse``'s error, sum |x - q(x)|^p (2:
+    the squared error; a larger p weighs the clipped tail more, so the clip is wider). Returns a
+    summary (also stored in the saved model).
     """
+    if norm <= 0:
+        raise UserInputError(f"the range search's error exponent must be > 0, got {norm}")
     if method not in ACT_METHODS:
         raise UserInputError(f"unknown range method {method!r}: choose one of {', '.join(ACT_METHODS)}")
     was_training = qmodel.training
@@ -271,7 +277,7 @@ def calibrate(
             with torch.no_grad():
                 seen = _run_data(qmodel, data, progress, f"calibrate ({method})")
             for q in acts:
-                q.set_amax(q.collector.compute_amax(method, q, percentile))
+                q.set_amax(q.collector.compute_amax(method, q, percentile, norm))
         finally:
             for q in acts:
                 q.collector = None
@@ -280,6 +286,7 @@ def calibrate(
         "method": method,
         "weight_method": weight_method,
         "percentile": percentile if method == "percentile" else None,
+        "norm": norm if method == "mse" else None,
         "num_images": seen,
         "activation_quantizers": len(acts),
         "weight_quantizers": sum(

@@ -61,6 +61,14 @@ class QuantizeConfig:
     # docs/calibrators-results.md).
     range: str = "auto"
     weight_range: str = "mse"
+    # The exponent p of the activation range search's error (range "mse": the clip minimizing
+    # sum |x - q(x)|^p over the calibration activations); 2 is plain MSE, a larger p weighs the
+    # clipped tail more (a wider clip). None: the model's own default (MODEL_RECIPE_FIELDS), else 2.
+    range_norm: float | None = None
+    # Activation ranges (and centring/smoothing statistics) from the calibration images plus
+    # label-preserving variants of them (flip, resized crops, as gptq_views): 1 = the images alone.
+    # None: the model's own default (MODEL_RECIPE_FIELDS), else 1.
+    range_views: int | None = None
     # Weight rounding on the frozen scales, "auto": GPTQ (data-aware, on the calibration set) for
     # 4-bit weights, nearest for 8-bit (DINOv2, 32 images: w4a16 drop 14.3 → 1.15 points with GPTQ;
     # w8a8 0.9 → 1.7: at 8 bits the 32-image Hessian overfits).
@@ -151,6 +159,22 @@ class QuantizeConfig:
             raise UserInputError(
                 f"gptq_views counts the images' views in GPTQ's Hessian (>= 1), got {self.gptq_views!r}"
             )
+        if self.range_views is not None and (
+            not isinstance(self.range_views, int)
+            or isinstance(self.range_views, bool)
+            or self.range_views < 1
+        ):
+            raise UserInputError(
+                f"range_views counts the images' views the activation ranges see (>= 1), got {self.range_views!r}"
+            )
+        if self.range_norm is not None and (
+            isinstance(self.range_norm, bool)
+            or not isinstance(self.range_norm, (int, float))
+            or not self.range_norm > 0
+        ):
+            raise UserInputError(
+                f"range_norm is the exponent p of the range search's error (> 0; 2: MSE), got {self.range_norm!r}"
+            )
         if self.gptq_tokens is not None and self.gptq_tokens not in GPTQ_TOKENS:
             raise UserInputError(
                 f"unknown gptq_tokens {self.gptq_tokens!r}: use one of {', '.join(GPTQ_TOKENS)}"
@@ -228,7 +252,7 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 # (models.loading.ZOO_EXTRA, measured per model), else the value here.
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
                        "gptq_target": 0.0, "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
-                       "keep_fp": (), "weight_block": 0}  # fmt: skip
+                       "keep_fp": (), "weight_block": 0, "range_norm": 2.0, "range_views": 1}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -468,16 +492,23 @@ def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: QuantizeConfig, sch
     from sardfq_export import calibrators
 
     recipe = resolved_recipe(cfg, scheme)
+    range_data = images
+    if cfg.range_views > 1:
+        from sardfq_export.calibrators.gptq import hessian_views
+
+        range_data = hessian_views(images, cfg.range_views, cfg.seed)
     summary: dict = {
         "resolved": recipe,
         "calibration": calibrators.calibrate(
             qmodel,
-            images,
+            range_data,
             method=recipe["range"],
             weight_method=recipe["weight_range"],
             progress=progress,
+            norm=cfg.range_norm,
         ),
     }
+    del range_data
     # Bias correction compares each Linear's output with the float function's. SmoothQuant's and
     # AWQ's V → proj folds rescale qkv's V rows, so there the float model's own outputs are in other
     # units (on DINOv2, w8a8 with SmoothQuant α 0.5 and correction against them: 25% top-1). The

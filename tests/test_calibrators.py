@@ -351,6 +351,22 @@ def test_histogram_collector_doubles_range_exactly_and_methods_order():
     assert pc < mm and ms < mm
 
 
+def test_the_range_search_error_exponent_widens_the_clip_on_a_heavy_tail():
+    """p > 2 weighs the clipped tail more: on a Laplace sample each larger p clips no narrower,
+    and p = 2 is exactly the squared error's clip, recomputed here by brute force."""
+    gen = torch.Generator().manual_seed(0)
+    sign = torch.randint(0, 2, (20000,), generator=gen) * 2 - 1
+    col = C.HistogramCollector(num_bins=512)
+    col.collect(torch.empty(20000).exponential_(generator=gen) * sign)  # Laplace(0, 1)
+    q4 = TensorQuantizer(4)
+    clips = [float(col.compute_amax("mse", q4, norm=p)) for p in (1.0, 2.0, 3.0, 4.0)]
+    assert clips == sorted(clips) and clips[0] < clips[-1] < float(col.amax)
+    v, n = col.centers(), col.hist
+    cands = float(col.amax) * torch.linspace(0.02, 1.0, 200, dtype=torch.float64)
+    err = [float((((v - (v / (c / 7)).round().clamp(-8, 7) * (c / 7)) ** 2) * n).sum()) for c in cands]
+    assert clips[1] == float(cands[err.index(min(err))].float())
+
+
 def test_calibrate_accepts_loops_tensors_and_iterables():
     model = tiny_vit()
     x = _input(model)

@@ -96,6 +96,32 @@ def test_hessian_views_are_the_images_their_mirror_and_seeded_crops():
     assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is left alone
 
 
+def test_range_views_and_norm_reach_the_activation_ranges_only():
+    import sardfq_export as sx
+    from sardfq_export.models import LoadedModel
+
+    loaded = LoadedModel(tiny_vit(), "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    base = sx.quantize(loaded, images, scheme="w4a4", progress=False)
+    wide = sx.quantize(loaded, images, scheme="w4a4", range_views=3, range_norm=4.0, progress=False)
+    assert (base.summary["calibration"]["num_images"], base.summary["calibration"]["norm"]) == (8, 2.0)
+    assert (wide.summary["calibration"]["num_images"], wide.summary["calibration"]["norm"]) == (24, 4.0)
+    # GPTQ's Hessian: the images alone
+    assert wide.summary["gptq"]["tokens"] == base.summary["gptq"]["tokens"] == 8 * 17
+    acts = {
+        n: q.scale for n, q in calibrators.iter_quantizers(base.model) if q.role != "weight" and q.enabled
+    }
+    moved = [
+        n
+        for n, q in calibrators.iter_quantizers(wide.model)
+        if n in acts and not torch.equal(q.scale, acts[n])
+    ]
+    assert len(moved) == len(acts) > 0
+    for bad in ({"range_views": 0}, {"range_norm": 0.0}, {"range_norm": True}):
+        with pytest.raises(sx.UserInputError, match=next(iter(bad))):
+            sx.QuantizeConfig(**bad)
+
+
 def test_gptq_views_multiply_the_hessian_tokens_and_keep_the_export():
     import sardfq_export as sx
     from sardfq_export.models import LoadedModel
@@ -436,8 +462,10 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     for argv in (["--help"], ["quantize", "--help"]):  # the main job and the quantize command
         out = CliRunner().invoke(cli, argv).output
         assert "--bias-correct" in out and "--gptq-views" in out and "--gptq-tokens" in out
+        assert "--range-norm" in out and "--range-views" in out
         assert "--no-smooth-fc2" in out and "0: off" in out
-    opts = {"range_method": "auto", "weight_range": "mse", "weight_rounding": "auto", "gptq_views": None,
+    opts = {"range_method": "auto", "range_norm": None, "range_views": None, "weight_range": "mse",
+            "weight_rounding": "auto", "gptq_views": None,
             "gptq_tokens": None, "gptq_target": None, "calib_lowpass": None, "keep_fp": (), "weight_block": None,
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
             "awq": None, "finetune": "none", "kd_views": False}  # fmt: skip
@@ -449,6 +477,9 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     with pytest.raises(click.UsageError, match="alone"):
         recipe_config(opts | {"keep_fp": ("none", "blocks.11.*")}, scheme="w4a16")
     assert recipe_config(opts | {"gptq_views": 4}, scheme="w4a8").gptq_views == 4
+    assert recipe_config(opts, scheme="w4a4").range_norm is None  # the model's own
+    ranged = recipe_config(opts | {"range_norm": 3.0, "range_views": 4}, scheme="w4a4")
+    assert (ranged.range_norm, ranged.range_views) == (3.0, 4)
     assert recipe_config(opts | {"finetune": "kd", "kd_views": True}, scheme="w4a8").kd_views
     assert recipe_config(opts | {"gptq_tokens": "rollout"}, scheme="w4a8").gptq_tokens == "rollout"
     assert recipe_config(opts, scheme="w4a8").gptq_target is None  # the model's own

@@ -135,6 +135,22 @@ recipe_options = _stack(
         show_default=True,
         help="Activation range method (auto: minmax for 8-bit activations, mse for 4-bit).",
     ),
+    click.option(
+        "--range-norm",
+        type=click.FloatRange(0.0, min_open=True),
+        default=None,
+        metavar="P",
+        help="With --range mse: the clip minimizing the activations' error sum |x - q(x)|^P; 2 is MSE, a "
+        "larger P clips wider. [default: the model's own, else 2]",
+    ),
+    click.option(
+        "--range-views",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Activation ranges from each calibration image and N-1 label-preserving variants of it (mirror, "
+        "resized crops); 1: the images alone. [default: the model's own, else 1]",
+    ),
     click.option("--weight-range", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True),
     click.option(
         "--weight-rounding",
@@ -263,7 +279,8 @@ def recipe_config(opts: dict, **fields):
     """The QuantizeConfig the recipe options describe (plus ``fields``: scheme, seed...)."""
     from sardfq_export.api import QuantizeConfig
 
-    return QuantizeConfig(range=opts["range_method"], weight_range=opts["weight_range"],
+    return QuantizeConfig(range=opts["range_method"], range_norm=opts["range_norm"],
+                          range_views=opts["range_views"], weight_range=opts["weight_range"],
                           weight_rounding=opts["weight_rounding"], gptq_views=opts["gptq_views"],
                           gptq_tokens=opts["gptq_tokens"], gptq_target=opts["gptq_target"],
                           calib_lowpass=opts["calib_lowpass"],
