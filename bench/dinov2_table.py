@@ -260,6 +260,9 @@ RECIPES = {
     # ... with fc2's post-GELU input centred per channel (its 4-bit step halves where it is widest;
     # fc2's input alone takes w4a4 to 26%: docs/dinov2-accuracy.md, "Which 4-bit inputs break it")
     "w4a4+v4+r+fp10-11+b64+ft.25+c": {**_W4A4_AS_W4A8, "centre_fc2": True},
+    # ... centred, its 4-bit activation clips minimizing sum |x - q(x)|^2.5 instead of MSE (wider;
+    # synthetic sets' MSE clips run narrower than real images': bench/dinov2_w4a4_ranges.py)
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+rn2.5": {**_W4A4_AS_W4A8, "centre_fc2": True, "range_norm": 2.5},
     # ... centred and bias-corrected, as w8a8's default
     "w4a4+v4+r+fp10-11+b64+ft.25+c+bc": {**_W4A4_AS_W4A8, "centre_fc2": True, "bias_correct": True},
     # ... centred, then the paper's block reconstruction on top

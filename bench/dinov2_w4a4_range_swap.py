@@ -4,6 +4,9 @@
     nice bash tools/dev.sh python bench/dinov2_w4a4_range_swap.py --seed 0 --log docs/dinov2-w4a4-range-swap.jsonl
     nice bash tools/dev.sh python bench/dinov2_w4a4_range_swap.py --seed 0 --limit 1000 --per-quantizer \
         --log docs/dinov2-w4a4-range-swap-per-quantizer.jsonl
+    nice bash tools/dev.sh python bench/dinov2_w4a4_range_swap.py --seed 0 --limit 1000 --per-quantizer \
+        --row w4a4+v4+r+fp10-11+b64+ft.25+c --keep-shifts --roles mlp.fc2 \
+        --log docs/dinov2-w4a4-range-swap-centred.jsonl
 
 Quantizes DINOv2 at w4a4 with the table's ``ROW`` (the model's w4a4 recipe) twice, from the table's
 SARDFQ set (``sardfq/8g``, the product's synthesis for this model) and from 32 real train images, then
@@ -52,10 +55,19 @@ def main(argv=None) -> int:
         action="store_true",
         help="also: the SARDFQ model with one quantizer at a time given the real set's range",
     )
+    ap.add_argument(
+        "--roles", nargs="+", help="--per-quantizer: only quantizers whose name contains one of these"
+    )
+    ap.add_argument(
+        "--keep-shifts",
+        action="store_true",
+        help="allow a row that centres fc2: each model keeps its own shifts, only the ranges swap (a diagnostic)",
+    )
     a = ap.parse_args(argv)
     recipe = {**EXPLICIT, **RECIPES[a.row]}
-    if recipe.get("centre_fc2") or recipe.get("smoothquant"):
-        ap.error(f"{a.row} centres or smooths: its shifts are fitted with the ranges; pick a row without")
+    if recipe.get("smoothquant") or (recipe.get("centre_fc2") and not a.keep_shifts):
+        ap.error(f"{a.row} centres or smooths: its shifts are fitted with the ranges; pick a row without "
+                 "(or, centring only, --keep-shifts)")  # fmt: skip
 
     loaded = sx.load_model(MODEL)
     x, y = test_set(loaded, a.limit)
@@ -72,13 +84,14 @@ def main(argv=None) -> int:
             m = models[weights]
             set_act_scales(m, ranges[acts])
             row = {"row": a.row, "seed": a.seed, "limit": a.limit, "weights_from": weights,
+                   "shifts": "own" if recipe.get("centre_fc2") else None,
                    "activation_ranges_from": acts, "top1": scores(logits_of(m, x), y)}  # fmt: skip
             set_act_scales(m, ranges[weights])
             print(json.dumps(row), flush=True)
             rows.append(row)
     if a.per_quantizer:  # which of the real ranges carry the gain: one at a time into the SARDFQ model
         m = models["sardfq/8g"]
-        for name in ranges["real"]:
+        for name in (n for n in ranges["real"] if not a.roles or any(r in n for r in a.roles)):
             set_act_scales(m, {name: ranges["real"][name]})
             row = {"row": a.row, "seed": a.seed, "limit": a.limit, "weights_from": "sardfq/8g",
                    "real_range_for": name, "top1": scores(logits_of(m, x), y),
