@@ -267,6 +267,21 @@ RECIPES = {
     "w4a4+v4+r+fp10-11+b64+ft.25+c+bc": {**_W4A4_AS_W4A8, "centre_fc2": True, "bias_correct": True},
     # ... centred, then the paper's block reconstruction on top
     "w4a4+v4+r+fp10-11+b64+ft.25+c+recon": {**_W4A4_AS_W4A8, "centre_fc2": True, "finetune": "recon"},
+    # ... centred, the wider (P 2.5) clips, then the paper's block reconstruction on top
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+rn2.5+recon": {
+        **_W4A4_AS_W4A8,
+        "centre_fc2": True,
+        "range_norm": 2.5,
+        "finetune": "recon",
+    },
+    # ... centred, then block reconstruction that also learns the activation steps (LSQ-style,
+    # log-factor at lr 4e-3: up to about ±20% over 100 steps; BRECQ / QDrop learn them, the paper freezes them)
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+las": {
+        **_W4A4_AS_W4A8,
+        "centre_fc2": True,
+        "finetune": "recon",
+        "recon_act_lr": 4e-3,
+    },
     # ... then the paper's block reconstruction on top
     "w4a4+v4+r+fp10-11+b64+ft.25+recon": {**_W4A4_AS_W4A8, "finetune": "recon"},
 }

@@ -51,6 +51,8 @@ class TensorQuantizer(nn.Module):
         self.collector = None  # set during calibration: statistics of what flows through
         # (weight, its fake-quant) inside ``with frozen_weights(model):``, else None
         self._frozen: tuple[torch.Tensor, torch.Tensor] | None = None
+        # log of a learned factor on the frozen step while reconstruction trains it (learn_step), else None
+        self._gain: torch.Tensor | None = None
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     # -- properties of the contract --------------------------------------------------------
@@ -86,6 +88,23 @@ class TensorQuantizer(nn.Module):
         amax = torch.as_tensor(amax, dtype=torch.float32)
         self.set_scale(amax if self.kind == "log2" else amax / self.qmax)
 
+    def learn_step(self) -> torch.Tensor:
+        """Start learning this quantizer's step: returns the log-factor (a leaf tensor, 0) that
+        ``fake_quant`` applies to the frozen scale, with LSQ's gradient through rounding and clipping
+        (torch's learnable fake-quant op). Per-tensor integer quantizers only; ``freeze_step`` ends it."""
+        if self.kind != "int" or not isinstance(self.granularity, PerTensor) or not self._calibrated:
+            raise ValueError(
+                f"only a calibrated per-tensor integer quantizer learns its step, not {self.extra_repr()}"
+            )
+        self._gain = torch.zeros(1, device=self.scale.device, requires_grad=True)
+        return self._gain
+
+    def freeze_step(self) -> None:
+        """End ``learn_step``: the learned factor is folded into the frozen scale."""
+        gain, self._gain = self._gain, None
+        if gain is not None:
+            self.set_scale(self.scale * gain.detach().exp().reshape(self.scale.shape))
+
     def reset(self) -> None:
         with torch.no_grad():
             self.scale.zero_()
@@ -106,6 +125,13 @@ class TensorQuantizer(nn.Module):
         """Quantize-dequantize ``x`` with the frozen scale (no enabled check)."""
         if self.kind == "log2":
             return _log2_fake_quant(x, self.scale, self.bits)
+        if self._gain is not None:  # learning the step: same grid, clip and rounding, plus d/d(step)
+            scale = (self.scale * self._gain.exp()).reshape(1)
+            zero = torch.zeros(1, device=scale.device)
+            y = torch._fake_quantize_learnable_per_tensor_affine(
+                x.float(), scale, zero, self.qmin, self.qmax, 1.0
+            )
+            return y.to(x.dtype)
         g = self.granularity
         if isinstance(g, PerBlock):
             out, nblk = self.scale.shape

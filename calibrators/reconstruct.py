@@ -5,7 +5,10 @@
   quantized (and reconstructed) earlier blocks and the target from the float model. Adam,
   lr 4e-5, cosine decay to 0, 100 iterations per block, batch 32 [paper]; rounding through the
   straight-through estimator of ``fake_quantize``; step sizes frozen; only the weights and biases
-  of quantized Linears are trained.
+  of quantized Linears are trained. ``act_lr > 0`` [beyond the paper; BRECQ / QDrop do it]: each
+  block's per-tensor activation steps are trained with them, LSQ-style (the gradient through
+  rounding and clipping), as a log-factor on the calibrated step at that learning rate; a GPTQ
+  rounding fitted to the calibrated ranges and those ranges then move together.
 * ``distill`` — end-to-end distillation [beyond the paper]: KL(teacher ‖ student) on the logits
   (temperature T, scaled by T²) plus, when the calibration set stores soft targets, their soft
   cross-entropy. Same trainable set, Adam with cosine decay. ``augment=True``: each step distils
@@ -31,6 +34,8 @@ from sardfq_export.calibrators.calibrate import iter_batches
 from sardfq_export.calibrators.instrument import block_names, mark_modified
 from sardfq_export.calibrators.modules import QUANT_WEIGHTED
 from sardfq_export.calibrators.parallel import all_reduce_grads, my_slice
+from sardfq_export.calibrators.quantizer import TensorQuantizer
+from sardfq_export.calibrators.scheme import PerTensor
 
 from sardfq_export.core.device import autocast
 from sardfq_export.core.distributed import rank_world
@@ -67,6 +72,13 @@ def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
                 if p is not None:
                     out.append((f"{mname}.{pname}" if mname else pname, p))
     return out
+
+
+def _learnable_steps(module: nn.Module) -> list[tuple[str, TensorQuantizer]]:
+    """The module's active per-tensor integer activation quantizers: the steps reconstruction may learn."""
+    return [(n, q) for n, q in module.named_modules()
+            if isinstance(q, TensorQuantizer) and q.role == "activation" and q.active and q.kind == "int"
+            and isinstance(q.granularity, PerTensor)]  # fmt: skip
 
 
 def _batch_indices(n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
@@ -118,12 +130,14 @@ def reconstruct_blocks(
     seed: int = 0,
     progress: bool = True,
     precision: str = "fp32",
+    act_lr: float = 0.0,
 ) -> dict:
     """Block-wise output reconstruction of a calibrated ``qmodel`` against ``fp_model``.
 
     ``data``: a tensor of images, a CalibSet-like object (``.images``) or an iterable of batches.
     Runs on ``qmodel``'s device; ``precision="bf16"``: the training forward under bf16 autocast
-    (targets, losses and the weights stay fp32).
+    (targets, losses and the weights stay fp32). ``act_lr > 0``: the block's activation steps are
+    learned too (Adam on their log-factors at this rate); each block's report gives the factors.
     Returns per-block losses before/after (also kept in the saved model's calibration info).
     """
     from sardfq_export.core.progress import progress_bar
@@ -158,16 +172,21 @@ def reconstruct_blocks(
         y = targets[n]
         with torch.no_grad():
             before = F.mse_loss(_run_chunks(unit, xq, batch_size), y).item()
+        steps = _learnable_steps(unit) if act_lr > 0 and iters > 0 else []
+        gains = [q.learn_step() for _, q in steps]
         if params and iters > 0:
             prior = [p.requires_grad for _, p in params]
             for _, p in params:
                 p.requires_grad_(True)
-            opt = torch.optim.Adam([p for _, p in params], lr=lr)
+            groups = [{"params": [p for _, p in params], "lr": lr}]
+            if gains:
+                groups.append({"params": gains, "lr": act_lr})
+            opt = torch.optim.Adam(groups)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
             # MSE relative to the target's power: the same minimizer, but gradients of order 1 instead of
             # ~1e-8 — which would sit near Adam's eps (damping the step) and in denormal floats (slow on CPU).
             norm = y.pow(2).mean().clamp(min=1e-12)
-            trained = [p for _, p in params]
+            trained = [p for _, p in params] + gains
             for _ in range(iters):
                 idx, share = my_slice(_batch_indices(len(xq), batch_size, gen).to(device))
                 with autocast(device, precision):
@@ -185,14 +204,18 @@ def reconstruct_blocks(
             mark_modified(qmodel, {f"{n}.{pn}" for pn, _ in params})
         else:
             bar.update(iters)
+        factors = {qn: float(g.detach().exp()) for (qn, _), g in zip(steps, gains, strict=True)}
+        for _, q in steps:
+            q.freeze_step()
         with torch.no_grad():
             xq = _run_chunks(unit, xq, batch_size)
             after = F.mse_loss(xq, y).item()
-        report.append({"block": n, "mse_before": before, "mse_after": after})
+        report.append({"block": n, "mse_before": before, "mse_after": after}
+                      | ({"step_factors": factors} if factors else {}))  # fmt: skip
         bar.set_postfix(block=n, mse=f"{after:.3g}")
     bar.close()
-    summary = {"finetune": "recon", "iters_per_block": iters, "lr": lr, "batch_size": batch_size,
-               "precision": precision,
+    summary = {"finetune": "recon", "iters_per_block": iters, "lr": lr, "act_lr": act_lr,
+               "batch_size": batch_size, "precision": precision,
                "seed": seed, "num_images": int(images.shape[0]), "processes": rank_world()[1],
                "blocks": report}  # fmt: skip
     info = getattr(qmodel, "sardfq_quant", None)

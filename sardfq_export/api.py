@@ -128,6 +128,10 @@ class QuantizeConfig:
     # kd: each step on fresh random crop views of the images (calibrators.distill(augment=True))
     kd_views: bool = False
     iters: int | None = None  # fine-tuning iterations (per block for recon); None: the method's
+    # Reconstruction also learns each block's activation steps (LSQ-style, a log-factor on the
+    # calibrated step, Adam at this rate; calibrators.reconstruct); 0: frozen, the paper's. None: the
+    # model's own default (MODEL_RECIPE_FIELDS), else 0.
+    recon_act_lr: float | None = None
     lr: float | None = None  # fine-tuning learning rate; None: the method's
     # Fine-tuning (recon/kd) under bf16 autocast on the chosen device (the scales are fp32 either
     # way). auto: core.device.resolve_precision (bf16 where native, the model's own default first).
@@ -174,6 +178,15 @@ class QuantizeConfig:
         ):
             raise UserInputError(
                 f"range_norm is the exponent p of the range search's error (> 0; 2: MSE), got {self.range_norm!r}"
+            )
+        if self.recon_act_lr is not None and (
+            isinstance(self.recon_act_lr, bool)
+            or not isinstance(self.recon_act_lr, (int, float))
+            or not self.recon_act_lr >= 0
+        ):
+            raise UserInputError(
+                f"recon_act_lr is the learning rate of reconstruction's activation steps (>= 0; 0: frozen), "
+                f"got {self.recon_act_lr!r}"
             )
         if self.gptq_tokens is not None and self.gptq_tokens not in GPTQ_TOKENS:
             raise UserInputError(
@@ -252,7 +265,8 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 # (models.loading.ZOO_EXTRA, measured per model), else the value here.
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
                        "gptq_target": 0.0, "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
-                       "keep_fp": (), "weight_block": 0, "range_norm": 2.0, "range_views": 1}  # fmt: skip
+                       "keep_fp": (), "weight_block": 0, "range_norm": 2.0, "range_views": 1,
+                       "recon_act_lr": 0.0}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -537,7 +551,7 @@ def _finetune(qmodel: nn.Module, loaded: LoadedModel, cal: CalibSet, cfg: Quanti
     tune = {k: v for k, v in (("iters", cfg.iters), ("lr", cfg.lr)) if v is not None}
     if cfg.finetune in ("recon", "recon+kd"):
         rec = calibrators.reconstruct_blocks(qmodel, loaded.model, cal.images, seed=cfg.seed, progress=progress,
-                                             precision=cfg.precision, **tune)  # fmt: skip
+                                             precision=cfg.precision, act_lr=cfg.recon_act_lr, **tune)  # fmt: skip
         summary["recon"] = {k: v for k, v in rec.items() if k != "blocks"} | {
             "final_mse": rec["blocks"][-1]["mse_after"]
         }

@@ -93,6 +93,46 @@ def test_reconstruction_lowers_block_error_and_is_deterministic():
     assert all(type(m).__name__ != "QuantLinear" for m in model.modules())  # float model untouched
 
 
+def test_reconstruction_learns_activation_steps_when_asked():
+    """act_lr > 0: each block's per-tensor activation steps train with the weights (LSQ through
+    torch's learnable fake-quant, which equals the frozen op bit for bit at the calibrated step); the
+    learned factors are folded into the frozen scales, so the saved/exported model is the same
+    kind of model. From min-max 4-bit ranges (too wide) the steps shrink and the error falls further."""
+    from sardfq_export.calibrators.quantizer import TensorQuantizer
+
+    model = tiny_vit()
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for act_lr in (0.0, 0.02):
+        qmodel = C.quantize_model(model, "w4a4")
+        C.calibrate(qmodel, x, method="minmax", progress=False)
+        before = {
+            n: q.scale.clone() for n, q in C.iter_quantizers(qmodel) if q.role == "activation" and q.active
+        }
+        rep = C.reconstruct_blocks(
+            qmodel, model, x, iters=20, lr=1e-3, batch_size=8, progress=False, act_lr=act_lr
+        )
+        runs[act_lr] = (qmodel, rep, before)
+    frozen, learned = runs[0.0][1], runs[0.02][1]
+    assert "step_factors" not in frozen["blocks"][0] and learned["act_lr"] == 0.02
+    qmodel, _, before = runs[0.02]
+    factors = {f"{b['block']}.{n}": f for b in learned["blocks"] for n, f in b["step_factors"].items()}
+    assert set(factors) == set(before) and len(factors) > 0  # every per-tensor activation step (tiny_vit)
+    for n, q in C.iter_quantizers(qmodel):
+        if n in before:  # the factor is in the frozen scale; nothing is left learning
+            assert q._gain is None and torch.allclose(q.scale, before[n] * factors[n], rtol=1e-6)
+    assert sum(f < 1 for f in factors.values()) > len(factors) / 2  # min-max clips shrink
+    assert learned["blocks"][-1]["mse_after"] < frozen["blocks"][-1]["mse_after"]
+    q = TensorQuantizer(4)
+    q.set_amax(torch.tensor(2.0))
+    v = torch.randn(1000, generator=torch.Generator().manual_seed(3)) * 2
+    frozen_out = q(v)
+    q.learn_step()
+    assert torch.equal(q(v), frozen_out)  # the learnable op at factor 1 is the same fake-quant
+    with pytest.raises(ValueError, match="per-tensor"):
+        TensorQuantizer(4, C.PerChannel(0), shape=(3,)).learn_step()
+
+
 def test_distill_uses_soft_targets_and_marks_weights():
     model = tiny_vit()
     x = torch.randn(8, 3, 32, 32)

@@ -117,7 +117,7 @@ def test_range_views_and_norm_reach_the_activation_ranges_only():
         if n in acts and not torch.equal(q.scale, acts[n])
     ]
     assert len(moved) == len(acts) > 0
-    for bad in ({"range_views": 0}, {"range_norm": 0.0}, {"range_norm": True}):
+    for bad in ({"range_views": 0}, {"range_norm": 0.0}, {"range_norm": True}, {"recon_act_lr": -1.0}):
         with pytest.raises(sx.UserInputError, match=next(iter(bad))):
             sx.QuantizeConfig(**bad)
 
@@ -462,13 +462,13 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     for argv in (["--help"], ["quantize", "--help"]):  # the main job and the quantize command
         out = CliRunner().invoke(cli, argv).output
         assert "--bias-correct" in out and "--gptq-views" in out and "--gptq-tokens" in out
-        assert "--range-norm" in out and "--range-views" in out
+        assert "--range-norm" in out and "--range-views" in out and "--recon-act-lr" in out
         assert "--no-smooth-fc2" in out and "0: off" in out
     opts = {"range_method": "auto", "range_norm": None, "range_views": None, "weight_range": "mse",
             "weight_rounding": "auto", "gptq_views": None,
             "gptq_tokens": None, "gptq_target": None, "calib_lowpass": None, "keep_fp": (), "weight_block": None,
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
-            "awq": None, "finetune": "none", "kd_views": False}  # fmt: skip
+            "awq": None, "finetune": "none", "kd_views": False, "recon_act_lr": None}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
     # --keep-fp: not given → the model's own (None); "none" → none float; patterns as given
     assert recipe_config(opts, scheme="w4a16").keep_fp is None
@@ -481,6 +481,10 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     ranged = recipe_config(opts | {"range_norm": 3.0, "range_views": 4}, scheme="w4a4")
     assert (ranged.range_norm, ranged.range_views) == (3.0, 4)
     assert recipe_config(opts | {"finetune": "kd", "kd_views": True}, scheme="w4a8").kd_views
+    assert recipe_config(opts, scheme="w4a4").recon_act_lr is None  # the model's own
+    assert (
+        recipe_config(opts | {"finetune": "recon", "recon_act_lr": 4e-3}, scheme="w4a4").recon_act_lr == 4e-3
+    )
     assert recipe_config(opts | {"gptq_tokens": "rollout"}, scheme="w4a8").gptq_tokens == "rollout"
     assert recipe_config(opts, scheme="w4a8").gptq_target is None  # the model's own
     assert recipe_config(opts | {"gptq_target": 0.25}, scheme="w4a8").gptq_target == 0.25

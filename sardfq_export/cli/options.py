@@ -255,6 +255,14 @@ recipe_options = _stack(
         help="recon: block-wise reconstruction (SARDFQ stage 2); kd: end-to-end distillation.",
     ),
     click.option(
+        "--recon-act-lr",
+        type=click.FloatRange(min=0.0),
+        default=None,
+        metavar="LR",
+        help="With --finetune recon: also learn each block's activation steps (LSQ-style) at this learning "
+        "rate; 0 keeps them frozen (the paper's). [default: the model's own, else 0]",
+    ),
+    click.option(
         "--kd-views/--no-kd-views",
         default=False,
         show_default=True,
@@ -289,7 +297,7 @@ def recipe_config(opts: dict, **fields):
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
                           bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
-                          kd_views=opts["kd_views"], **fields)  # fmt: skip
+                          kd_views=opts["kd_views"], recon_act_lr=opts["recon_act_lr"], **fields)  # fmt: skip
 
 
 # The commands that claim an output (the main job's --out, synthesize's --out file): the free-space
