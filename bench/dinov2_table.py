@@ -282,6 +282,14 @@ RECIPES = {
         "finetune": "recon",
         "recon_act_lr": 4e-3,
     },
+    # ... centred, then block reconstruction on the images and 3 variants of each (flip, 2 crops):
+    # 128 inputs, so its 100 steps of 32 per block do not see 32 images 100 times each
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+rv4": {
+        **_W4A4_AS_W4A8,
+        "centre_fc2": True,
+        "finetune": "recon",
+        "recon_views": 4,
+    },
     # ... then the paper's block reconstruction on top
     "w4a4+v4+r+fp10-11+b64+ft.25+recon": {**_W4A4_AS_W4A8, "finetune": "recon"},
 }

@@ -132,6 +132,10 @@ class QuantizeConfig:
     # calibrated step, Adam at this rate; calibrators.reconstruct); 0: frozen, the paper's. None: the
     # model's own default (MODEL_RECIPE_FIELDS), else 0.
     recon_act_lr: float | None = None
+    # Reconstruction's set: the calibration images plus N-1 label-preserving variants of each (flip,
+    # resized crops, as gptq_views), so 100 steps of 32 do not see 32 images 100 times each.
+    # None: the model's own default (MODEL_RECIPE_FIELDS), else 1.
+    recon_views: int | None = None
     lr: float | None = None  # fine-tuning learning rate; None: the method's
     # Fine-tuning (recon/kd) under bf16 autocast on the chosen device (the scales are fp32 either
     # way). auto: core.device.resolve_precision (bf16 where native, the model's own default first).
@@ -178,6 +182,14 @@ class QuantizeConfig:
         ):
             raise UserInputError(
                 f"range_norm is the exponent p of the range search's error (> 0; 2: MSE), got {self.range_norm!r}"
+            )
+        if self.recon_views is not None and (
+            not isinstance(self.recon_views, int)
+            or isinstance(self.recon_views, bool)
+            or self.recon_views < 1
+        ):
+            raise UserInputError(
+                f"recon_views counts the images' views reconstruction sees (>= 1), got {self.recon_views!r}"
             )
         if self.recon_act_lr is not None and (
             isinstance(self.recon_act_lr, bool)
@@ -266,7 +278,7 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
                        "gptq_target": 0.0, "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
                        "keep_fp": (), "weight_block": 0, "range_norm": 2.0, "range_views": 1,
-                       "recon_act_lr": 0.0}  # fmt: skip
+                       "recon_act_lr": 0.0, "recon_views": 1}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -550,7 +562,12 @@ def _finetune(qmodel: nn.Module, loaded: LoadedModel, cal: CalibSet, cfg: Quanti
 
     tune = {k: v for k, v in (("iters", cfg.iters), ("lr", cfg.lr)) if v is not None}
     if cfg.finetune in ("recon", "recon+kd"):
-        rec = calibrators.reconstruct_blocks(qmodel, loaded.model, cal.images, seed=cfg.seed, progress=progress,
+        recon_data = cal.images
+        if cfg.recon_views > 1:
+            from sardfq_export.calibrators.gptq import hessian_views
+
+            recon_data = hessian_views(cal.images, cfg.recon_views, cfg.seed)
+        rec = calibrators.reconstruct_blocks(qmodel, loaded.model, recon_data, seed=cfg.seed, progress=progress,
                                              precision=cfg.precision, act_lr=cfg.recon_act_lr, **tune)  # fmt: skip
         summary["recon"] = {k: v for k, v in rec.items() if k != "blocks"} | {
             "final_mse": rec["blocks"][-1]["mse_after"]

@@ -263,6 +263,14 @@ recipe_options = _stack(
         "rate; 0 keeps them frozen (the paper's). [default: the model's own, else 0]",
     ),
     click.option(
+        "--recon-views",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="With --finetune recon: reconstruct on the calibration images plus N-1 mirrored/cropped variants "
+        "of each. [default: the model's own, else 1]",
+    ),
+    click.option(
         "--kd-views/--no-kd-views",
         default=False,
         show_default=True,
@@ -297,7 +305,8 @@ def recipe_config(opts: dict, **fields):
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
                           bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
-                          kd_views=opts["kd_views"], recon_act_lr=opts["recon_act_lr"], **fields)  # fmt: skip
+                          kd_views=opts["kd_views"], recon_act_lr=opts["recon_act_lr"],
+                          recon_views=opts["recon_views"], **fields)  # fmt: skip
 
 
 # The commands that claim an output (the main job's --out, synthesize's --out file): the free-space
