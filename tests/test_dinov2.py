@@ -394,12 +394,13 @@ def test_the_table_flags_cells_calibrated_on_a_resynthesized_set(tmp_path):
 
 def test_the_headline_runs_every_schemes_row_from_every_source_seed_by_seed_reconstruction_last():
     """``--headline`` runs exactly the headline's cells (each scheme's row × each calibration source,
-    then SARDFQ's ablation on the model's own sets at the w4a8 default), a whole seed before the next,
-    and within a seed the 40-minute reconstruction cells after the others."""
+    then SARDFQ's ablation on the model's own sets at the w4a8 default and at w4a4 + reconstruction),
+    a whole seed before the next, and within a seed the 40-minute reconstruction cells after the others."""
     table = _table_module()
     cells = table.plan([0, 1], 10, 100, 32)
     order = table.headline_order(cells)
-    per_seed = len(table.HEADLINE_ROWS) * len(table.HEADLINE_COLUMNS) + len(table.HEADLINE_ABLATION)
+    n_ablation = len(table.HEADLINE_ABLATION) * len(table.HEADLINE_ABLATION_ROWS)
+    per_seed = len(table.HEADLINE_ROWS) * len(table.HEADLINE_COLUMNS) + n_ablation
     assert len(order) == 2 * per_seed and len({table.Cache.key(c) for c in order}) == len(order)
     assert [c["seed"] for c in order] == [0] * per_seed + [1] * per_seed
     seed0 = order[:per_seed]
@@ -407,10 +408,14 @@ def test_the_headline_runs_every_schemes_row_from_every_source_seed_by_seed_reco
         (row, calib) for row in table.HEADLINE_ROWS.values() for calib in table.HEADLINE_COLUMNS
     }
     ablation = [c for c in seed0 if "ablation" in c]
-    assert {c["ablation"] for c in ablation} == set(table.HEADLINE_ABLATION)
-    assert all(c["row"] == table.DEFAULT_ROWS["w4a8"] and c["calib"] == "sardfq/8g" for c in ablation)
+    assert {(c["row"], c["ablation"]) for c in ablation} == {
+        (row, name)
+        for row in (table.DEFAULT_ROWS["w4a8"], table.HEADLINE_ROWS["w4a4 + reconstruction"])
+        for name in table.HEADLINE_ABLATION
+    }
+    assert all(c["calib"] == "sardfq/8g" for c in ablation)
     recon = [table.RECIPES[c["row"]].get("finetune") == "recon" for c in seed0]
-    assert recon == sorted(recon) and sum(recon) == len(table.HEADLINE_COLUMNS)
+    assert recon == sorted(recon) and sum(recon) == len(table.HEADLINE_COLUMNS) + len(table.HEADLINE_ABLATION)
 
 
 @pytest.mark.parametrize("size", ["", "@224"])
