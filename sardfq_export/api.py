@@ -161,20 +161,11 @@ class QuantizeConfig:
             raise UserInputError(
                 f"gptq_damp must be > 0 (a fraction of the mean Hessian diagonal), got {self.gptq_damp}"
             )
-        if self.gptq_views is not None and (
-            not isinstance(self.gptq_views, int) or isinstance(self.gptq_views, bool) or self.gptq_views < 1
-        ):
-            raise UserInputError(
-                f"gptq_views counts the images' views in GPTQ's Hessian (>= 1), got {self.gptq_views!r}"
-            )
-        if self.range_views is not None and (
-            not isinstance(self.range_views, int)
-            or isinstance(self.range_views, bool)
-            or self.range_views < 1
-        ):
-            raise UserInputError(
-                f"range_views counts the images' views the activation ranges see (>= 1), got {self.range_views!r}"
-            )
+        for name, what in (("gptq_views", "in GPTQ's Hessian"), ("range_views", "the activation ranges see"),
+                           ("recon_views", "reconstruction sees")):  # fmt: skip
+            n = getattr(self, name)
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+                raise UserInputError(f"{name} counts the images' views {what} (>= 1), got {n!r}")
         if self.range_norm is not None and (
             isinstance(self.range_norm, bool)
             or not isinstance(self.range_norm, (int, float))
@@ -182,14 +173,6 @@ class QuantizeConfig:
         ):
             raise UserInputError(
                 f"range_norm is the exponent p of the range search's error (> 0; 2: MSE), got {self.range_norm!r}"
-            )
-        if self.recon_views is not None and (
-            not isinstance(self.recon_views, int)
-            or isinstance(self.recon_views, bool)
-            or self.recon_views < 1
-        ):
-            raise UserInputError(
-                f"recon_views counts the images' views reconstruction sees (>= 1), got {self.recon_views!r}"
             )
         if self.recon_act_lr is not None and (
             isinstance(self.recon_act_lr, bool)
