@@ -41,6 +41,7 @@ CALIBS = (
     "sardfq/8g",
     "sardfq/16g",
     "sardfq/16g-n96",
+    "sardfq/8g-n96",
     "real",
     "psaq",
     "psaq/8g",
@@ -58,6 +59,9 @@ GRIDS = {
     "sardfq/16g": ("sardfq", {"image_scale": 0.0625, "grey": True}),
     # 96 images instead of the table's 32 (images are drawn per index, so its first 32 are sardfq/16g's)
     "sardfq/16g-n96": ("sardfq", {"image_scale": 0.0625, "grey": True, "num_images": 96}),
+    # the model's own grid with 96 images (its first 32 are sardfq/8g's): what a bigger set gives the
+    # w4a4 + reconstruction row, whose 100 steps of 32 per block otherwise see 32 images 100 times each
+    "sardfq/8g-n96": ("sardfq", {"image_scale": 0.125, "grey": True, "num_images": 96}),
     # PSAQ-ViT on the same grey eighth grid: what `--method psaq` synthesizes for this model by default
     # (ZOO_EXTRA's synthesis defaults hold for every method), so SARDFQ and PSAQ-ViT meet on equal terms
     "psaq/8g": ("psaq", {"image_scale": 0.125, "grey": True}),
@@ -289,6 +293,15 @@ RECIPES = {
         "centre_fc2": True,
         "finetune": "recon",
         "recon_views": 4,
+    },
+    # ... centred, then block reconstruction under QDrop (each activation element left unquantized with
+    # probability 0.5 while training; the QDrop paper's setting): weights fit for a neighbourhood of the
+    # 32 images' activations instead of their exact rounding
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+qd": {
+        **_W4A4_AS_W4A8,
+        "centre_fc2": True,
+        "finetune": "recon",
+        "recon_drop": 0.5,
     },
     # ... then the paper's block reconstruction on top
     "w4a4+v4+r+fp10-11+b64+ft.25+recon": {**_W4A4_AS_W4A8, "finetune": "recon"},

@@ -218,6 +218,47 @@ class perturbed_activations:
         self.handles.clear()
 
 
+class dropped_quantization:
+    """Within ``with dropped_quantization(module, p, seed):`` every active activation quantizer in
+    ``module`` passes each element of its input through unquantized with probability ``p`` (the rest
+    fake-quantized as usual): QDrop's random drop of activation quantization (Wei et al., ICLR 2022,
+    their p = 0.5). Reconstruction trains the weights under it so that they suit a neighbourhood of
+    the calibrated activations rather than the few calibration images' exact rounding, which is what
+    flattens the loss for unseen inputs. Training only: a deployed model quantizes every element.
+    The mask comes from a generator seeded with ``seed`` on the input's device (deterministic)."""
+
+    def __init__(self, module: nn.Module, p: float, seed: int = 0):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"the drop probability is in [0, 1), got {p}")
+        self.module, self.p, self.seed = module, float(p), seed
+        self.handles: list = []
+
+    def __enter__(self) -> nn.Module:
+        if self.p == 0.0:
+            return self.module
+        gens: dict[torch.device, torch.Generator] = {}
+
+        def hook(_m, args, out):
+            x = args[0]
+            if out is x:
+                return out
+            gen = gens.get(x.device)
+            if gen is None:
+                gen = gens[x.device] = torch.Generator(device=x.device).manual_seed(self.seed)
+            keep_float = torch.rand(x.shape, generator=gen, device=x.device) < self.p
+            return torch.where(keep_float, x, out)
+
+        for m in self.module.modules():
+            if isinstance(m, TensorQuantizer) and m.role == "activation" and m.active:
+                self.handles.append(m.register_forward_hook(hook))
+        return self.module
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
 def _refresh_after_load(module: TensorQuantizer, incompatible) -> None:
     module._calibrated = module.is_calibrated
 

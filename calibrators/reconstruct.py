@@ -8,7 +8,10 @@
   of quantized Linears are trained. ``act_lr > 0`` [beyond the paper; BRECQ / QDrop do it]: each
   block's per-tensor activation steps are trained with them, LSQ-style (the gradient through
   rounding and clipping), as a log-factor on the calibrated step at that learning rate; a GPTQ
-  rounding fitted to the calibrated ranges and those ranges then move together.
+  rounding fitted to the calibrated ranges and those ranges then move together. ``drop > 0``
+  [beyond the paper; QDrop]: while training, each activation quantizer in the block leaves each
+  element unquantized with that probability (:class:`calibrators.quantizer.dropped_quantization`),
+  so the weights fit a neighbourhood of the calibration images' activations, not their exact rounding.
 * ``distill`` — end-to-end distillation [beyond the paper]: KL(teacher ‖ student) on the logits
   (temperature T, scaled by T²) plus, when the calibration set stores soft targets, their soft
   cross-entropy. Same trainable set, Adam with cosine decay. ``augment=True``: each step distils
@@ -34,7 +37,7 @@ from sardfq_export.calibrators.calibrate import iter_batches
 from sardfq_export.calibrators.instrument import block_names, mark_modified
 from sardfq_export.calibrators.modules import QUANT_WEIGHTED
 from sardfq_export.calibrators.parallel import all_reduce_grads, my_slice
-from sardfq_export.calibrators.quantizer import TensorQuantizer
+from sardfq_export.calibrators.quantizer import TensorQuantizer, dropped_quantization
 from sardfq_export.calibrators.scheme import PerTensor
 
 from sardfq_export.core.device import autocast
@@ -131,6 +134,7 @@ def reconstruct_blocks(
     progress: bool = True,
     precision: str = "fp32",
     act_lr: float = 0.0,
+    drop: float = 0.0,
 ) -> dict:
     """Block-wise output reconstruction of a calibrated ``qmodel`` against ``fp_model``.
 
@@ -138,6 +142,7 @@ def reconstruct_blocks(
     Runs on ``qmodel``'s device; ``precision="bf16"``: the training forward under bf16 autocast
     (targets, losses and the weights stay fp32). ``act_lr > 0``: the block's activation steps are
     learned too (Adam on their log-factors at this rate); each block's report gives the factors.
+    ``drop``: QDrop's probability of leaving an activation element unquantized while training (0: off).
     Returns per-block losses before/after (also kept in the saved model's calibration info).
     """
     from sardfq_export.core.progress import progress_bar
@@ -187,17 +192,19 @@ def reconstruct_blocks(
             # ~1e-8 — which would sit near Adam's eps (damping the step) and in denormal floats (slow on CPU).
             norm = y.pow(2).mean().clamp(min=1e-12)
             trained = [p for _, p in params] + gains
-            for _ in range(iters):
-                idx, share = my_slice(_batch_indices(len(xq), batch_size, gen).to(device))
-                with autocast(device, precision):
-                    pred = unit(xq[idx])
-                loss = F.mse_loss(pred.float(), y[idx]) / norm * share
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                all_reduce_grads(trained)
-                opt.step()
-                sched.step()
-                bar.update(1)
+            # one mask stream per block for the whole loop (a generator seeded per block and seed)
+            with dropped_quantization(unit, drop, seed=seed * 1000 + names.index(n) + 1):
+                for _ in range(iters):
+                    idx, share = my_slice(_batch_indices(len(xq), batch_size, gen).to(device))
+                    with autocast(device, precision):
+                        pred = unit(xq[idx])
+                    loss = F.mse_loss(pred.float(), y[idx]) / norm * share
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    all_reduce_grads(trained)
+                    opt.step()
+                    sched.step()
+                    bar.update(1)
             for (_, p), flag in zip(params, prior, strict=True):
                 p.requires_grad_(flag)
                 p.grad = None
@@ -214,7 +221,7 @@ def reconstruct_blocks(
                       | ({"step_factors": factors} if factors else {}))  # fmt: skip
         bar.set_postfix(block=n, mse=f"{after:.3g}")
     bar.close()
-    summary = {"finetune": "recon", "iters_per_block": iters, "lr": lr, "act_lr": act_lr,
+    summary = {"finetune": "recon", "iters_per_block": iters, "lr": lr, "act_lr": act_lr, "drop": drop,
                "batch_size": batch_size, "precision": precision,
                "seed": seed, "num_images": int(images.shape[0]), "processes": rank_world()[1],
                "blocks": report}  # fmt: skip

@@ -136,6 +136,10 @@ class QuantizeConfig:
     # resized crops, as gptq_views), so 100 steps of 32 do not see 32 images 100 times each.
     # None: the model's own default (MODEL_RECIPE_FIELDS), else 1.
     recon_views: int | None = None
+    # QDrop: while reconstruction trains, each activation quantizer leaves each element unquantized
+    # with this probability (calibrators.quantizer.dropped_quantization; the QDrop paper's 0.5); 0: off,
+    # the paper's. None: the model's own default (MODEL_RECIPE_FIELDS), else 0.
+    recon_drop: float | None = None
     lr: float | None = None  # fine-tuning learning rate; None: the method's
     # Fine-tuning (recon/kd) under bf16 autocast on the chosen device (the scales are fp32 either
     # way). auto: core.device.resolve_precision (bf16 where native, the model's own default first).
@@ -182,6 +186,15 @@ class QuantizeConfig:
             raise UserInputError(
                 f"recon_act_lr is the learning rate of reconstruction's activation steps (>= 0; 0: frozen), "
                 f"got {self.recon_act_lr!r}"
+            )
+        if self.recon_drop is not None and (
+            isinstance(self.recon_drop, bool)
+            or not isinstance(self.recon_drop, (int, float))
+            or not 0.0 <= self.recon_drop < 1.0
+        ):
+            raise UserInputError(
+                f"recon_drop is the probability of leaving an activation unquantized while reconstructing, "
+                f"in [0, 1) (0: off), got {self.recon_drop!r}"
             )
         if self.gptq_tokens is not None and self.gptq_tokens not in GPTQ_TOKENS:
             raise UserInputError(
@@ -261,7 +274,7 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
                        "gptq_target": 0.0, "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
                        "keep_fp": (), "weight_block": 0, "range_norm": 2.0, "range_views": 1,
-                       "recon_act_lr": 0.0, "recon_views": 1}  # fmt: skip
+                       "recon_act_lr": 0.0, "recon_views": 1, "recon_drop": 0.0}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -551,7 +564,8 @@ def _finetune(qmodel: nn.Module, loaded: LoadedModel, cal: CalibSet, cfg: Quanti
 
             recon_data = hessian_views(cal.images, cfg.recon_views, cfg.seed)
         rec = calibrators.reconstruct_blocks(qmodel, loaded.model, recon_data, seed=cfg.seed, progress=progress,
-                                             precision=cfg.precision, act_lr=cfg.recon_act_lr, **tune)  # fmt: skip
+                                             precision=cfg.precision, act_lr=cfg.recon_act_lr, drop=cfg.recon_drop,
+                                             **tune)  # fmt: skip
         summary["recon"] = {k: v for k, v in rec.items() if k != "blocks"} | {
             "final_mse": rec["blocks"][-1]["mse_after"]
         }

@@ -133,6 +133,54 @@ def test_reconstruction_learns_activation_steps_when_asked():
         TensorQuantizer(4, C.PerChannel(0), shape=(3,)).learn_step()
 
 
+def test_dropped_quantization_leaves_a_seeded_half_of_the_activations_float():
+    """QDrop's drop: inside the context each element is either the input itself or its exact
+    fake-quant, about p of them the input, the same mask for the same seed; outside, every element
+    is quantized again. Weight quantizers are never dropped."""
+    from sardfq_export.calibrators.quantizer import TensorQuantizer, dropped_quantization
+
+    q = TensorQuantizer(4)
+    q.set_amax(torch.tensor(2.0))
+    w = TensorQuantizer(4, role="weight")
+    w.set_amax(torch.tensor(2.0))
+    net = torch.nn.ModuleDict({"act": q, "weight": w})
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(3)) * 2
+    fq = q.fake_quant(x)
+    outs = []
+    for _ in range(2):
+        with dropped_quantization(net, 0.5, seed=7):
+            outs.append((q(x), q(x)))
+            assert torch.equal(w(x), fq)
+    (a, b), (a2, _) = outs
+    kept = a == x
+    assert ((a == x) | (a == fq)).all() and abs(kept.float().mean().item() - 0.5) < 0.02
+    assert torch.equal(a, a2) and not torch.equal(a, b)  # seeded; a fresh mask each call
+    assert torch.equal(q(x), fq)  # hooks gone on exit
+    with dropped_quantization(net, 0.0, seed=7):
+        assert torch.equal(q(x), fq)
+    with pytest.raises(ValueError, match="drop probability"):
+        dropped_quantization(net, 1.0)
+
+
+def test_reconstruction_under_qdrop_is_seeded_and_trains_other_weights():
+    model = tiny_vit()
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    weights = {}
+    for key, drop in (("plain", 0.0), ("drop", 0.5), ("again", 0.5)):
+        qmodel = C.quantize_model(model, "w4a4")
+        C.calibrate(qmodel, x, progress=False)
+        rep = C.reconstruct_blocks(
+            qmodel, model, x, iters=10, lr=1e-3, batch_size=8, progress=False, drop=drop
+        )
+        assert rep["drop"] == drop and all(b["mse_after"] < b["mse_before"] for b in rep["blocks"])
+        weights[key] = torch.cat(
+            [p.detach().flatten() for n, p in qmodel.named_parameters() if "blocks" in n]
+        )
+    assert torch.equal(weights["drop"], weights["again"]) and not torch.equal(
+        weights["drop"], weights["plain"]
+    )
+
+
 def test_distill_uses_soft_targets_and_marks_weights():
     model = tiny_vit()
     x = torch.randn(8, 3, 32, 32)

@@ -123,6 +123,8 @@ def test_range_views_and_norm_reach_the_activation_ranges_only():
         {"range_norm": True},
         {"recon_act_lr": -1.0},
         {"recon_views": 0},
+        {"recon_drop": 1.0},
+        {"recon_drop": -0.1},
     ):
         with pytest.raises(sx.UserInputError, match=next(iter(bad))):
             sx.QuantizeConfig(**bad)
@@ -130,18 +132,20 @@ def test_range_views_and_norm_reach_the_activation_ranges_only():
 
 def test_recon_views_reach_reconstruction_only():
     """recon_views: reconstruction's set is the images and their variants (8 -> 24); the ranges and
-    GPTQ's Hessian still see the 8 images; recon_act_lr reaches the reconstruction."""
+    GPTQ's Hessian still see the 8 images; recon_act_lr and recon_drop reach the reconstruction."""
     import sardfq_export as sx
     from sardfq_export.models import LoadedModel
 
     loaded = LoadedModel(tiny_vit(), "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     q = sx.quantize(loaded, images, scheme="w4a4", finetune="recon", iters=2, recon_views=3, recon_act_lr=1e-3,
-                    progress=False)  # fmt: skip
+                    recon_drop=0.5, progress=False)  # fmt: skip
     assert q.summary["recon"]["num_images"] == 24 and q.summary["recon"]["act_lr"] == 1e-3
+    assert q.summary["recon"]["drop"] == 0.5
     assert q.summary["calibration"]["num_images"] == 8 and q.summary["gptq"]["tokens"] == 8 * 17
     plain = sx.quantize(loaded, images, scheme="w4a4", finetune="recon", iters=2, progress=False)
     assert plain.summary["recon"]["num_images"] == 8 and plain.summary["recon"]["act_lr"] == 0.0
+    assert plain.summary["recon"]["drop"] == 0.0
 
 
 def test_gptq_views_multiply_the_hessian_tokens_and_keep_the_export():
@@ -485,14 +489,14 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
         out = CliRunner().invoke(cli, argv).output
         assert "--bias-correct" in out and "--gptq-views" in out and "--gptq-tokens" in out
         assert "--range-norm" in out and "--range-views" in out and "--recon-act-lr" in out
-        assert "--recon-views" in out
+        assert "--recon-views" in out and "--recon-drop" in out
         assert "--no-smooth-fc2" in out and "0: off" in out
     opts = {"range_method": "auto", "range_norm": None, "range_views": None, "weight_range": "mse",
             "weight_rounding": "auto", "gptq_views": None,
             "gptq_tokens": None, "gptq_target": None, "calib_lowpass": None, "keep_fp": (), "weight_block": None,
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
             "awq": None, "finetune": "none", "kd_views": False, "recon_act_lr": None,
-            "recon_views": None}  # fmt: skip
+            "recon_views": None, "recon_drop": None}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
     # --keep-fp: not given → the model's own (None); "none" → none float; patterns as given
     assert recipe_config(opts, scheme="w4a16").keep_fp is None
@@ -510,6 +514,8 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
         recipe_config(opts | {"finetune": "recon", "recon_act_lr": 4e-3}, scheme="w4a4").recon_act_lr == 4e-3
     )
     assert recipe_config(opts | {"finetune": "recon", "recon_views": 4}, scheme="w4a4").recon_views == 4
+    assert recipe_config(opts, scheme="w4a4").recon_drop is None  # the model's own
+    assert recipe_config(opts | {"finetune": "recon", "recon_drop": 0.5}, scheme="w4a4").recon_drop == 0.5
     assert recipe_config(opts | {"gptq_tokens": "rollout"}, scheme="w4a8").gptq_tokens == "rollout"
     assert recipe_config(opts, scheme="w4a8").gptq_target is None  # the model's own
     assert recipe_config(opts | {"gptq_target": 0.25}, scheme="w4a8").gptq_target == 0.25

@@ -271,6 +271,14 @@ recipe_options = _stack(
         "of each. [default: the model's own, else 1]",
     ),
     click.option(
+        "--recon-drop",
+        type=click.FloatRange(min=0.0, max=1.0, max_open=True),
+        default=None,
+        metavar="P",
+        help="With --finetune recon: while training, leave each activation element unquantized with "
+        "probability P (QDrop; its paper uses 0.5). [default: the model's own, else 0]",
+    ),
+    click.option(
         "--kd-views/--no-kd-views",
         default=False,
         show_default=True,
@@ -306,7 +314,7 @@ def recipe_config(opts: dict, **fields):
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
                           bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
                           kd_views=opts["kd_views"], recon_act_lr=opts["recon_act_lr"],
-                          recon_views=opts["recon_views"], **fields)  # fmt: skip
+                          recon_views=opts["recon_views"], recon_drop=opts["recon_drop"], **fields)  # fmt: skip
 
 
 # The commands that claim an output (the main job's --out, synthesize's --out file): the free-space
