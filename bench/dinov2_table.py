@@ -59,8 +59,9 @@ GRIDS = {
     "sardfq/16g": ("sardfq", {"image_scale": 0.0625, "grey": True}),
     # 96 images instead of the table's 32 (images are drawn per index, so its first 32 are sardfq/16g's)
     "sardfq/16g-n96": ("sardfq", {"image_scale": 0.0625, "grey": True, "num_images": 96}),
-    # the model's own grid with 96 images (its first 32 are sardfq/8g's): what a bigger set gives the
-    # w4a4 + reconstruction row, whose 100 steps of 32 per block otherwise see 32 images 100 times each
+    # the model's own grid with 96 images (synthesized in batches of their own: its first 32 are not
+    # sardfq/8g's): what a bigger set gives the w4a4 + reconstruction row, whose 100 steps of 32 per
+    # block otherwise see 32 images 100 times each
     "sardfq/8g-n96": ("sardfq", {"image_scale": 0.125, "grey": True, "num_images": 96}),
     # PSAQ-ViT on the same grey eighth grid: what `--method psaq` synthesizes for this model by default
     # (ZOO_EXTRA's synthesis defaults hold for every method), so SARDFQ and PSAQ-ViT meet on equal terms
