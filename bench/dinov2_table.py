@@ -304,6 +304,15 @@ RECIPES = {
         "finetune": "recon",
         "recon_drop": 0.5,
     },
+    # ... centred, then block reconstruction at 2.5 times the paper's learning rate (1e-4): 100 cosine-decayed
+    # Adam steps of 4e-5 move a weight by at most 2e-3, a third to a half of its median 4-bit step here
+    # (0.004-0.008), so only roundings near a boundary can change; at 1e-4 up to about one step
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4": {
+        **_W4A4_AS_W4A8,
+        "centre_fc2": True,
+        "finetune": "recon",
+        "lr": 1e-4,
+    },
     # ... then the paper's block reconstruction on top
     "w4a4+v4+r+fp10-11+b64+ft.25+recon": {**_W4A4_AS_W4A8, "finetune": "recon"},
 }
