@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dinov2_probe import model_cache  # noqa: E402
+from dinov2_probe import _commit, model_cache  # noqa: E402
 from dinov2_table import EXPLICIT, MODEL, RECIPES, calibration, logits_of, scores, test_set  # noqa: E402
 from sardfq_export.calibrators import reconstruct_blocks  # noqa: E402
 from sardfq_export.calibrators.instrument import block_names  # noqa: E402
@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log", type=Path)
     a = ap.parse_args(argv)
     recipe = {**EXPLICIT, **RECIPES[ROW]}
+    commit = _commit()  # at the start: the code this process imported
     loaded = sx.load_model(MODEL)
     x, y = test_set(loaded, a.limit)
     calib_dir = model_cache(CALIB_CACHE, loaded)
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
         names = block_names(q.model)
         ref = {k: block_outputs(loaded.model, names, v) for k, v in images.items()}
         row = {"calib": calib, "seed": a.seed, "row": ROW, "drop": a.drop, "limit": a.limit, "images": a.images,
-               "blocks": names}  # fmt: skip
+               "commit": commit, "blocks": names}  # fmt: skip
         row["before"] = block_errors(q.model, ref, images)
         row["top1_before"] = scores(logits_of(q.model, x), y)
         tuned = copy.deepcopy(q.model)
