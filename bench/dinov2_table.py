@@ -313,6 +313,13 @@ RECIPES = {
         "finetune": "recon",
         "lr": 1e-4,
     },
+    # ... the same at 3e-4 (up to about three 4-bit steps): whether the gain goes on with the rate
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr3e-4": {
+        **_W4A4_AS_W4A8,
+        "centre_fc2": True,
+        "finetune": "recon",
+        "lr": 3e-4,
+    },
     # ... then the paper's block reconstruction on top
     "w4a4+v4+r+fp10-11+b64+ft.25+recon": {**_W4A4_AS_W4A8, "finetune": "recon"},
 }
