@@ -36,6 +36,7 @@ from dinov2_probe import _commit, model_cache  # noqa: E402
 from dinov2_table import EXPLICIT, MODEL, RECIPES, calibration, logits_of, scores, test_set  # noqa: E402
 from sardfq_export.calibrators import reconstruct_blocks  # noqa: E402
 from sardfq_export.calibrators.instrument import block_names  # noqa: E402
+from sardfq_export.calibrators.reconstruct import _capture  # noqa: E402
 
 import sardfq_export as sx  # noqa: E402
 
@@ -43,18 +44,10 @@ ROW = "w4a4+v4+r+fp10-11+b64+ft.25+c"  # the model's w4a4 recipe; the table's +c
 CALIB_CACHE = Path.home() / ".cache/sardfq-export/bench-dinov2-calib"
 
 
-@torch.inference_mode()
 def block_outputs(model, names: list[str], x: torch.Tensor, batch: int = 32) -> dict[str, torch.Tensor]:
-    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: got[n].append(o.float()))
-             for n in names]  # fmt: skip
-    try:
-        for c in x.split(batch):
-            model(c)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: torch.cat(v) for n, v in got.items()}
+    """The named blocks' outputs for images ``x``, in chunks (reconstruction's own capture)."""
+    parts = [_capture(model, names, c, "out") for c in x.split(batch)]
+    return {n: torch.cat([p[n] for p in parts]).float() for n in names}
 
 
 def block_errors(qmodel, ref: dict[str, dict[str, torch.Tensor]], images: dict[str, torch.Tensor]) -> dict:

@@ -87,6 +87,9 @@ _W4A16_FP10_11 = {"scheme": "w4a16", **_GPTQ_FP10_11}
 _W4A8_FP10_11 = {"scheme": "w4a8", **_GPTQ_FP10_11}
 # w4a8's default recipe (nested 4-bit blocks of 64, A = 0.25) at w4a4, which rows below vary
 _W4A4_AS_W4A8 = {"scheme": "w4a4", **_GPTQ_FP10_11, "weight_block": 64, "gptq_target": 0.25}
+# ... with fc2's input centred (the model's w4a4 recipe), then the paper's block reconstruction: the
+# headline's w4a4 + reconstruction row, which the reconstruction variants below change one field of
+_W4A4_RECON = {**_W4A4_AS_W4A8, "centre_fc2": True, "finetune": "recon"}
 # The product's recipe per row (QuantizeConfig fields); "recon" rows add block reconstruction.
 RECIPES = {
     "w8a8": {"scheme": "w8a8"},  # GPTQ at 8 bits overfits 32 images: measured worse (bench/dinov2_probe.py)
@@ -271,55 +274,25 @@ RECIPES = {
     # ... centred and bias-corrected, as w8a8's default
     "w4a4+v4+r+fp10-11+b64+ft.25+c+bc": {**_W4A4_AS_W4A8, "centre_fc2": True, "bias_correct": True},
     # ... centred, then the paper's block reconstruction on top
-    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon": {**_W4A4_AS_W4A8, "centre_fc2": True, "finetune": "recon"},
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon": _W4A4_RECON,
     # ... centred, the wider (P 2.5) clips, then the paper's block reconstruction on top
-    "w4a4+v4+r+fp10-11+b64+ft.25+c+rn2.5+recon": {
-        **_W4A4_AS_W4A8,
-        "centre_fc2": True,
-        "range_norm": 2.5,
-        "finetune": "recon",
-    },
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+rn2.5+recon": {**_W4A4_RECON, "range_norm": 2.5},
     # ... centred, then block reconstruction that also learns the activation steps (LSQ-style,
     # log-factor at lr 4e-3: up to about ±20% over 100 steps; BRECQ / QDrop learn them, the paper freezes them)
-    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+las": {
-        **_W4A4_AS_W4A8,
-        "centre_fc2": True,
-        "finetune": "recon",
-        "recon_act_lr": 4e-3,
-    },
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+las": {**_W4A4_RECON, "recon_act_lr": 4e-3},
     # ... centred, then block reconstruction on the images and 3 variants of each (flip, 2 crops):
     # 128 inputs, so its 100 steps of 32 per block do not see 32 images 100 times each
-    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+rv4": {
-        **_W4A4_AS_W4A8,
-        "centre_fc2": True,
-        "finetune": "recon",
-        "recon_views": 4,
-    },
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+rv4": {**_W4A4_RECON, "recon_views": 4},
     # ... centred, then block reconstruction under QDrop (each activation element left unquantized with
     # probability 0.5 while training; the QDrop paper's setting): weights fit for a neighbourhood of the
     # 32 images' activations instead of their exact rounding
-    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+qd": {
-        **_W4A4_AS_W4A8,
-        "centre_fc2": True,
-        "finetune": "recon",
-        "recon_drop": 0.5,
-    },
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+qd": {**_W4A4_RECON, "recon_drop": 0.5},
     # ... centred, then block reconstruction at 2.5 times the paper's learning rate (1e-4): 100 cosine-decayed
     # Adam steps of 4e-5 move a weight by at most 2e-3, a third to a half of its median 4-bit step here
     # (0.004-0.008), so only roundings near a boundary can change; at 1e-4 up to about one step
-    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4": {
-        **_W4A4_AS_W4A8,
-        "centre_fc2": True,
-        "finetune": "recon",
-        "lr": 1e-4,
-    },
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4": {**_W4A4_RECON, "lr": 1e-4},
     # ... the same at 3e-4 (up to about three 4-bit steps): whether the gain goes on with the rate
-    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr3e-4": {
-        **_W4A4_AS_W4A8,
-        "centre_fc2": True,
-        "finetune": "recon",
-        "lr": 3e-4,
-    },
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr3e-4": {**_W4A4_RECON, "lr": 3e-4},
     # ... then the paper's block reconstruction on top
     "w4a4+v4+r+fp10-11+b64+ft.25+recon": {**_W4A4_AS_W4A8, "finetune": "recon"},
 }

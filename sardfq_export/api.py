@@ -170,32 +170,17 @@ class QuantizeConfig:
             n = getattr(self, name)
             if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
                 raise UserInputError(f"{name} counts the images' views {what} (>= 1), got {n!r}")
-        if self.range_norm is not None and (
-            isinstance(self.range_norm, bool)
-            or not isinstance(self.range_norm, (int, float))
-            or not self.range_norm > 0
-        ):
-            raise UserInputError(
-                f"range_norm is the exponent p of the range search's error (> 0; 2: MSE), got {self.range_norm!r}"
-            )
-        if self.recon_act_lr is not None and (
-            isinstance(self.recon_act_lr, bool)
-            or not isinstance(self.recon_act_lr, (int, float))
-            or not self.recon_act_lr >= 0
-        ):
-            raise UserInputError(
-                f"recon_act_lr is the learning rate of reconstruction's activation steps (>= 0; 0: frozen), "
-                f"got {self.recon_act_lr!r}"
-            )
-        if self.recon_drop is not None and (
-            isinstance(self.recon_drop, bool)
-            or not isinstance(self.recon_drop, (int, float))
-            or not 0.0 <= self.recon_drop < 1.0
-        ):
-            raise UserInputError(
-                f"recon_drop is the probability of leaving an activation unquantized while reconstructing, "
-                f"in [0, 1) (0: off), got {self.recon_drop!r}"
-            )
+        # real-valued recipe numbers: (field, the values it takes, what it is); None is "the model's own"
+        for name, ok, what in (
+            ("range_norm", lambda v: v > 0, "the exponent p of the range search's error (> 0; 2: MSE)"),
+            ("recon_act_lr", lambda v: v >= 0,
+             "the learning rate of reconstruction's activation steps (>= 0; 0: frozen)"),
+            ("recon_drop", lambda v: 0.0 <= v < 1.0,
+             "the probability of leaving an activation unquantized while reconstructing, in [0, 1) (0: off)"),
+        ):  # fmt: skip
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v)):
+                raise UserInputError(f"{name} is {what}, got {v!r}")
         if self.gptq_tokens is not None and self.gptq_tokens not in GPTQ_TOKENS:
             raise UserInputError(
                 f"unknown gptq_tokens {self.gptq_tokens!r}: use one of {', '.join(GPTQ_TOKENS)}"
