@@ -288,8 +288,9 @@ RECIPES = {
     # 32 images' activations instead of their exact rounding
     "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+qd": {**_W4A4_RECON, "recon_drop": 0.5},
     # ... centred, then block reconstruction at 2.5 times the paper's learning rate (1e-4): 100 cosine-decayed
-    # Adam steps of 4e-5 move a weight by at most 2e-3, a third to a half of its median 4-bit step here
-    # (0.004-0.008), so only roundings near a boundary can change; at 1e-4 up to about one step
+    # Adam steps of 4e-5 move a weight by about 2e-3 at most, a quarter to a half of a median 4-bit step
+    # here (block 3's blocks of 64: 0.0044-0.0078, docs/dinov2-accuracy.md), so only roundings near a
+    # boundary can change; at 1e-4 up to about one step
     "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4": {**_W4A4_RECON, "lr": 1e-4},
     # ... the same at 3e-4 (up to about three 4-bit steps): whether the gain goes on with the rate
     "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr3e-4": {**_W4A4_RECON, "lr": 3e-4},
