@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from sardfq_export.calibrators.adaptive import AdaptiveConfig
 from sardfq_export.calibrators.gptq import TOKEN_WEIGHTS as GPTQ_TOKENS
+from sardfq_export.calibrators.reconstruct import RECON_LR
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.device import (
     PRECISION_CHOICES,
@@ -132,6 +133,9 @@ class QuantizeConfig:
     # calibrated step, Adam at this rate; calibrators.reconstruct); 0: frozen, the paper's. None: the
     # model's own default (MODEL_RECIPE_FIELDS), else 0.
     recon_act_lr: float | None = None
+    # Reconstruction's weight learning rate (Adam, cosine-decayed); ``lr`` overrides it. None: the
+    # model's own default (MODEL_RECIPE_FIELDS), else the paper's (calibrators.reconstruct.RECON_LR, 4e-5).
+    recon_lr: float | None = None
     # Reconstruction's set: the calibration images plus N-1 label-preserving variants of each (flip,
     # resized crops, as gptq_views), so 100 steps of 32 do not see 32 images 100 times each.
     # None: the model's own default (MODEL_RECIPE_FIELDS), else 1.
@@ -173,6 +177,7 @@ class QuantizeConfig:
         # real-valued recipe numbers: (field, the values it takes, what it is); None is "the model's own"
         for name, ok, what in (
             ("range_norm", lambda v: v > 0, "the exponent p of the range search's error (> 0; 2: MSE)"),
+            ("recon_lr", lambda v: v > 0, "the learning rate of reconstruction's weights (> 0)"),
             ("recon_act_lr", lambda v: v >= 0,
              "the learning rate of reconstruction's activation steps (>= 0; 0: frozen)"),
             ("recon_drop", lambda v: 0.0 <= v < 1.0,
@@ -259,7 +264,7 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
                        "gptq_target": 0.0, "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
                        "keep_fp": (), "weight_block": 0, "range_norm": 2.0, "range_views": 1,
-                       "recon_act_lr": 0.0, "recon_views": 1, "recon_drop": 0.0}  # fmt: skip
+                       "recon_lr": RECON_LR, "recon_act_lr": 0.0, "recon_views": 1, "recon_drop": 0.0}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -550,7 +555,7 @@ def _finetune(qmodel: nn.Module, loaded: LoadedModel, cal: CalibSet, cfg: Quanti
             recon_data = hessian_views(cal.images, cfg.recon_views, cfg.seed)
         rec = calibrators.reconstruct_blocks(qmodel, loaded.model, recon_data, seed=cfg.seed, progress=progress,
                                              precision=cfg.precision, act_lr=cfg.recon_act_lr, drop=cfg.recon_drop,
-                                             **tune)  # fmt: skip
+                                             **{"lr": cfg.recon_lr, **tune})  # fmt: skip
         summary["recon"] = {k: v for k, v in rec.items() if k != "blocks"} | {
             "final_mse": rec["blocks"][-1]["mse_after"]
         }

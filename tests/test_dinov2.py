@@ -409,10 +409,12 @@ def test_the_headline_runs_every_schemes_row_from_every_source_seed_by_seed_reco
     }
     ablation = [c for c in seed0 if "ablation" in c]
     assert {(c["row"], c["ablation"]) for c in ablation} == {
-        (row, name)
-        for row in (table.DEFAULT_ROWS["w4a8"], table.HEADLINE_ROWS["w4a4 + reconstruction"])
-        for name in table.HEADLINE_ABLATION
+        (row, name) for row in table.HEADLINE_ABLATION_ROWS for name in table.HEADLINE_ABLATION
     }
+    # the w4a8 default, and reconstruction at the paper's rate (where the ablation was measured)
+    w4a8, recon_row = table.HEADLINE_ABLATION_ROWS
+    assert w4a8 == table.DEFAULT_ROWS["w4a8"] and table.RECIPES[recon_row]["finetune"] == "recon"
+    assert "lr" not in table.RECIPES[recon_row] and table.EXPLICIT["recon_lr"] == 4e-5
     assert all(c["calib"] == "sardfq/8g" for c in ablation)
     recon = [table.RECIPES[c["row"]].get("finetune") == "recon" for c in seed0]
     assert recon == sorted(recon) and sum(recon) == len(table.HEADLINE_COLUMNS) + len(table.HEADLINE_ABLATION)
@@ -438,12 +440,21 @@ def test_the_tables_default_rows_are_the_models_own_recipe(size):
     def effective(cfg):  # what quantizes: the scheme with its options (a name aside), and the rest
         scheme = {k: v for k, v in scheme_of(cfg).to_dict().items() if k not in ("name", "description")}
         fields = {k: getattr(cfg, k) for k in MODEL_RECIPE_FIELDS if k != "weight_block"}  # in the scheme
-        return scheme, fields, resolved_recipe(cfg, calibrators.get_scheme(cfg.scheme))
+        if "recon" in cfg.finetune:  # the rate reconstruction runs at: lr overrides the recipe's
+            fields["recon_lr"] = cfg.lr if cfg.lr is not None else cfg.recon_lr
+        else:  # reconstruction's settings do nothing without it
+            fields = {k: v for k, v in fields.items() if not k.startswith("recon_")}
+        return scheme, fields, cfg.finetune, resolved_recipe(cfg, calibrators.get_scheme(cfg.scheme))
 
     for scheme_name, row in table.DEFAULT_ROWS.items():
         got = model_recipe(sx.QuantizeConfig(scheme=scheme_name), loaded)
         want = sx.QuantizeConfig(**{**table.EXPLICIT, **table.RECIPES[row]})
         assert effective(got) == effective(want), row
+    # the headline's reconstruction row is the w4a4 default with --finetune recon
+    row = table.HEADLINE_ROWS["w4a4 + reconstruction"]
+    got = model_recipe(sx.QuantizeConfig(scheme="w4a4", finetune="recon"), loaded)
+    want = sx.QuantizeConfig(**{**table.EXPLICIT, **table.RECIPES[row]})
+    assert effective(got) == effective(want) and got.recon_lr == 1e-4
 
 
 def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):

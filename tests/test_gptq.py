@@ -122,6 +122,7 @@ def test_range_views_and_norm_reach_the_activation_ranges_only():
         {"range_norm": 0.0},
         {"range_norm": True},
         {"recon_act_lr": -1.0},
+        {"recon_lr": 0.0},
         {"recon_views": 0},
         {"recon_drop": 1.0},
         {"recon_drop": -0.1},
@@ -132,7 +133,8 @@ def test_range_views_and_norm_reach_the_activation_ranges_only():
 
 def test_recon_views_reach_reconstruction_only():
     """recon_views: reconstruction's set is the images and their variants (8 -> 24); the ranges and
-    GPTQ's Hessian still see the 8 images; recon_act_lr and recon_drop reach the reconstruction."""
+    GPTQ's Hessian still see the 8 images; recon_act_lr, recon_drop and recon_lr reach the reconstruction
+    (lr overrides recon_lr)."""
     import sardfq_export as sx
     from sardfq_export.models import LoadedModel
 
@@ -141,7 +143,14 @@ def test_recon_views_reach_reconstruction_only():
     q = sx.quantize(loaded, images, scheme="w4a4", finetune="recon", iters=2, recon_views=3, recon_act_lr=1e-3,
                     recon_drop=0.5, progress=False)  # fmt: skip
     assert q.summary["recon"]["num_images"] == 24 and q.summary["recon"]["act_lr"] == 1e-3
-    assert q.summary["recon"]["drop"] == 0.5
+    assert q.summary["recon"]["drop"] == 0.5 and q.summary["recon"]["lr"] == 4e-5  # the paper's
+    faster = sx.quantize(
+        loaded, images, scheme="w4a4", finetune="recon", iters=2, recon_lr=1e-4, progress=False
+    )
+    assert faster.summary["recon"]["lr"] == 1e-4
+    told = sx.quantize(loaded, images, scheme="w4a4", finetune="recon", iters=2, recon_lr=1e-4, lr=3e-4,
+                       progress=False)  # fmt: skip
+    assert told.summary["recon"]["lr"] == 3e-4  # lr, the caller's, overrides the recipe's
     assert q.summary["calibration"]["num_images"] == 8 and q.summary["gptq"]["tokens"] == 8 * 17
     plain = sx.quantize(loaded, images, scheme="w4a4", finetune="recon", iters=2, progress=False)
     assert plain.summary["recon"]["num_images"] == 8 and plain.summary["recon"]["act_lr"] == 0.0
@@ -489,13 +498,13 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
         out = CliRunner().invoke(cli, argv).output
         assert "--bias-correct" in out and "--gptq-views" in out and "--gptq-tokens" in out
         assert "--range-norm" in out and "--range-views" in out and "--recon-act-lr" in out
-        assert "--recon-views" in out and "--recon-drop" in out
+        assert "--recon-views" in out and "--recon-drop" in out and "--recon-lr" in out
         assert "--no-smooth-fc2" in out and "0: off" in out
     opts = {"range_method": "auto", "range_norm": None, "range_views": None, "weight_range": "mse",
             "weight_rounding": "auto", "gptq_views": None,
             "gptq_tokens": None, "gptq_target": None, "calib_lowpass": None, "keep_fp": (), "weight_block": None,
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
-            "awq": None, "finetune": "none", "kd_views": False, "recon_act_lr": None,
+            "awq": None, "finetune": "none", "kd_views": False, "recon_lr": None, "recon_act_lr": None,
             "recon_views": None, "recon_drop": None}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
     # --keep-fp: not given → the model's own (None); "none" → none float; patterns as given
@@ -515,6 +524,8 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     )
     assert recipe_config(opts | {"finetune": "recon", "recon_views": 4}, scheme="w4a4").recon_views == 4
     assert recipe_config(opts, scheme="w4a4").recon_drop is None  # the model's own
+    assert recipe_config(opts, scheme="w4a4").recon_lr is None  # the model's own
+    assert recipe_config(opts | {"finetune": "recon", "recon_lr": 1e-4}, scheme="w4a4").recon_lr == 1e-4
     assert recipe_config(opts | {"finetune": "recon", "recon_drop": 0.5}, scheme="w4a4").recon_drop == 0.5
     assert recipe_config(opts | {"gptq_tokens": "rollout"}, scheme="w4a8").gptq_tokens == "rollout"
     assert recipe_config(opts, scheme="w4a8").gptq_target is None  # the model's own

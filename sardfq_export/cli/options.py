@@ -255,6 +255,14 @@ recipe_options = _stack(
         help="recon: block-wise reconstruction (SARDFQ stage 2); kd: end-to-end distillation.",
     ),
     click.option(
+        "--recon-lr",
+        type=click.FloatRange(min=0.0, min_open=True),
+        default=None,
+        metavar="LR",
+        help="With --finetune recon: the learning rate of the weights (quantize's --lr overrides it). "
+        "[default: the model's own, else the paper's 4e-5]",
+    ),
+    click.option(
         "--recon-act-lr",
         type=click.FloatRange(min=0.0),
         default=None,
@@ -313,7 +321,7 @@ def recipe_config(opts: dict, **fields):
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
                           bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
-                          kd_views=opts["kd_views"], recon_act_lr=opts["recon_act_lr"],
+                          kd_views=opts["kd_views"], recon_lr=opts["recon_lr"], recon_act_lr=opts["recon_act_lr"],
                           recon_views=opts["recon_views"], recon_drop=opts["recon_drop"], **fields)  # fmt: skip
 
 

@@ -45,7 +45,10 @@ from sardfq_export.core.errors import UserInputError
     "--iters", type=click.IntRange(min=0), default=None, help="Fine-tuning iterations (per block for recon)."
 )
 @click.option(
-    "--lr", type=float, default=None, help="Fine-tuning learning rate (recon 4e-5, kd 1e-5 by default)."
+    "--lr",
+    type=float,
+    default=None,
+    help="Fine-tuning learning rate (by default: recon --recon-lr, kd 1e-5).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True)
