@@ -4,6 +4,7 @@ set, the SARDFQ ablation, the peers (ONNX Runtime quantize_static, NVIDIA ModelO
 model and images, and ONNX Runtime INT8 vs FP32 latency, all from one command:
 
     nice bash tools/dev.sh python bench/dinov2_table.py            # hours on 2 cores; resumable
+    ... --model dinov2_s14_fmnist@224 --seeds 0 --only '<cell>'    # a cell at 224 px (its own files)
 
 Every finished cell is appended to ``--cache``/results.jsonl (keyed by the cell and its recipe) and
 never recomputed, so a run stopped anywhere resumes where it was; calibration sets are cached
@@ -645,12 +646,13 @@ def write_doc(
     rows = [r for r in cache.rows.values() if r["key"] in planned]
     superseded = [r for r in cache.rows.values() if r["key"] not in planned]
     fp = next((r for r in rows if r.get("kind") == "fp32"), None)
-    own_sizes = "".join(f" ({k}: {f['num_images']})" for k, (_, f) in GRIDS.items() if "num_images" in f)
+    own = [f"{k}: {f['num_images']}" for k, (_, f) in GRIDS.items() if "num_images" in f]
+    own_sizes = f" ({'; '.join(own)})" if own else ""
     lines = [
-        "# DINOv2 ViT-S/14 (112 px): data-free quantization, side by side",
+        f"# DINOv2 ViT-S/14 ({meta.get('px', 112)} px): data-free quantization, side by side",
         "",
         f"Command: `{meta.get('command', CMD)}` (resumable; this file is rewritten from its cache after every cell).",
-        f"Model: `{MODEL}` (docs/dinov2-model.md; weights `{meta.get('model_weights', '?')}`). Test set: the first {meta['limit']} Fashion-MNIST test images.",
+        f"Model: `{meta.get('model', MODEL)}` (docs/dinov2-model.md; weights `{meta.get('model_weights', '?')}`). Test set: the first {meta['limit']} Fashion-MNIST test images.",
         f"Calibration: {meta['num_images']} images{own_sizes}; synthetic ones with {meta['iters']} iterations. Seeds {seeds}; "
         "cells show mean ± standard deviation over seeds (top-1, %).",
         f"Machine: {meta['machine']}.",
@@ -765,11 +767,11 @@ def write_doc(
 
 # --- main ----------------------------------------------------------------------------------------------
 def plan(seeds: list[int], limit: int, iters: int, n: int, schedule: dict | None = None,
-         psaq2_defaults: dict | None = None) -> list[dict]:  # fmt: skip
+         psaq2_defaults: dict | None = None, model: str = MODEL) -> list[dict]:  # fmt: skip
     """Every cell, cheapest-first so that a partial run already answers something: real and noise
     calibration (no synthesis) and the peers at the first seed, latency, then the synthetic sources
     at the first seed, then the other seeds, then the SARDFQ ablation (each synthesis is the cost)."""
-    common = {"model": MODEL, "limit": limit, "iters": iters, "num_images": n, "v": RECIPE_VERSION}
+    common = {"model": model, "limit": limit, "iters": iters, "num_images": n, "v": RECIPE_VERSION}
     cells = [{"kind": "fp32", **common}]
 
     def ours(calib, seed):
@@ -856,6 +858,8 @@ def headline_order(cells: list[dict]) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=MODEL, choices=[MODEL, f"{MODEL}@224"],
+                    help="the 112-px model (the table) or the 224-px one (its own cache key and files)")  # fmt: skip
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--limit", type=int, default=10000)
     ap.add_argument(
@@ -869,8 +873,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-dinov2-calib",
                     help="calibration sets, shared by runs that differ in --limit or --cache (file names carry "
                     "kind, size, seed and iterations)")  # fmt: skip
-    ap.add_argument("--doc", type=Path, default=Path("docs/dinov2-results.md"))
-    ap.add_argument("--json", type=Path, default=Path("docs/dinov2-results.json"))
+    ap.add_argument("--doc", type=Path, help="default docs/dinov2-results.md (-224.md at 224 px)")
+    ap.add_argument("--json", type=Path, help="default docs/dinov2-results.json (-224.json at 224 px)")
     ap.add_argument(
         "--only", nargs="+", help="run only cells whose kind/row/calib/peer label contains one of these texts"
     )
@@ -883,7 +887,10 @@ def main(argv=None) -> int:
                     "smoke run; they are part of the cells' keys)")  # fmt: skip
     a = ap.parse_args(argv)
 
-    loaded = sx.load_model(MODEL)
+    suffix = "-224" if a.model.endswith("@224") else ""
+    a.doc = a.doc or Path(f"docs/dinov2-results{suffix}.md")
+    a.json = a.json or Path(f"docs/dinov2-results{suffix}.json")
+    loaded = sx.load_model(a.model)
     x, y = test_set(loaded, a.limit)
     a.cache = model_cache(a.cache, loaded)  # cells and logits of this build only
     calib_dir = model_cache(a.calib_cache, loaded)
@@ -894,12 +901,12 @@ def main(argv=None) -> int:
     import ast
 
     schedule = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in a.psaq2)}
-    cells = plan(a.seeds, a.limit, a.iters, a.num_images, schedule, loaded.extra.get("psaq2"))
+    cells = plan(a.seeds, a.limit, a.iters, a.num_images, schedule, loaded.extra.get("psaq2"), a.model)
     import shlex
 
     args = sys.argv[1:] if argv is None else argv
     meta = {"command": " ".join([CMD, *map(shlex.quote, args)]).replace(str(Path.home()), "~"),
-            "model_weights": weights, "limit": a.limit, "iters": a.iters, "num_images": a.num_images, "seeds": a.seeds,
+            "model": a.model, "px": loaded.data_config["input_size"][-1], "model_weights": weights, "limit": a.limit, "iters": a.iters, "num_images": a.num_images, "seeds": a.seeds,
             "machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} torch threads"}  # fmt: skip
     planned = {Cache.key(c) for c in cells}
     fp_logits = None
