@@ -501,6 +501,7 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
                 "gptq_target": 0.25,
                 "keep_fp": ["blocks.10.*", "blocks.11.*"],
                 "weight_block": 64,
+                "recon_lr": 1e-4,
             },
         },
         "psaq2": {"student_lr": 1e-6, "disc_weight": 0.1},
