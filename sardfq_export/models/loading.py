@@ -275,7 +275,7 @@ _DINOV2_QUANTIZE = {
     # Reconstruction (--finetune recon) at 2.5x the paper's rate: row +c+recon+lr1e-4, 10k, deployed,
     # the default sets (paired against 4e-5): 72.44 / 74.36 / 77.78% (74.86 ± 2.71), +2.85 / +2.12 /
     # +7.70; at 4e-5 a weight moves a quarter to a half of a 4-bit step (docs/dinov2-accuracy.md);
-    # 3e-4 gained less on seed 0 (+2.27)
+    # 3e-4: 71.86 / 75.49 / 75.26% (74.20%), -0.58 / +1.13 / -2.52 against 1e-4
     "w4a4": {**_DINOV2_W4A8, "centre_fc2": True, "recon_lr": 1e-4},
 }
 # PSAQ-ViT V2 on DINOv2 (bench/dinov2_psaq2_probe.py, docs/dinov2-accuracy.md): at the generic discrepancy
