@@ -295,6 +295,9 @@ RECIPES = {
     "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4": {**_W4A4_RECON, "lr": 1e-4},
     # ... the same at 3e-4 (up to about three 4-bit steps): whether the gain goes on with the rate
     "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr3e-4": {**_W4A4_RECON, "lr": 3e-4},
+    # ... at 1e-4, each token's output error weighted by its attention-rollout reach to the prediction
+    # (--recon-tokens rollout; GPTQ's token weights, calibrators.rollout, applied to the block loss)
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4+rt": {**_W4A4_RECON, "lr": 1e-4, "recon_tokens": "rollout"},
     # ... then the paper's block reconstruction on top
     "w4a4+v4+r+fp10-11+b64+ft.25+recon": {**_W4A4_AS_W4A8, "finetune": "recon"},
 }

@@ -123,6 +123,28 @@ def _capture(model: nn.Module, names: list[str], x: torch.Tensor, what: str, sto
     return got
 
 
+RECON_TOKENS = ("uniform", "rollout")  # how each token's output error counts in a block's loss
+
+
+def _token_weights(fp_model: nn.Module, images: torch.Tensor, names: list[str], tokens: str,
+                   batch_size: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``{unit: (N, T)}`` weights of each unit's output tokens in its loss; empty when uniform.
+
+    A block's output token reaches the prediction as its MLP's input token does (fc2's output is
+    added to the residual stream in place), so the rollout weights of ``blocks.{i}.mlp.fc2``'s input
+    are those of block ``i``'s output. Units without such weights (Swin's, or a non-block unit) keep
+    uniform weights; rollout itself refuses models it cannot read (one line, what to use instead)."""
+    if tokens not in RECON_TOKENS:
+        raise UserInputError(f"unknown recon tokens {tokens!r}: use one of {', '.join(RECON_TOKENS)}")
+    if tokens == "uniform":
+        return {}
+    from sardfq_export.calibrators.rollout import rollout_token_weights
+
+    reach = rollout_token_weights(fp_model, images, batch_size)
+    device = images.device
+    return {n: reach[f"{n}.mlp.fc2"].to(device) for n in names if f"{n}.mlp.fc2" in reach}
+
+
 def reconstruct_blocks(
     qmodel: nn.Module,
     fp_model: nn.Module,
@@ -135,6 +157,7 @@ def reconstruct_blocks(
     precision: str = "fp32",
     act_lr: float = 0.0,
     drop: float = 0.0,
+    tokens: str = "uniform",
 ) -> dict:
     """Block-wise output reconstruction of a calibrated ``qmodel`` against ``fp_model``.
 
@@ -143,6 +166,10 @@ def reconstruct_blocks(
     (targets, losses and the weights stay fp32). ``act_lr > 0``: the block's activation steps are
     learned too (Adam on their log-factors at this rate); each block's report gives the factors.
     ``drop``: QDrop's probability of leaving an activation element unquantized while training (0: off).
+    ``tokens``: how each token's output error counts, "uniform" (the paper's) or "rollout": weighted
+    by the token's attention-rollout reach from the block's output to the prediction in ``fp_model``
+    (:mod:`calibrators.rollout`, as GPTQ's ``tokens="rollout"``), so the steps fit the tokens the
+    prediction reads rather than the patch tokens that outnumber them.
     Returns per-block losses before/after (also kept in the saved model's calibration info).
     """
     from sardfq_export.core.progress import progress_bar
@@ -162,6 +189,7 @@ def reconstruct_blocks(
         xq_parts.append(_capture(qmodel, [names[0]], chunk, "in", stop_after=names[0])[names[0]])
     targets = {n: torch.cat(v) for n, v in fp_out.items()}
     xq = torch.cat(xq_parts)
+    weights = _token_weights(fp_model, images, names, tokens, batch_size)
     gen = torch.Generator().manual_seed(seed)
     report = []
     bar = progress_bar(
@@ -198,7 +226,10 @@ def reconstruct_blocks(
                     idx, share = my_slice(_batch_indices(len(xq), batch_size, gen).to(device))
                     with autocast(device, precision):
                         pred = unit(xq[idx])
-                    loss = F.mse_loss(pred.float(), y[idx]) / norm * share
+                    err = (pred.float() - y[idx]).pow(2)
+                    if n in weights:  # (B, T) token weights of mean 1 per image: the same scale as uniform
+                        err = err * weights[n][idx].unsqueeze(-1)
+                    loss = err.mean() / norm * share
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     all_reduce_grads(trained)
@@ -221,7 +252,7 @@ def reconstruct_blocks(
                       | ({"step_factors": factors} if factors else {}))  # fmt: skip
         bar.set_postfix(block=n, mse=f"{after:.3g}")
     bar.close()
-    summary = {"finetune": "recon", "iters_per_block": iters, "lr": lr, "act_lr": act_lr, "drop": drop,
+    summary = {"finetune": "recon", "iters_per_block": iters, "lr": lr, "act_lr": act_lr, "drop": drop, "tokens": tokens,
                "batch_size": batch_size, "precision": precision,
                "seed": seed, "num_images": int(images.shape[0]), "processes": rank_world()[1],
                "blocks": report}  # fmt: skip

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from sardfq_export.calibrators.adaptive import AdaptiveConfig
 from sardfq_export.calibrators.gptq import TOKEN_WEIGHTS as GPTQ_TOKENS
-from sardfq_export.calibrators.reconstruct import RECON_LR
+from sardfq_export.calibrators.reconstruct import RECON_LR, RECON_TOKENS
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.device import (
     PRECISION_CHOICES,
@@ -144,6 +144,10 @@ class QuantizeConfig:
     # with this probability (calibrators.quantizer.dropped_quantization; the QDrop paper's 0.5); 0: off,
     # the paper's. None: the model's own default (MODEL_RECIPE_FIELDS), else 0.
     recon_drop: float | None = None
+    # How each token's output error counts in reconstruction's block loss: "uniform" (the paper's) or
+    # "rollout" (weighted by its attention-rollout reach to the prediction in the float model, as
+    # gptq_tokens; calibrators.reconstruct). None: the model's own default (MODEL_RECIPE_FIELDS), else uniform.
+    recon_tokens: str | None = None
     lr: float | None = None  # fine-tuning learning rate; None: the method's
     # Fine-tuning (recon/kd) under bf16 autocast on the chosen device (the scales are fp32 either
     # way). auto: core.device.resolve_precision (bf16 where native, the model's own default first).
@@ -186,10 +190,10 @@ class QuantizeConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v)):
                 raise UserInputError(f"{name} is {what}, got {v!r}")
-        if self.gptq_tokens is not None and self.gptq_tokens not in GPTQ_TOKENS:
-            raise UserInputError(
-                f"unknown gptq_tokens {self.gptq_tokens!r}: use one of {', '.join(GPTQ_TOKENS)}"
-            )
+        for name, allowed in (("gptq_tokens", GPTQ_TOKENS), ("recon_tokens", RECON_TOKENS)):
+            v = getattr(self, name)
+            if v is not None and v not in allowed:
+                raise UserInputError(f"unknown {name} {v!r}: use one of {', '.join(allowed)}")
         if self.gptq_target is not None and (
             isinstance(self.gptq_target, bool)
             or not isinstance(self.gptq_target, (int, float))
@@ -264,7 +268,8 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
                        "gptq_target": 0.0, "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
                        "keep_fp": (), "weight_block": 0, "range_norm": 2.0, "range_views": 1,
-                       "recon_lr": RECON_LR, "recon_act_lr": 0.0, "recon_views": 1, "recon_drop": 0.0}  # fmt: skip
+                       "recon_lr": RECON_LR, "recon_act_lr": 0.0, "recon_views": 1, "recon_drop": 0.0,
+                       "recon_tokens": "uniform"}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -555,6 +560,7 @@ def _finetune(qmodel: nn.Module, loaded: LoadedModel, cal: CalibSet, cfg: Quanti
             recon_data = hessian_views(cal.images, cfg.recon_views, cfg.seed)
         rec = calibrators.reconstruct_blocks(qmodel, loaded.model, recon_data, seed=cfg.seed, progress=progress,
                                              precision=cfg.precision, act_lr=cfg.recon_act_lr, drop=cfg.recon_drop,
+                                             tokens=cfg.recon_tokens,
                                              **{"lr": cfg.recon_lr, **tune})  # fmt: skip
         summary["recon"] = {k: v for k, v in rec.items() if k != "blocks"} | {
             "final_mse": rec["blocks"][-1]["mse_after"]

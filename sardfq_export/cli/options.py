@@ -287,6 +287,14 @@ recipe_options = _stack(
         "probability P (QDrop; its paper uses 0.5). [default: the model's own, else 0]",
     ),
     click.option(
+        "--recon-tokens",
+        type=click.Choice(["uniform", "rollout"]),
+        default=None,
+        help="With --finetune recon: how each token's output error counts in a block's loss: uniform, or "
+        "rollout (by how much it reaches the prediction through the float model's attention; ViTs only). "
+        "[default: the model's own, else uniform]",
+    ),
+    click.option(
         "--kd-views/--no-kd-views",
         default=False,
         show_default=True,
@@ -322,7 +330,8 @@ def recipe_config(opts: dict, **fields):
                           smooth_fc2=opts["smooth_fc2"], centre_fc2=opts["centre_fc2"],
                           bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
                           kd_views=opts["kd_views"], recon_lr=opts["recon_lr"], recon_act_lr=opts["recon_act_lr"],
-                          recon_views=opts["recon_views"], recon_drop=opts["recon_drop"], **fields)  # fmt: skip
+                          recon_views=opts["recon_views"], recon_drop=opts["recon_drop"],
+                          recon_tokens=opts["recon_tokens"], **fields)  # fmt: skip
 
 
 # The commands that claim an output (the main job's --out, synthesize's --out file): the free-space
