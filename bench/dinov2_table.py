@@ -298,6 +298,10 @@ RECIPES = {
     # ... at 1e-4, each token's output error weighted by its attention-rollout reach to the prediction
     # (--recon-tokens rollout; GPTQ's token weights, calibrators.rollout, applied to the block loss)
     "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4+rt": {**_W4A4_RECON, "lr": 1e-4, "recon_tokens": "rollout"},
+    # ... the calibration images framed first (--calib-frame 0.25: a flat grey band of a quarter of the
+    # side on each edge, one grey per image; calibrators.frame), without and with reconstruction at 1e-4
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+fr.25": {**_W4A4_AS_W4A8, "centre_fc2": True, "calib_frame": 0.25},
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4+fr.25": {**_W4A4_RECON, "lr": 1e-4, "calib_frame": 0.25},
     # ... then the paper's block reconstruction on top
     "w4a4+v4+r+fp10-11+b64+ft.25+recon": {**_W4A4_AS_W4A8, "finetune": "recon"},
 }

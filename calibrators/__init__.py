@@ -22,6 +22,7 @@ from sardfq_export.calibrators.calibrate import (
     calibrate,
     calibrate_weight,
 )
+from sardfq_export.calibrators.frame import frame
 from sardfq_export.calibrators.gptq import gptq_round, gptq_weights
 from sardfq_export.calibrators.instrument import (
     UnsupportedModelError,
@@ -52,6 +53,7 @@ from sardfq_export.calibrators.smooth import smooth_quant
 
 __all__ = [
     "lowpass",
+    "frame",
     "ACT_METHODS", "WEIGHT_METHODS", "HistogramCollector", "calibrate", "calibrate_weight", "correct_biases",
     "UnsupportedModelError", "block_names", "check_model", "iter_quantizers", "mark_modified", "quant_summary",
     "quantize_model", "set_explicit_attention", "set_quantizers_enabled",

@@ -94,6 +94,10 @@ class QuantizeConfig:
     # (calibrators.lowpass; synthetic images carry fine detail no real image has). 1: off. None: the
     # model's own default (MODEL_RECIPE_FIELDS), else 1.
     calib_lowpass: float | None = None
+    # Frame the calibration images first: a band of this fraction of the side on each edge set to one
+    # flat grey per image (calibrators.frame; synthetic images are texture to the edges, photos hold an
+    # object on a plainer background). 0: off. None: the model's own default (MODEL_RECIPE_FIELDS), else 0.
+    calib_frame: float | None = None
     # Linears left float (timm module-name globs): mixed precision. None: the model's own default
     # for the scheme (MODEL_RECIPE_FIELDS, e.g. a block measured to carry most of its 4-bit error),
     # else none; () keeps none.
@@ -181,6 +185,8 @@ class QuantizeConfig:
         # real-valued recipe numbers: (field, the values it takes, what it is); None is "the model's own"
         for name, ok, what in (
             ("range_norm", lambda v: v > 0, "the exponent p of the range search's error (> 0; 2: MSE)"),
+            ("calib_frame", lambda v: 0.0 <= v < 0.5,
+             "the fraction of the image side framed in flat grey, in [0, 0.5) (0: off)"),
             ("recon_lr", lambda v: v > 0, "the learning rate of reconstruction's weights (> 0)"),
             ("recon_act_lr", lambda v: v >= 0,
              "the learning rate of reconstruction's activation steps (>= 0; 0: frozen)"),
@@ -267,6 +273,7 @@ def _checkpoint_of(loaded: LoadedModel) -> str | None:
 # (models.loading.ZOO_EXTRA, measured per model), else the value here.
 MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views": 1, "gptq_tokens": "uniform",
                        "gptq_target": 0.0, "awq": False, "smoothquant": 0.0, "smooth_fc2": False, "calib_lowpass": 1.0,
+                       "calib_frame": 0.0,
                        "keep_fp": (), "weight_block": 0, "range_norm": 2.0, "range_views": 1,
                        "recon_lr": RECON_LR, "recon_act_lr": 0.0, "recon_views": 1, "recon_drop": 0.0,
                        "recon_tokens": "uniform"}  # fmt: skip
@@ -639,6 +646,11 @@ def _quantize_on(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme
     lowpass = 1.0 if cfg.calib_lowpass is None else cfg.calib_lowpass
     if lowpass != 1.0:  # the set's soft targets belong to the images before the low-pass
         cal = replace(cal, images=calibrators.lowpass(cal.images, lowpass), targets=None)
+    framed = 0.0 if cfg.calib_frame is None else cfg.calib_frame
+    if framed != 0.0:  # likewise: the soft targets belong to the whole images
+        dc = loaded.data_config
+        images = calibrators.frame(cal.images, framed, dc["mean"], dc["std"], seed=cfg.seed)
+        cal = replace(cal, images=images, targets=None)
     qmodel, summary = _build(loaded, cal, cfg, scheme, progress)
     if cfg.auto_keep_fp is not None:
         # Mixed precision: leave the fewest most-sensitive Linears float for the fidelity target,
@@ -659,7 +671,7 @@ def _quantize_on(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["quant"] = calibrators.quant_summary(qmodel)
     summary["calib"] = {"num_images": len(cal), **{k: v for k, v in cal.meta.items() if k != "loss_curve"},
-                        "lowpass": lowpass}  # fmt: skip
+                        "lowpass": lowpass, "frame": framed}  # fmt: skip
     return qmodel, summary
 
 

@@ -544,7 +544,7 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
         assert "--no-smooth-fc2" in out and "0: off" in out
     opts = {"range_method": "auto", "range_norm": None, "range_views": None, "weight_range": "mse",
             "weight_rounding": "auto", "gptq_views": None,
-            "gptq_tokens": None, "gptq_target": None, "calib_lowpass": None, "keep_fp": (), "weight_block": None,
+            "gptq_tokens": None, "gptq_target": None, "calib_lowpass": None, "calib_frame": None, "keep_fp": (), "weight_block": None,
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
             "awq": None, "finetune": "none", "kd_views": False, "recon_lr": None, "recon_act_lr": None,
             "recon_views": None, "recon_drop": None, "recon_tokens": None}  # fmt: skip

@@ -193,6 +193,14 @@ recipe_options = _stack(
         "(synthetic images carry fine detail real ones lack); 1: off. [default: the model's own, else 1]",
     ),
     click.option(
+        "--calib-frame",
+        type=click.FloatRange(0.0, 0.5, max_open=True),
+        default=None,
+        metavar="FRACTION",
+        help="Frame the calibration images first: a band of FRACTION of the side on each edge set to one flat "
+        "grey per image (synthetic images are texture to the edges); 0: off. [default: the model's own, else 0]",
+    ),
+    click.option(
         "--keep-fp",
         metavar="PATTERN",
         multiple=True,
@@ -323,7 +331,7 @@ def recipe_config(opts: dict, **fields):
                           range_views=opts["range_views"], weight_range=opts["weight_range"],
                           weight_rounding=opts["weight_rounding"], gptq_views=opts["gptq_views"],
                           gptq_tokens=opts["gptq_tokens"], gptq_target=opts["gptq_target"],
-                          calib_lowpass=opts["calib_lowpass"],
+                          calib_lowpass=opts["calib_lowpass"], calib_frame=opts["calib_frame"],
                           keep_fp=_keep_fp(opts["keep_fp"]),
                           weight_block=int(opts["weight_block"]) if opts["weight_block"] else None,
                           auto_keep_fp=opts["auto_keep_fp"], smoothquant=opts["smoothquant"],
