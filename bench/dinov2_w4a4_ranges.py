@@ -8,7 +8,8 @@ sets' MSE clips are narrower than real images' (geometric mean 0.83x in blocks 0
 ways to widen them, each a QuantizeConfig field: ``range_norm`` p > 2 (the clip minimizing
 sum |x - q(x)|^p weighs the clipped tail more) and ``range_views`` (ranges also seen on flipped and
 cropped variants of the images). Each variant quantizes with the table's ``--row`` (the model's w4a4
-recipe) from the table's sets, fake-quant top-1 on the first ``--limit`` test images.
+recipe) from the table's sets, fake-quant top-1 on the first ``--limit`` test images. The variant
+``frame.25`` changes the images instead (``calib_frame`` 0.25, a flat grey frame).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ VARIANTS = {
     "views4": {"range_views": 4},
     "p2.5": {"range_norm": 2.5},
     "p3+views4": {"range_norm": 3.0, "range_views": 4},
+    # not a range: the images framed in one flat grey first (calibrators.frame; bench/dinov2_deep_stats.py)
+    "frame.25": {"calib_frame": 0.25},
 }
 
 

@@ -1,0 +1,67 @@
+"""Where synthetic and real images' activations differ in the deep blocks (a probe; numbers in
+docs/dinov2-accuracy.md)
+
+    nice bash tools/dev.sh python bench/dinov2_deep_stats.py --seed 0
+
+The float DINOv2 model's activations, per block, on the table's 32-image calibration sets (SARDFQ's
+and PSAQ-ViT's, grey eighth grid), on SARDFQ's framed in one flat grey (calibrators.frame, the
+``--calib-frame`` of the w4a4 rows ``…+fr.25``) and on the first ``--real`` real test images: each
+block's fc2 input 99.9th percentile of |x| and qkv input max |x| (what the 4-bit activation ranges and
+reconstruction fit to), and the mean top-1 probability of the prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dinov2_probe import model_cache  # noqa: E402
+from dinov2_table import MODEL, calibration, test_set  # noqa: E402
+from dinov2_w4a4_range_swap import CALIB_CACHE  # noqa: E402
+
+import sardfq_export as sx  # noqa: E402
+from sardfq_export import calibrators  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real", type=int, default=128, help="real test images")
+    ap.add_argument("--frame", type=float, default=0.25)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[5, 6, 7, 8, 9, 10])
+    a = ap.parse_args(argv)
+    loaded = sx.load_model(MODEL)
+    model, dc = loaded.model.eval(), loaded.data_config
+    calib_dir = model_cache(CALIB_CACHE, loaded)
+    syn = calibration(loaded, "sardfq/8g", a.seed, 32, 100, calib_dir).images
+    sets = {
+        "sardfq/8g": syn,
+        f"sardfq/8g framed {a.frame:g}": calibrators.frame(syn, a.frame, dc["mean"], dc["std"], seed=a.seed),
+        "psaq/8g": calibration(loaded, "psaq/8g", a.seed, 32, 100, calib_dir).images,
+        f"real test ({a.real})": test_set(loaded, a.real)[0],
+    }
+    seen: dict[str, torch.Tensor] = {}
+    for i, blk in enumerate(model.blocks):
+        blk.mlp.fc2.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(f"fc2 {i}", args[0]))
+        blk.attn.qkv.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(f"qkv {i}", args[0]))
+    print(
+        "| images | mean top-1 probability | "
+        + " | ".join(f"block {b}: fc2 p99.9 / qkv max" for b in a.blocks)
+        + " |"
+    )
+    print("|---|---|" + "---|" * len(a.blocks))
+    for name, x in sets.items():
+        with torch.no_grad():
+            conf = model(x).softmax(-1).amax(-1).mean().item()
+        cells = [f"{seen[f'fc2 {b}'].abs().flatten().quantile(0.999):.2f} / {seen[f'qkv {b}'].abs().max():.1f}"
+                 for b in a.blocks]  # fmt: skip
+        print(f"| {name} | {conf:.2f} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
