@@ -140,7 +140,7 @@ def _token_weights(fp_model: nn.Module, images: torch.Tensor, names: list[str], 
         return {}
     from sardfq_export.calibrators.rollout import rollout_token_weights
 
-    reach = rollout_token_weights(fp_model, images, batch_size)
+    reach = rollout_token_weights(fp_model, images, batch_size, option="--recon-tokens")
     device = images.device
     return {n: reach[f"{n}.mlp.fc2"].to(device) for n in names if f"{n}.mlp.fc2" in reach}
 

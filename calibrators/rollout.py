@@ -25,7 +25,7 @@ from sardfq_export.core.errors import UserInputError
 ROLES_AFTER_ATTENTION = ("attn.proj", "mlp.fc1", "mlp.fc2")
 
 
-def _readout(model: nn.Module, tokens: int) -> torch.Tensor:
+def _readout(model: nn.Module, tokens: int, option: str = "--gptq-tokens") -> torch.Tensor:
     """(T,) weights of the final tokens in the prediction: the CLS token, or the mean of the patch
     tokens (timm ``global_pool`` 'token' / 'avg')."""
     pool = getattr(model, "global_pool", None)
@@ -39,26 +39,26 @@ def _readout(model: nn.Module, tokens: int) -> torch.Tensor:
         raise UserInputError(
             f"rollout token weights need a timm VisionTransformer pooled by its CLS token or by the "
             f"mean of its tokens (global_pool 'token' or 'avg'), got global_pool={pool!r}: use "
-            f"uniform token weights (--gptq-tokens uniform)"
+            f"uniform token weights ({option} uniform)"
         )
     return row
 
 
-def _attention_blocks(model: nn.Module) -> list[nn.Module]:
+def _attention_blocks(model: nn.Module, option: str = "--gptq-tokens") -> list[nn.Module]:
     blocks = list(getattr(model, "blocks", []))
     need = ("qkv", "num_heads", "scale", "q_norm", "k_norm")
     if not blocks or not all(all(hasattr(getattr(b, "attn", None), a) for a in need) for b in blocks):
         raise UserInputError(
             "rollout token weights need a timm VisionTransformer (blocks[i].attn with a fused qkv); "
             "this model has none (Swin's windowed attention is not supported): use uniform token "
-            "weights (--gptq-tokens uniform)"
+            f"weights ({option} uniform)"
         )
     return blocks
 
 
 @torch.no_grad()
 def rollout_token_weights(
-    model: nn.Module, images: torch.Tensor, batch_size: int = 32
+    model: nn.Module, images: torch.Tensor, batch_size: int = 32, option: str = "--gptq-tokens"
 ) -> dict[str, torch.Tensor]:
     """``{"blocks.{i}.{role}": (N, T)}``: each image's token weights at the input of every block
     Linear of the *float* ``model``, scaled to mean 1 per image (so uniform weights are all ones).
@@ -67,7 +67,7 @@ def rollout_token_weights(
     ``mlp.fc2`` act after it, so their reach starts at the next block (in the last block: the
     readout itself). The images are the ones the Hessian sees, in the same order.
     """
-    blocks = _attention_blocks(model)
+    blocks = _attention_blocks(model, option)
     # A read-only pre-hook recomputes each block's probabilities from its input: the synthesis
     # Recorder (synthesis.attention) swaps the attention modules for a differentiable explicit
     # forward, which a no-grad pass over the float model does not need.
@@ -92,7 +92,7 @@ def rollout_token_weights(
             model(batch.to(device))
             n, t = probs[0].shape[0], probs[0].shape[-1]
             eye = torch.eye(t, dtype=torch.float64, device=device)
-            row = _readout(model, t).to(device, torch.float64).expand(n, t)
+            row = _readout(model, t, option).to(device, torch.float64).expand(n, t)
             for i in range(len(blocks) - 1, -1, -1):
                 for role in ROLES_AFTER_ATTENTION:
                     out.setdefault(f"blocks.{i}.{role}", []).append(row * t)

@@ -184,6 +184,9 @@ def test_recon_rollout_tokens_weigh_the_block_loss_by_reach():
     assert _token_weights(model, images, names, "uniform", 4) == {}
     with pytest.raises(sx.UserInputError, match="recon tokens"):
         _token_weights(model, images, names, "cls", 4)
+    pooled = tiny_vit(global_pool="")  # no readout to roll out to: the error names reconstruction's option
+    with pytest.raises(sx.UserInputError, match="--recon-tokens uniform"):
+        _token_weights(pooled, images, names, "rollout", 4)
 
     loaded = LoadedModel(model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
     kw = dict(scheme="w4a4", finetune="recon", iters=30, recon_lr=1e-3, progress=False)
