@@ -302,6 +302,14 @@ RECIPES = {
     # side on each edge, one grey per image; calibrators.frame), without and with reconstruction at 1e-4
     "w4a4+v4+r+fp10-11+b64+ft.25+c+fr.25": {**_W4A4_AS_W4A8, "centre_fc2": True, "calib_frame": 0.25},
     "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4+fr.25": {**_W4A4_RECON, "lr": 1e-4, "calib_frame": 0.25},
+    # ... framed for the ranges and GPTQ only, reconstruction on the images as synthesized
+    # (--recon-images original): the frame's gain without reconstruction, not its flat band fitted
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4+fr.25+ro": {
+        **_W4A4_RECON,
+        "lr": 1e-4,
+        "calib_frame": 0.25,
+        "recon_images": "original",
+    },
     # ... then the paper's block reconstruction on top
     "w4a4+v4+r+fp10-11+b64+ft.25+recon": {**_W4A4_AS_W4A8, "finetune": "recon"},
 }

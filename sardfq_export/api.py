@@ -47,6 +47,8 @@ FINETUNES = ("none", "recon", "kd", "recon+kd")
 # methods: the student is calibrators' fake-quant model): ``--calib psaq2`` = PSAQ-ViT V2.
 ADAPTIVE_CALIBS = _ADAPTIVE_CALIBS
 ROUNDINGS = ("auto", "nearest", "gptq")
+# What reconstruction fits on (QuantizeConfig.recon_images): the images the ranges saw, or the set as given.
+RECON_IMAGES = ("calib", "original")
 DEFAULT_NUM_IMAGES = 32  # calibration images a source makes or reads when the caller gives no count
 
 
@@ -152,6 +154,11 @@ class QuantizeConfig:
     # "rollout" (weighted by its attention-rollout reach to the prediction in the float model, as
     # gptq_tokens; calibrators.reconstruct). None: the model's own default (MODEL_RECIPE_FIELDS), else uniform.
     recon_tokens: str | None = None
+    # Which images reconstruction fits on: "calib", those the ranges and GPTQ saw (after
+    # calib_lowpass / calib_frame), or "original", the set as given, before them (a frame helps the
+    # ranges reach real images' deep-block sizes, but reconstruction would fit its flat band).
+    # None: the model's own default (MODEL_RECIPE_FIELDS), else "calib".
+    recon_images: str | None = None
     lr: float | None = None  # fine-tuning learning rate; None: the method's
     # Fine-tuning (recon/kd) under bf16 autocast on the chosen device (the scales are fp32 either
     # way). auto: core.device.resolve_precision (bf16 where native, the model's own default first).
@@ -196,7 +203,8 @@ class QuantizeConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v)):
                 raise UserInputError(f"{name} is {what}, got {v!r}")
-        for name, allowed in (("gptq_tokens", GPTQ_TOKENS), ("recon_tokens", RECON_TOKENS)):
+        for name, allowed in (("gptq_tokens", GPTQ_TOKENS), ("recon_tokens", RECON_TOKENS),
+                              ("recon_images", RECON_IMAGES)):  # fmt: skip
             v = getattr(self, name)
             if v is not None and v not in allowed:
                 raise UserInputError(f"unknown {name} {v!r}: use one of {', '.join(allowed)}")
@@ -276,7 +284,7 @@ MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views":
                        "calib_frame": 0.0,
                        "keep_fp": (), "weight_block": 0, "range_norm": 2.0, "range_views": 1,
                        "recon_lr": RECON_LR, "recon_act_lr": 0.0, "recon_views": 1, "recon_drop": 0.0,
-                       "recon_tokens": "uniform"}  # fmt: skip
+                       "recon_tokens": "uniform", "recon_images": "calib"}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -498,14 +506,17 @@ def resolved_recipe(cfg: QuantizeConfig, scheme) -> dict:
     return {"range": act, "weight_range": cfg.weight_range, "weight_rounding": rounding}
 
 
-def _build(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme, progress: bool):
-    """Instrument for ``scheme``, calibrate ranges, round weights, fine-tune: ``(qmodel, summary)``."""
+def _build(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme, progress: bool,
+           original: CalibSet | None = None):  # fmt: skip
+    """Instrument for ``scheme``, calibrate ranges, round weights, fine-tune: ``(qmodel, summary)``.
+    ``original``: the set before low-pass / frame, what ``recon_images="original"`` fine-tunes on."""
     from sardfq_export import calibrators
 
     torch.manual_seed(cfg.seed)
     qmodel = calibrators.quantize_model(loaded.model, scheme)
     summary = _calibrate(qmodel, cal.images, cfg, scheme, progress, loaded.model)
-    _finetune(qmodel, loaded, cal, cfg, summary, progress)
+    tune_on = original if cfg.recon_images == "original" and original is not None else cal
+    _finetune(qmodel, loaded, tune_on, cfg, summary, progress)
     return qmodel, summary
 
 
@@ -570,7 +581,8 @@ def _finetune(qmodel: nn.Module, loaded: LoadedModel, cal: CalibSet, cfg: Quanti
                                              tokens=cfg.recon_tokens,
                                              **{"lr": cfg.recon_lr, **tune})  # fmt: skip
         summary["recon"] = {k: v for k, v in rec.items() if k != "blocks"} | {
-            "final_mse": rec["blocks"][-1]["mse_after"]
+            "final_mse": rec["blocks"][-1]["mse_after"],
+            "images": cfg.recon_images,
         }
     if cfg.finetune in ("kd", "recon+kd"):
         kw = tune if cfg.finetune == "kd" else {}  # after recon, KD keeps its own defaults
@@ -643,6 +655,7 @@ def _quantize_on(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme
     from sardfq_export import calibrators
 
     t0 = time.perf_counter()
+    original = cal
     lowpass = 1.0 if cfg.calib_lowpass is None else cfg.calib_lowpass
     if lowpass != 1.0:  # the set's soft targets belong to the images before the low-pass
         cal = replace(cal, images=calibrators.lowpass(cal.images, lowpass), targets=None)
@@ -651,7 +664,7 @@ def _quantize_on(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme
         dc = loaded.data_config
         images = calibrators.frame(cal.images, framed, dc["mean"], dc["std"], seed=cfg.seed)
         cal = replace(cal, images=images, targets=None)
-    qmodel, summary = _build(loaded, cal, cfg, scheme, progress)
+    qmodel, summary = _build(loaded, cal, cfg, scheme, progress, original)
     if cfg.auto_keep_fp is not None:
         # Mixed precision: leave the fewest most-sensitive Linears float for the fidelity target,
         # measured on held-out images (synthetic ones: still no data), then rebuild with them float.
@@ -664,7 +677,7 @@ def _quantize_on(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme
         auto["held_out"] = "holdout" if holdout is not None else "calibration images"
         if pick["keep_fp"]:
             scheme = replace(scheme, keep_fp=tuple(dict.fromkeys([*scheme.keep_fp, *pick["keep_fp"]])))
-            qmodel, summary = _build(loaded, cal, cfg, scheme, progress)
+            qmodel, summary = _build(loaded, cal, cfg, scheme, progress, original)
             auto["rebuilt"] = calibrators.fidelity_to_float(qmodel, held_images)
         summary["auto_keep_fp"] = auto
         summary["sensitivity"] = sens  # what the choice was made on: every layer, all quantized

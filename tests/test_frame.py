@@ -54,3 +54,32 @@ def test_quantize_with_calib_frame_is_quantize_on_the_framed_images(reference):
         assert not torch.equal(a.model(x), plain.model(x))
     assert a.summary["calib"]["frame"] == 0.25 and plain.summary["calib"]["frame"] == 0.0
     assert a.config.calib_frame == 0.25 and plain.config.calib_frame == 0.0  # unset: the model's, 0
+
+
+def test_recon_images_original_fits_reconstruction_on_the_unframed_set(reference, monkeypatch):
+    """recon_images="original": ranges and GPTQ see the framed images, reconstruction the set as given
+    (exactly those tensors); "calib" (the fallback) reconstructs on the framed ones."""
+    from sardfq_export import calibrators
+    from sardfq_export.data import load_raw, preprocess
+
+    x = preprocess(load_raw("fashion-mnist", "train").images[:8], reference.data_config)
+    dc = reference.data_config
+    framed = C.frame(x, 0.25, dc["mean"], dc["std"], seed=1)
+    seen = []
+    real = calibrators.reconstruct_blocks
+
+    def spy(qmodel, float_model, images, **kw):
+        seen.append(images.clone())
+        return real(qmodel, float_model, images, **{**kw, "iters": 2})
+
+    monkeypatch.setattr(calibrators, "reconstruct_blocks", spy)
+    kw = dict(scheme="w4a4", calib_frame=0.25, finetune="recon", seed=1, progress=False)
+    orig = sx.quantize(reference, x, recon_images="original", **kw)
+    calib = sx.quantize(reference, x, **kw)
+    assert torch.equal(seen[0], x) and torch.equal(seen[1], framed)
+    assert orig.summary["recon"]["images"] == "original" and calib.summary["recon"]["images"] == "calib"
+    assert orig.config.recon_images == "original" and calib.config.recon_images == "calib"
+    with torch.no_grad():  # the same ranges and rounding, another fine-tuning: other weights
+        assert not torch.equal(orig.model(x), calib.model(x))
+    with pytest.raises(UserInputError, match="recon_images"):
+        sx.QuantizeConfig(recon_images="framed")

@@ -543,14 +543,14 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
         assert "--bias-correct" in out and "--gptq-views" in out and "--gptq-tokens" in out
         assert "--range-norm" in out and "--range-views" in out and "--recon-act-lr" in out
         assert "--recon-views" in out and "--recon-drop" in out and "--recon-lr" in out
-        assert "--recon-tokens" in out
+        assert "--recon-tokens" in out and "--recon-images" in out
         assert "--no-smooth-fc2" in out and "0: off" in out
     opts = {"range_method": "auto", "range_norm": None, "range_views": None, "weight_range": "mse",
             "weight_rounding": "auto", "gptq_views": None,
             "gptq_tokens": None, "gptq_target": None, "calib_lowpass": None, "calib_frame": None, "keep_fp": (), "weight_block": None,
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
             "awq": None, "finetune": "none", "kd_views": False, "recon_lr": None, "recon_act_lr": None,
-            "recon_views": None, "recon_drop": None, "recon_tokens": None}  # fmt: skip
+            "recon_views": None, "recon_drop": None, "recon_tokens": None, "recon_images": None}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
     # --keep-fp: not given → the model's own (None); "none" → none float; patterns as given
     assert recipe_config(opts, scheme="w4a16").keep_fp is None
@@ -574,6 +574,7 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     assert recipe_config(opts | {"finetune": "recon", "recon_drop": 0.5}, scheme="w4a4").recon_drop == 0.5
     assert recipe_config(opts, scheme="w4a4").recon_tokens is None  # the model's own
     assert recipe_config(opts | {"recon_tokens": "rollout"}, scheme="w4a4").recon_tokens == "rollout"
+    assert recipe_config(opts | {"recon_images": "original"}, scheme="w4a4").recon_images == "original"
     assert recipe_config(opts | {"gptq_tokens": "rollout"}, scheme="w4a8").gptq_tokens == "rollout"
     assert recipe_config(opts, scheme="w4a8").gptq_target is None  # the model's own
     assert recipe_config(opts | {"gptq_target": 0.25}, scheme="w4a8").gptq_target == 0.25

@@ -303,6 +303,13 @@ recipe_options = _stack(
         "[default: the model's own, else uniform]",
     ),
     click.option(
+        "--recon-images",
+        type=click.Choice(["calib", "original"]),
+        default=None,
+        help="With --finetune recon: fit on the images the ranges and GPTQ saw (calib: after --calib-lowpass "
+        "and --calib-frame), or on the set as given (original). [default: the model's own, else calib]",
+    ),
+    click.option(
         "--kd-views/--no-kd-views",
         default=False,
         show_default=True,
@@ -339,7 +346,7 @@ def recipe_config(opts: dict, **fields):
                           bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
                           kd_views=opts["kd_views"], recon_lr=opts["recon_lr"], recon_act_lr=opts["recon_act_lr"],
                           recon_views=opts["recon_views"], recon_drop=opts["recon_drop"],
-                          recon_tokens=opts["recon_tokens"], **fields)  # fmt: skip
+                          recon_tokens=opts["recon_tokens"], recon_images=opts["recon_images"], **fields)  # fmt: skip
 
 
 # The commands that claim an output (the main job's --out, synthesize's --out file): the free-space
