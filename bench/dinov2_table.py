@@ -310,6 +310,10 @@ RECIPES = {
         "calib_frame": 0.25,
         "recon_images": "original",
     },
+    # ... and the reconstruction row's recipe again, its own key: the paired control when the sets
+    # had to be synthesized again (a host without native bf16 makes fp32 sets, other images than the
+    # bf16 ones the row's cells used; calib_sha says which set each cell ran on)
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4+ctl": {**_W4A4_RECON, "lr": 1e-4},
     # ... then the paper's block reconstruction on top
     "w4a4+v4+r+fp10-11+b64+ft.25+recon": {**_W4A4_AS_W4A8, "finetune": "recon"},
 }
