@@ -509,14 +509,14 @@ def resolved_recipe(cfg: QuantizeConfig, scheme) -> dict:
 def _build(loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, scheme, progress: bool,
            original: CalibSet | None = None):  # fmt: skip
     """Instrument for ``scheme``, calibrate ranges, round weights, fine-tune: ``(qmodel, summary)``.
-    ``original``: the set before low-pass / frame, what ``recon_images="original"`` fine-tunes on."""
+    ``original``: the set before low-pass / frame, what ``recon_images="original"`` reconstructs on."""
     from sardfq_export import calibrators
 
     torch.manual_seed(cfg.seed)
     qmodel = calibrators.quantize_model(loaded.model, scheme)
     summary = _calibrate(qmodel, cal.images, cfg, scheme, progress, loaded.model)
-    tune_on = original if cfg.recon_images == "original" and original is not None else cal
-    _finetune(qmodel, loaded, tune_on, cfg, summary, progress)
+    recon_on = original if cfg.recon_images == "original" else None
+    _finetune(qmodel, loaded, cal, cfg, summary, progress, recon_on)
     return qmodel, summary
 
 
@@ -565,17 +565,19 @@ def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: QuantizeConfig, sch
 
 
 def _finetune(qmodel: nn.Module, loaded: LoadedModel, cal: CalibSet, cfg: QuantizeConfig, summary: dict,
-              progress: bool) -> None:  # fmt: skip
-    """The recipe's fine-tuning (recon / kd) of a calibrated model, its summaries added to ``summary``."""
+              progress: bool, recon_on: CalibSet | None = None) -> None:  # fmt: skip
+    """The recipe's fine-tuning (recon / kd) of a calibrated model, its summaries added to ``summary``.
+    Reconstruction fits on ``recon_on`` when given (``recon_images="original"``), else on ``cal``;
+    KD distils on ``cal``."""
     from sardfq_export import calibrators
 
     tune = {k: v for k, v in (("iters", cfg.iters), ("lr", cfg.lr)) if v is not None}
     if cfg.finetune in ("recon", "recon+kd"):
-        recon_data = cal.images
+        recon_data = (recon_on if recon_on is not None else cal).images
         if cfg.recon_views > 1:
             from sardfq_export.calibrators.gptq import hessian_views
 
-            recon_data = hessian_views(cal.images, cfg.recon_views, cfg.seed)
+            recon_data = hessian_views(recon_data, cfg.recon_views, cfg.seed)
         rec = calibrators.reconstruct_blocks(qmodel, loaded.model, recon_data, seed=cfg.seed, progress=progress,
                                              precision=cfg.precision, act_lr=cfg.recon_act_lr, drop=cfg.recon_drop,
                                              tokens=cfg.recon_tokens,

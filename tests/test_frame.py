@@ -81,5 +81,16 @@ def test_recon_images_original_fits_reconstruction_on_the_unframed_set(reference
     assert orig.config.recon_images == "original" and calib.config.recon_images == "calib"
     with torch.no_grad():  # the same ranges and rounding, another fine-tuning: other weights
         assert not torch.equal(orig.model(x), calib.model(x))
+    # with KD after reconstruction, only reconstruction takes the originals: KD distils on the framed set
+    distilled = []
+    real_kd = calibrators.distill
+
+    def spy_kd(qmodel, float_model, data, **kw):
+        distilled.append(data.images.clone())
+        return real_kd(qmodel, float_model, data, **{**kw, "iters": 2})
+
+    monkeypatch.setattr(calibrators, "distill", spy_kd)
+    sx.quantize(reference, x, recon_images="original", **{**kw, "finetune": "recon+kd"})
+    assert torch.equal(seen[2], x) and torch.equal(distilled[0], framed)
     with pytest.raises(UserInputError, match="recon_images"):
         sx.QuantizeConfig(recon_images="framed")
