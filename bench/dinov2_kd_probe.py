@@ -2,7 +2,7 @@
 distillation of the table's quantized model on its own *SARDFQ* calibration set (no adversarial images):
 
     nice bash tools/dev.sh python bench/dinov2_kd_probe.py [--lrs 1e-5 1e-6] [--steps 40] [--limit 1000] \
-        [--row w4a8+awq] [--calib sardfq|psaq|real] [--augment --batch 32] [--log docs/dinov2-kd-probe.jsonl]
+        [--row w4a8+awq] [--calib sardfq|psaq|real|sardfq/8g|…] [--augment --batch 32] [--log docs/dinov2-kd-probe.jsonl]
 
 For each learning rate: ``--steps`` full-batch Adam steps (cosine to 0, as V2's student phases take them)
 on KL(teacher ‖ student) over the 32 images of ``sardfq-n32-s<seed>-it100`` (the table's set, synthesized
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dinov2_probe import _commit, emit, model_cache  # noqa: E402
-from dinov2_table import EXPLICIT, MODEL, RECIPES, calibration, logits_of, scores, test_set  # noqa: E402
+from dinov2_table import EXPLICIT, GRIDS, MODEL, PROBE_SETS, RECIPES, calibration, logits_of, scores, test_set  # noqa: E402
 
 import sardfq_export as sx  # noqa: E402
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 1e-6])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--calib", default="sardfq", choices=["sardfq", "psaq", "real"])
+    ap.add_argument("--calib", default="sardfq", choices=["sardfq", "psaq", "real", *GRIDS, *PROBE_SETS])
     ap.add_argument("--augment", action="store_true", help="distil on fresh random views each step")
     ap.add_argument(
         "--batch", type=int, default=32, help="images (or views, with --augment) per step; 32 = the whole set"
