@@ -12,6 +12,10 @@
   [beyond the paper; QDrop]: while training, each activation quantizer in the block leaves each
   element unquantized with that probability (:class:`calibrators.quantizer.dropped_quantization`),
   so the weights fit a neighbourhood of the calibration images' activations, not their exact rounding.
+  ``target="local"`` [beyond the paper; BRECQ's local objective on the quantized input]: a block's
+  target is the float block applied to its quantized input, so each block fits only its own
+  quantization error and passes the earlier blocks' on, rather than learning to undo them on the
+  calibration images (a correction that holds only as far as those images' errors are real images').
 * ``distill`` — end-to-end distillation [beyond the paper]: KL(teacher ‖ student) on the logits
   (temperature T, scaled by T²) plus, when the calibration set stores soft targets, their soft
   cross-entropy. Same trainable set, Adam with cosine decay. ``augment=True``: each step distils
@@ -124,6 +128,9 @@ def _capture(model: nn.Module, names: list[str], x: torch.Tensor, what: str, sto
 
 
 RECON_TOKENS = ("uniform", "rollout")  # how each token's output error counts in a block's loss
+# what a block's output is fitted to: the float model's own output there (the paper's: the block also
+# learns to undo the earlier blocks' error) or the float block on the quantized input (its own error only)
+RECON_TARGETS = ("float", "local")
 
 
 def _token_weights(fp_model: nn.Module, images: torch.Tensor, names: list[str], tokens: str,
@@ -158,6 +165,7 @@ def reconstruct_blocks(
     act_lr: float = 0.0,
     drop: float = 0.0,
     tokens: str = "uniform",
+    target: str = "float",
 ) -> dict:
     """Block-wise output reconstruction of a calibrated ``qmodel`` against ``fp_model``.
 
@@ -170,10 +178,14 @@ def reconstruct_blocks(
     by the token's attention-rollout reach from the block's output to the prediction in ``fp_model``
     (:mod:`calibrators.rollout`, as GPTQ's ``tokens="rollout"``), so the steps fit the tokens the
     prediction reads rather than the patch tokens that outnumber them.
+    ``target``: "float", the float model's output of the block (the paper's), or "local", the float
+    block applied to the block's quantized input (its losses are then against that target).
     Returns per-block losses before/after (also kept in the saved model's calibration info).
     """
     from sardfq_export.core.progress import progress_bar
 
+    if target not in RECON_TARGETS:
+        raise UserInputError(f"unknown recon target {target!r}: use one of {', '.join(RECON_TARGETS)}")
     images, _ = _images_and_targets(data)
     device = next(qmodel.parameters()).device
     images = images.to(device)
@@ -202,7 +214,11 @@ def reconstruct_blocks(
     for n in names:
         unit = qmodel.get_submodule(n)
         params = _trainable(unit)
-        y = targets[n]
+        if target == "local":  # the float block on this block's quantized input
+            with torch.no_grad():
+                y = _run_chunks(fp_model.get_submodule(n), xq, batch_size)
+        else:
+            y = targets[n]
         with torch.no_grad():
             before = F.mse_loss(_run_chunks(unit, xq, batch_size), y).item()
         steps = _learnable_steps(unit) if act_lr > 0 and iters > 0 else []
@@ -254,6 +270,7 @@ def reconstruct_blocks(
         bar.set_postfix(block=n, mse=f"{after:.3g}")
     bar.close()
     summary = {"finetune": "recon", "iters_per_block": iters, "lr": lr, "act_lr": act_lr, "drop": drop, "tokens": tokens,
+               "target": target,
                "batch_size": batch_size, "precision": precision,
                "seed": seed, "num_images": int(images.shape[0]), "processes": rank_world()[1],
                "blocks": report}  # fmt: skip

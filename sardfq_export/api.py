@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from sardfq_export.calibrators.adaptive import AdaptiveConfig
 from sardfq_export.calibrators.gptq import TOKEN_WEIGHTS as GPTQ_TOKENS
-from sardfq_export.calibrators.reconstruct import RECON_LR, RECON_TOKENS
+from sardfq_export.calibrators.reconstruct import RECON_LR, RECON_TARGETS, RECON_TOKENS
 from sardfq_export.core.calibset import CalibSet
 from sardfq_export.core.device import (
     PRECISION_CHOICES,
@@ -159,6 +159,11 @@ class QuantizeConfig:
     # ranges reach real images' deep-block sizes, but reconstruction would fit its flat band).
     # None: the model's own default (MODEL_RECIPE_FIELDS), else "calib".
     recon_images: str | None = None
+    # What reconstruction fits each block's output to: "float", the float model's output there (the
+    # paper's; the block also learns to undo earlier blocks' error on the calibration images), or
+    # "local", the float block applied to the block's quantized input (its own error only).
+    # None: the model's own default (MODEL_RECIPE_FIELDS), else "float".
+    recon_target: str | None = None
     lr: float | None = None  # fine-tuning learning rate; None: the method's
     # Fine-tuning (recon/kd) under bf16 autocast on the chosen device (the scales are fp32 either
     # way). auto: core.device.resolve_precision (bf16 where native, the model's own default first).
@@ -204,7 +209,7 @@ class QuantizeConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v)):
                 raise UserInputError(f"{name} is {what}, got {v!r}")
         for name, allowed in (("gptq_tokens", GPTQ_TOKENS), ("recon_tokens", RECON_TOKENS),
-                              ("recon_images", RECON_IMAGES)):  # fmt: skip
+                              ("recon_images", RECON_IMAGES), ("recon_target", RECON_TARGETS)):  # fmt: skip
             v = getattr(self, name)
             if v is not None and v not in allowed:
                 raise UserInputError(f"unknown {name} {v!r}: use one of {', '.join(allowed)}")
@@ -284,7 +289,7 @@ MODEL_RECIPE_FIELDS = {"centre_fc2": False, "bias_correct": False, "gptq_views":
                        "calib_frame": 0.0,
                        "keep_fp": (), "weight_block": 0, "range_norm": 2.0, "range_views": 1,
                        "recon_lr": RECON_LR, "recon_act_lr": 0.0, "recon_views": 1, "recon_drop": 0.0,
-                       "recon_tokens": "uniform", "recon_images": "calib"}  # fmt: skip
+                       "recon_tokens": "uniform", "recon_images": "calib", "recon_target": "float"}  # fmt: skip
 
 
 def model_recipe(cfg: QuantizeConfig, loaded: LoadedModel) -> QuantizeConfig:
@@ -580,7 +585,7 @@ def _finetune(qmodel: nn.Module, loaded: LoadedModel, cal: CalibSet, cfg: Quanti
             recon_data = hessian_views(recon_data, cfg.recon_views, cfg.seed)
         rec = calibrators.reconstruct_blocks(qmodel, loaded.model, recon_data, seed=cfg.seed, progress=progress,
                                              precision=cfg.precision, act_lr=cfg.recon_act_lr, drop=cfg.recon_drop,
-                                             tokens=cfg.recon_tokens,
+                                             tokens=cfg.recon_tokens, target=cfg.recon_target,
                                              **{"lr": cfg.recon_lr, **tune})  # fmt: skip
         summary["recon"] = {k: v for k, v in rec.items() if k != "blocks"} | {
             "final_mse": rec["blocks"][-1]["mse_after"],

@@ -201,6 +201,56 @@ def test_recon_rollout_tokens_weigh_the_block_loss_by_reach():
     assert err["rollout"][:, 1:].mean() > 2 * err["uniform"][:, 1:].mean()
 
 
+def test_recon_local_target_fits_each_block_to_the_float_block_on_its_quantized_input():
+    """recon_target="local": block i's loss is against the float block i on the quantized model's input
+    to it (its own error only); "float" (the paper's) against the float model's output of block i. With
+    no steps the reported losses are exactly those; with steps, every block's own loss falls."""
+    import copy
+
+    import torch.nn.functional as F
+    from sardfq_export.calibrators.reconstruct import _capture
+
+    import sardfq_export as sx
+    from sardfq_export.models import LoadedModel
+
+    torch.manual_seed(0)
+    model = tiny_vit()
+    loaded = LoadedModel(model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    q = sx.quantize(loaded, images, scheme="w4a4", progress=False).model
+    names = [f"blocks.{i}" for i in range(len(model.blocks))]
+    xq = _capture(q, names, images, "in")  # with no steps the chain's inputs are the model's own
+    fp_out = _capture(model, names, images, "out")
+    with torch.no_grad():
+        own = {n: q.get_submodule(n)(xq[n]) for n in names}
+        local = {n: model.get_submodule(n)(xq[n]) for n in names}
+    for target, want in (("local", local), ("float", fp_out)):
+        rep = calibrators.reconstruct_blocks(
+            copy.deepcopy(q), model, images, iters=0, target=target, progress=False
+        )
+        assert rep["target"] == target
+        assert [b["mse_before"] for b in rep["blocks"]] == [F.mse_loss(own[n], want[n]).item() for n in names]
+    # the first block's input is the float model's (the patch embedding stays float here), so the targets
+    # agree there and differ from the second block on, where the earlier blocks' error enters
+    assert torch.equal(local[names[0]], fp_out[names[0]])
+    assert all(not torch.equal(local[n], fp_out[n]) for n in names[1:])
+    trained = calibrators.reconstruct_blocks(copy.deepcopy(q), model, images, iters=30, lr=1e-3, target="local",
+                                             progress=False)  # fmt: skip
+    assert all(b["mse_after"] < b["mse_before"] for b in trained["blocks"]), trained["blocks"]
+    run = sx.quantize(
+        loaded, images, scheme="w4a4", finetune="recon", iters=2, recon_target="local", progress=False
+    )
+    assert run.summary["recon"]["target"] == "local" and run.config.recon_target == "local"
+    plain = sx.quantize(loaded, images, scheme="w4a4", finetune="recon", iters=2, progress=False)
+    assert plain.summary["recon"]["target"] == "float"  # the model's own default, else the paper's
+    with pytest.raises(sx.UserInputError, match="recon_target"):
+        sx.QuantizeConfig(recon_target="block")
+    with pytest.raises(sx.UserInputError, match="recon target"):
+        calibrators.reconstruct_blocks(
+            copy.deepcopy(q), model, images, iters=0, target="block", progress=False
+        )
+
+
 def test_gptq_views_multiply_the_hessian_tokens_and_keep_the_export():
     import sardfq_export as sx
     from sardfq_export.models import LoadedModel
@@ -543,14 +593,15 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
         assert "--bias-correct" in out and "--gptq-views" in out and "--gptq-tokens" in out
         assert "--range-norm" in out and "--range-views" in out and "--recon-act-lr" in out
         assert "--recon-views" in out and "--recon-drop" in out and "--recon-lr" in out
-        assert "--recon-tokens" in out and "--recon-images" in out
+        assert "--recon-tokens" in out and "--recon-images" in out and "--recon-target" in out
         assert "--no-smooth-fc2" in out and "0: off" in out
     opts = {"range_method": "auto", "range_norm": None, "range_views": None, "weight_range": "mse",
             "weight_rounding": "auto", "gptq_views": None,
             "gptq_tokens": None, "gptq_target": None, "calib_lowpass": None, "calib_frame": None, "keep_fp": (), "weight_block": None,
             "auto_keep_fp": None, "smoothquant": None, "smooth_fc2": False, "centre_fc2": False, "bias_correct": True,
             "awq": None, "finetune": "none", "kd_views": False, "recon_lr": None, "recon_act_lr": None,
-            "recon_views": None, "recon_drop": None, "recon_tokens": None, "recon_images": None}  # fmt: skip
+            "recon_views": None, "recon_drop": None, "recon_tokens": None, "recon_images": None,
+            "recon_target": None}  # fmt: skip
     assert recipe_config(opts, scheme="w4a8").bias_correct
     # --keep-fp: not given → the model's own (None); "none" → none float; patterns as given
     assert recipe_config(opts, scheme="w4a16").keep_fp is None
@@ -575,6 +626,8 @@ def test_bias_correct_is_a_recipe_option_and_a_cli_flag(tmp_path):
     assert recipe_config(opts, scheme="w4a4").recon_tokens is None  # the model's own
     assert recipe_config(opts | {"recon_tokens": "rollout"}, scheme="w4a4").recon_tokens == "rollout"
     assert recipe_config(opts | {"recon_images": "original"}, scheme="w4a4").recon_images == "original"
+    assert recipe_config(opts, scheme="w4a4").recon_target is None  # the model's own
+    assert recipe_config(opts | {"recon_target": "local"}, scheme="w4a4").recon_target == "local"
     assert recipe_config(opts | {"gptq_tokens": "rollout"}, scheme="w4a8").gptq_tokens == "rollout"
     assert recipe_config(opts, scheme="w4a8").gptq_target is None  # the model's own
     assert recipe_config(opts | {"gptq_target": 0.25}, scheme="w4a8").gptq_target == 0.25

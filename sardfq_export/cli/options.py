@@ -310,6 +310,14 @@ recipe_options = _stack(
         "and --calib-frame), or on the set as given (original). [default: the model's own, else calib]",
     ),
     click.option(
+        "--recon-target",
+        type=click.Choice(["float", "local"]),
+        default=None,
+        help="With --finetune recon: fit each block's output to the float model's (float: the block also "
+        "undoes earlier blocks' error) or to the float block on its quantized input (local: its own error "
+        "only). [default: the model's own, else float]",
+    ),
+    click.option(
         "--kd-views/--no-kd-views",
         default=False,
         show_default=True,
@@ -346,7 +354,8 @@ def recipe_config(opts: dict, **fields):
                           bias_correct=opts["bias_correct"], awq=opts["awq"], finetune=opts["finetune"],
                           kd_views=opts["kd_views"], recon_lr=opts["recon_lr"], recon_act_lr=opts["recon_act_lr"],
                           recon_views=opts["recon_views"], recon_drop=opts["recon_drop"],
-                          recon_tokens=opts["recon_tokens"], recon_images=opts["recon_images"], **fields)  # fmt: skip
+                          recon_tokens=opts["recon_tokens"], recon_images=opts["recon_images"],
+                          recon_target=opts["recon_target"], **fields)  # fmt: skip
 
 
 # The commands that claim an output (the main job's --out, synthesize's --out file): the free-space
