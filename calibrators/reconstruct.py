@@ -12,7 +12,7 @@
   [beyond the paper; QDrop]: while training, each activation quantizer in the block leaves each
   element unquantized with that probability (:class:`calibrators.quantizer.dropped_quantization`),
   so the weights fit a neighbourhood of the calibration images' activations, not their exact rounding.
-  ``target="local"`` [beyond the paper; BRECQ's local objective on the quantized input]: a block's
+  ``target="local"`` [beyond the paper]: a block's
   target is the float block applied to its quantized input, so each block fits only its own
   quantization error and passes the earlier blocks' on, rather than learning to undo them on the
   calibration images (a correction that holds only as far as those images' errors are real images').
