@@ -7,7 +7,17 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (the README's test command runs two workers) each worker owns a share of the
+# cores: two workers of two threads each oversubscribe a 2-core machine, and OpenMP's spin-waits
+# then cost far more than the lost parallelism (measured beside one other busy process: a w8a8
+# quantize of the reference model 0.7 s with one thread, 26.8 s with two). Subprocesses (CLI runs,
+# torchrun) inherit the same share.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_THREADS = max(1, min(2, _CORES // _WORKERS))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(_THREADS)
 
 from sardfq_export.data import FASHION_MNIST_DIR  # noqa: E402
 from sardfq_export.models.reference import WEIGHTS  # noqa: E402
