@@ -313,6 +313,8 @@ RECIPES = {
     # ... reconstruction at 1e-4 for 200 steps per block instead of 100 (the larger rate gained from every
     # source: does a longer fit at that rate gain too?), paired with +ctl on the same re-synthesized set
     "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4+it200": {**_W4A4_RECON, "lr": 1e-4, "iters": 200},
+    # ... and 400 (seed 0's 200 steps narrowed the gap to real calibration: is it still narrowing?)
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4+it400": {**_W4A4_RECON, "lr": 1e-4, "iters": 400},
     # ... reconstruction fitting each block to the float block on its quantized input (--recon-target local:
     # its own error only, not the earlier blocks' as the synthetic images show it), paired with +ctl
     "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4+lt": {**_W4A4_RECON, "lr": 1e-4, "recon_target": "local"},
