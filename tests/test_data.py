@@ -191,6 +191,29 @@ def test_limit_decodes_only_the_images_it_keeps(tmp_path, monkeypatch):
     assert res["predictions"].tolist() == [0, 1]
 
 
+def test_several_runners_are_evaluated_in_one_pass_over_the_data(tmp_path, monkeypatch):
+    """validate's float, fake-quant and deployed accuracies decode each image once, not once each."""
+    from sardfq_export.validation.evaluate import evaluate_runners
+
+    files = {
+        f"{c}/{i}.png": Image.new("L", (8, 8), 10 * i + 3 * j) for j, c in enumerate("abcd") for i in range(5)
+    }
+    _folder(tmp_path, files)
+    ds = load_dataset(tmp_path, PLAIN_1CH)
+    weights = torch.randn(2, 256, 4, generator=torch.Generator().manual_seed(0))
+    runners = {k: (lambda x, w=w: x.flatten(1) @ w) for k, w in zip(("a", "b"), weights, strict=True)}
+    alone = {k: evaluate(r, ds, batch_size=3, progress=False, num_workers=0) for k, r in runners.items()}
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
+    both = evaluate_runners(runners, ds, batch_size=3, progress=False, num_workers=0)
+    assert len(opened) == 20 and list(both) == ["a", "b"]
+    for k in runners:
+        assert both[k]["top1"] == alone[k]["top1"] and both[k]["top5"] == alone[k]["top5"]
+        assert torch.equal(both[k]["predictions"], alone[k]["predictions"])
+    assert both["a"]["predictions"].tolist() != both["b"]["predictions"].tolist()  # not one runner twice
+
+
 def test_train_split_is_refused_on_a_test_folder(tmp_path):
     from sardfq_export.synthesis.sources import real_calibration
 

@@ -57,7 +57,7 @@ def validate_deployment(
     )
     from sardfq_export.validation import fidelity as fid
     from sardfq_export.validation import latency
-    from sardfq_export.validation.evaluate import evaluate
+    from sardfq_export.validation.evaluate import evaluate_runners
     from sardfq_export.validation.runners import OrtRunner, TensorRTRunner, TorchRunner
 
     from sardfq_export.core.device import module_device
@@ -115,11 +115,11 @@ def validate_deployment(
             if fp32_accuracy is not None:
                 accs["fp32"] = dict(fp32_accuracy)
                 say(f"accuracy: {fp32.name} reused from an earlier run on the same model and data")
-            for key, runner in (("fp32", fp32), ("fakequant", fq), ("deployed", deployed)):
-                if key in accs:
-                    continue
-                say(f"accuracy: {runner.name} on {len(dataset)} images")
-                accs[key] = evaluate(runner, dataset, 256, progress=progress, desc=runner.name)
+            todo = {
+                k: r for k, r in (("fp32", fp32), ("fakequant", fq), ("deployed", deployed)) if k not in accs
+            }
+            say(f"accuracy: {', '.join(r.name for r in todo.values())} on {len(dataset)} images, one pass")
+            accs |= evaluate_runners(todo, dataset, 256, progress=progress, desc="accuracy")
             result["accuracy"] = {
                 "dataset": dataset.name,
                 "n": len(dataset),

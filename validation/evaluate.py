@@ -23,38 +23,63 @@ def evaluate(
 
     Images are decoded batch by batch (``num_workers`` processes, default: the dataset's choice);
     ``limit`` evaluates only that many images (``LabelledDataset.limited``'s rule)."""
+    return evaluate_runners({desc: runner}, dataset, batch_size, progress, desc,
+                            num_workers=num_workers, limit=limit)[desc]  # fmt: skip
+
+
+def evaluate_runners(
+    runners: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    dataset: LabelledDataset,
+    batch_size: int = 256,
+    progress: bool = True,
+    desc: str = "eval",
+    *,
+    num_workers: int | None = None,
+    limit: int | None = None,
+) -> dict[str, dict]:
+    """:func:`evaluate` of several runners in one pass over ``dataset``: each batch is decoded once
+    and given to every runner (a validation's float, fake-quant and deployed models read the same
+    images; decoding them three times cost a third of an evaluation on Fashion-MNIST, more on JPEGs).
+    Returns ``{key: evaluate's dict}`` in ``runners``' order."""
     from sardfq_export.core.progress import progress_bar
 
     dataset = dataset.limited(limit)
     n = len(dataset)
-    # Results go into buffers allocated once, on the runner's device: no host sync per batch, and
+    # Results go into buffers allocated once, on each runner's device: no host sync per batch, and
     # no small tensor kept per batch (kept between the forwards' large freed blocks, those pin
     # glibc's heap, and the process grows batch after batch).
-    predictions, correct, done = None, None, 0
+    state: dict[str, list] = {key: [None, None] for key in runners}  # predictions, [top-1, top-5] counts
+    done = 0
     bar = progress_bar(total=n, desc=desc, unit="img", disable=not progress, leave=False)
     for images, labels in dataset.loader(batch_size, num_workers):
-        logits = runner(images)
-        if predictions is None:
-            predictions = torch.empty(n, dtype=torch.long, device=logits.device)
-            correct = torch.zeros(2, dtype=torch.long, device=logits.device)
-        labels = labels.to(logits.device)
-        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        predictions[done : done + len(labels)] = topk[:, 0]
-        correct[0] += (topk[:, 0] == labels).sum()
-        correct[1] += (topk == labels[:, None]).any(1).sum()
+        for key, runner in runners.items():
+            logits = runner(images)
+            buf = state[key]
+            if buf[0] is None:
+                buf[0] = torch.empty(n, dtype=torch.long, device=logits.device)
+                buf[1] = torch.zeros(2, dtype=torch.long, device=logits.device)
+            on_device = labels.to(logits.device)
+            topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            buf[0][done : done + len(labels)] = topk[:, 0]
+            buf[1][0] += (topk[:, 0] == on_device).sum()
+            buf[1][1] += (topk == on_device[:, None]).any(1).sum()
         done += len(labels)
         if progress:
             bar.update(len(labels))
-            bar.set_postfix(top1=f"{int(correct[0]) / max(done, 1):.4f}")
+            bar.set_postfix({f"top1 {k}" if len(runners) > 1 else "top1": f"{int(b[1][0]) / max(done, 1):.4f}"
+                             for k, b in state.items()})  # fmt: skip
     bar.close()
-    correct1, correct5 = (0, 0) if correct is None else correct.tolist()
-    return {
-        "dataset": dataset.name,
-        "n": n,
-        "top1": correct1 / max(n, 1),
-        "top5": correct5 / max(n, 1),
-        "predictions": predictions[:done].cpu()
-        if predictions is not None
-        else torch.empty(0, dtype=torch.long),
-        "preprocessing": dataset.preprocessing,
-    }
+    results = {}
+    for key, (predictions, correct) in state.items():
+        correct1, correct5 = (0, 0) if correct is None else correct.tolist()
+        results[key] = {
+            "dataset": dataset.name,
+            "n": n,
+            "top1": correct1 / max(n, 1),
+            "top5": correct5 / max(n, 1),
+            "predictions": predictions[:done].cpu()
+            if predictions is not None
+            else torch.empty(0, dtype=torch.long),
+            "preprocessing": dataset.preprocessing,
+        }
+    return results
