@@ -20,13 +20,24 @@ import argparse
 import json
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dinov2_probe import _commit, model_cache  # noqa: E402
-from dinov2_table import MODEL, calibration, fp32_logits, logits_of, ort_runner, scores, test_set  # noqa: E402
+from dinov2_table import (  # noqa: E402
+    GRIDS,
+    MODEL,
+    PROBE_SETS,
+    calibration,
+    fp32_logits,
+    logits_of,
+    ort_runner,
+    scores,
+    test_set,
+)
 
 import sardfq_export as sx  # noqa: E402
 
@@ -69,6 +80,50 @@ def per_quantizer(model, x: torch.Tensor, fq: torch.Tensor) -> list[dict]:
     return sorted(rows, key=lambda r: -r["mean_max_logit_change"])
 
 
+@contextmanager
+def runtime_arithmetic(model, how: str):
+    """The fake-quant model computing some of its quantized ops as an integer runtime does, to see how
+    much of the deployed graph's difference each accounts for:
+
+    - ``div``: activations quantized as RNE(x / scale), as ONNX Runtime's QuantizeLinear (MLAS divides)
+      does, instead of ATen's RNE(x · (1/scale)); the two differ in the last bit now and then;
+    - ``int-gemm``: each quantized Linear as an exact integer GEMM (the int8 codes multiplied and
+      summed in float64, exact up to 2^53, where INT8 kernels sum in int32), converted to float once
+      and scaled by (activation scale · weight scale) then biased, as MatMulIntegerToFloat does;
+      the float GEMM over dequantized values instead rounds every partial sum;
+    - ``div+int-gemm``: both."""
+    from sardfq_export.calibrators import quantizer as qmod
+    from sardfq_export.calibrators.modules import QuantLinear
+
+    saved_fq, saved_fwd = qmod._fq_tensor, QuantLinear.forward
+
+    def fq_div(x, scale, bits):
+        if bits < 8:
+            return saved_fq(x, scale, bits)
+        q = torch.clamp(torch.round(x / scale), -128, 127)  # torch.round: half to even, as MLAS
+        return q * scale
+
+    def int_gemm(self, x):
+        aq, wq = self.input_quantizer, self.weight_quantizer
+        if not (aq.active and wq.active and aq.kind == "int" and wq.scale.dim() == 1):
+            return saved_fwd(self, x)
+        xq = self.quant_input(x)
+        sa, sw = aq.scale.reshape(()), wq.scale
+        qi = torch.round(xq / sa).double()  # the codes: xq is code · sa, one rounding away
+        wi = torch.round(wq(self.weight) / sw[:, None]).double()
+        y = (qi @ wi.T).float() * (sa * sw)
+        return y if self.bias is None else y + self.bias
+
+    try:
+        if "div" in how.split("+"):
+            qmod._fq_tensor = fq_div
+        if "int-gemm" in how.split("+"):
+            QuantLinear.forward = int_gemm
+        yield model
+    finally:
+        qmod._fq_tensor, QuantLinear.forward = saved_fq, saved_fwd
+
+
 def main(argv: list[str] | None = None) -> None:
     from sardfq_export.calibrators.quantizer import perturbed_activations
 
@@ -79,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--calib-cache", type=Path, default=Path.home() / ".cache/sardfq-export/bench-dinov2-calib"
     )
+    ap.add_argument("--calib", default="sardfq", choices=["sardfq", "psaq", "real", "noise", *GRIDS, *PROBE_SETS],
+                    help="the table's calibration set of --seed (default: the w8a8 row's SARDFQ set)")  # fmt: skip
     ap.add_argument("--log", type=Path, help="write the result as JSON here too")
     ap.add_argument(
         "--keep-fp", nargs="*", default=[], metavar="PATTERN", help="Linears left float (as the CLI's)"
@@ -87,9 +144,13 @@ def main(argv: list[str] | None = None) -> None:
         "--per-quantizer", type=int, default=0, metavar="N",
         help="also perturb each activation quantizer alone on the first N test images: which ones the flips come from",
     )  # fmt: skip
+    ap.add_argument(
+        "--emulate", nargs="*", default=[], choices=("div", "int-gemm", "div+int-gemm"),
+        help="also compare the deployed graph with the fake-quant model computing as a runtime does (runtime_arithmetic)",
+    )  # fmt: skip
     a = ap.parse_args(argv)
     loaded = sx.load_model(MODEL)
-    cal = calibration(loaded, "sardfq", a.seed, 32, 100, model_cache(a.calib_cache, loaded))
+    cal = calibration(loaded, a.calib, a.seed, 32, 100, model_cache(a.calib_cache, loaded))
     x, y = test_set(loaded, a.limit)
     fp = fp32_logits(loaded, x, model_cache(a.cache, loaded), a.limit)
     # the model's own w8a8 recipe (plus --keep-fp)
@@ -107,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     delta = (dep - fq).abs().amax(1)  # the deployed graph's largest logit change per image
     delta_noise = (noisy - fq).abs().amax(1)
     result = {
-        "model": MODEL, "seed": a.seed, "limit": len(y), "commit": _commit(),
+        "model": MODEL, "calib": a.calib, "seed": a.seed, "limit": len(y), "commit": _commit(),
         "recipe": q.config.to_dict(),
         "top1": {"fp32": scores(fp, y), "fakequant": scores(fq, y), "deployed": scores(dep, y)},
         "agreement_deployed_vs_fakequant": float((~differs).float().mean()),
@@ -122,6 +183,16 @@ def main(argv: list[str] | None = None) -> None:
             str(k): agree(fq + k * (dep - fq), fq) for k in SHRINKS
         },
     }  # fmt: skip
+    for how in a.emulate:
+        with runtime_arithmetic(q.model, how):
+            em = logits_of(q.model, x)
+        result.setdefault("emulated", {})[how] = {
+            "agreement_deployed_vs_emulated": agree(dep, em),
+            "agreement_emulated_vs_fakequant": agree(em, fq),
+            "max_logit_change_deployed_vs_emulated": quantiles((dep - em).abs().amax(1)),
+            "top1": scores(em, y),
+        }
+        print(f"emulated {how}: {json.dumps(result['emulated'][how])}", flush=True)
     if a.per_quantizer:
         result["per_quantizer"] = per_quantizer(q.model, x[: a.per_quantizer], fq[: a.per_quantizer])
     text = json.dumps(result, indent=1)
