@@ -9,22 +9,14 @@ import torch
 from sardfq_export.data import LabelledDataset
 
 
-def evaluate(
-    runner: Callable[[torch.Tensor], torch.Tensor],
-    dataset: LabelledDataset,
-    batch_size: int = 256,
-    progress: bool = True,
-    desc: str = "eval",
-    *,
-    num_workers: int | None = None,
-    limit: int | None = None,
-) -> dict:
+def evaluate(runner: Callable[[torch.Tensor], torch.Tensor], dataset: LabelledDataset, batch_size: int = 256,
+             progress: bool = True, desc: str = "eval", **options) -> dict:  # fmt: skip
     """Top-1 / top-5 of ``runner`` over ``dataset``; also returns the predictions (for agreement).
 
-    Images are decoded batch by batch (``num_workers`` processes, default: the dataset's choice);
-    ``limit`` evaluates only that many images (``LabelledDataset.limited``'s rule)."""
-    return evaluate_runners({desc: runner}, dataset, batch_size, progress, desc,
-                            num_workers=num_workers, limit=limit)[desc]  # fmt: skip
+    Images are decoded batch by batch; ``options``: ``num_workers`` (processes, default: the
+    dataset's choice) and ``limit`` (evaluate only that many images, ``LabelledDataset.limited``'s
+    rule), as for :func:`evaluate_runners`."""
+    return evaluate_runners({desc: runner}, dataset, batch_size, progress, desc, **options)[desc]
 
 
 def evaluate_runners(
