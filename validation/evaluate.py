@@ -40,38 +40,37 @@ def evaluate_runners(
     # Results go into buffers allocated once, on each runner's device: no host sync per batch, and
     # no small tensor kept per batch (kept between the forwards' large freed blocks, those pin
     # glibc's heap, and the process grows batch after batch).
-    state: dict[str, list] = {key: [None, None] for key in runners}  # predictions, [top-1, top-5] counts
+    predictions: dict[str, torch.Tensor] = {}
+    correct: dict[str, torch.Tensor] = {}  # per runner: [top-1 hits, top-5 hits]
     done = 0
     bar = progress_bar(total=n, desc=desc, unit="img", disable=not progress, leave=False)
     for images, labels in dataset.loader(batch_size, num_workers):
         for key, runner in runners.items():
             logits = runner(images)
-            buf = state[key]
-            if buf[0] is None:
-                buf[0] = torch.empty(n, dtype=torch.long, device=logits.device)
-                buf[1] = torch.zeros(2, dtype=torch.long, device=logits.device)
+            if key not in predictions:
+                predictions[key] = torch.empty(n, dtype=torch.long, device=logits.device)
+                correct[key] = torch.zeros(2, dtype=torch.long, device=logits.device)
             on_device = labels.to(logits.device)
             topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            buf[0][done : done + len(labels)] = topk[:, 0]
-            buf[1][0] += (topk[:, 0] == on_device).sum()
-            buf[1][1] += (topk == on_device[:, None]).any(1).sum()
+            predictions[key][done : done + len(labels)] = topk[:, 0]
+            correct[key][0] += (topk[:, 0] == on_device).sum()
+            correct[key][1] += (topk == on_device[:, None]).any(1).sum()
         done += len(labels)
         if progress:
             bar.update(len(labels))
-            bar.set_postfix({f"top1 {k}" if len(runners) > 1 else "top1": f"{int(b[1][0]) / max(done, 1):.4f}"
-                             for k, b in state.items()})  # fmt: skip
+            label = (lambda k: f"top1 {k}") if len(runners) > 1 else (lambda k: "top1")
+            bar.set_postfix({label(k): f"{int(c[0]) / done:.4f}" for k, c in correct.items()})
     bar.close()
+    empty = torch.empty(0, dtype=torch.long)
     results = {}
-    for key, (predictions, correct) in state.items():
-        correct1, correct5 = (0, 0) if correct is None else correct.tolist()
+    for key in runners:
+        hits1, hits5 = correct[key].tolist() if key in correct else (0, 0)
         results[key] = {
             "dataset": dataset.name,
             "n": n,
-            "top1": correct1 / max(n, 1),
-            "top5": correct5 / max(n, 1),
-            "predictions": predictions[:done].cpu()
-            if predictions is not None
-            else torch.empty(0, dtype=torch.long),
+            "top1": hits1 / max(n, 1),
+            "top5": hits5 / max(n, 1),
+            "predictions": predictions[key][:done].cpu() if key in predictions else empty,
             "preprocessing": dataset.preprocessing,
         }
     return results
