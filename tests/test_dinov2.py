@@ -17,7 +17,7 @@ from sardfq_export.models import dinov2
 
 BUILT = dinov2.cache_dir(112).joinpath("model.safetensors").exists()
 needs_build = pytest.mark.skipif(
-    not BUILT, reason="DINOv2 model not built: python -m sardfq_export.models.dinov2 (7-15 min on 2 cores)"
+    not BUILT, reason="DINOv2 model not built: python -m sardfq_export.models.dinov2 (4-9 min on 2 cores)"
 )
 
 
@@ -187,6 +187,81 @@ def test_pinned_head_is_shipped_and_checked(tmp_path, monkeypatch):
         dinov2.pinned_head(112)
 
 
+def test_build_ships_the_pinned_head_and_reruns_its_recipe_only_when_asked(tmp_path, monkeypatch):
+    """The default build computes test-image features only and ships the pinned head; with
+    ``check_recipe`` it also computes the recipe's train-image features, fits a head and checks it
+    against the pinned one (the download, the ONNX conversion and the feature pass are stand-ins
+    here: a random-weight backbone and seeded features; the real ones are tested above and below)."""
+    from sardfq_export.data import RawImages
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    backbone = {k: v for k, v in dinov2.create_model(112).state_dict().items() if not k.startswith("head.")}
+    monkeypatch.setattr(dinov2, "fetch_wheel", lambda progress=True: None)
+    monkeypatch.setattr(dinov2, "read_onnx", lambda wheel: None)
+    monkeypatch.setattr(dinov2, "read_onnx_backbone", lambda model: None)
+    monkeypatch.setattr(dinov2, "hf_to_timm", lambda hf: backbone)
+    check = {"max_abs_diff": 0.0, "max_abs_diff_224": 0.0, "max_abs_value_224": 1.0, "images": "none"}
+    monkeypatch.setattr(
+        dinov2, "conversion_check", lambda *a: {**check, "max_abs_diff_112": 0.0, "max_abs_value_112": 1.0}
+    )
+    rng = np.random.default_rng(0)
+    split = {
+        n: RawImages(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10, [], "fake")
+        for n in (60, 40)
+    }
+    monkeypatch.setattr(dinov2, "load_raw", lambda spec, part: split[60 if part == "train" else 40])
+    monkeypatch.setitem(
+        dinov2.HEAD_RECIPES, 112, {**dinov2.HEAD_RECIPES[112], "train_per_class": 5, "lbfgs_iters": 5}
+    )
+    passes = []
+
+    def features(model, images, cfg, bf16=False, progress=True, desc=""):
+        passes.append((desc, len(images)))
+        return torch.from_numpy(images.reshape(len(images), -1)[:, :384].astype(np.float32) / 255)
+
+    monkeypatch.setattr(dinov2, "extract_features", features)
+    w, b, meta = dinov2.pinned_head(112)
+
+    folder = dinov2.build(112, progress=False)
+    assert passes == [("features (test)", 40)]
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["build"]["head"] == {
+        "l2": float(meta["l2"]),
+        "recipe_run": False,
+        "pinned": {"source": meta["source"]},
+    }
+    assert cfg["build"]["train_images"] == 0 and not (folder / "head.trained.safetensors").exists()
+    from safetensors.torch import load_file
+
+    sd = load_file(str(folder / "model.safetensors"))
+    assert torch.equal(sd["head.weight"], w) and torch.equal(sd["head.bias"], b)
+    feats = features(None, split[40].images, None)
+    passes.pop()
+    assert cfg["build"]["test_top1"] == float(
+        ((feats @ w.T + b).argmax(1).numpy() == split[40].labels).mean()
+    )
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "not re-run in this build" in card and "--check-recipe" in card
+    assert dinov2.build(112, progress=False) == folder and len(passes) == 1  # cached: no second build
+
+    # --check-recipe rebuilds with the recipe: these stand-in features cannot reproduce the pinned
+    # head, so the check fails and keeps the head it trained for re-pinning ...
+    with pytest.raises(dinov2.GateFailedError, match="no longer reproduces the pinned model"):
+        dinov2.build(112, progress=False, check_recipe=True)
+    assert passes[1:] == [("features (train)", 50), ("features (test)", 40)]
+    assert folder.parent.joinpath(f"{folder.name}.head.trained.safetensors").exists()
+    # ... and with the bar at zero it passes, records the agreement and still ships the pinned head.
+    monkeypatch.setattr(dinov2, "PIN_MIN_AGREEMENT", 0.0)
+    assert dinov2.main(["--check-recipe", "--quiet"]) == 0
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["build"]["head"]["recipe_run"] is True and cfg["build"]["train_images"] == 50
+    assert 0.0 <= cfg["build"]["head"]["pinned"]["agreement"] <= 1.0
+    assert torch.equal(load_file(str(folder / "model.safetensors"))["head.weight"], w)
+    assert (folder / "head.trained.safetensors").exists() and "agrees with it on" in (
+        folder / "MODEL_CARD.md"
+    ).read_text()
+
+
 def test_build_writes_tensors_with_their_metadata_atomically(tmp_path):
     """The build's writer: a (state dict, metadata) entry is a safetensors file with that metadata."""
     from safetensors import safe_open
@@ -268,7 +343,8 @@ def test_built_model_ships_the_pinned_head(built):
     assert torch.equal(model.head.weight, w) and torch.equal(model.head.bias, b)
     # ... and the whole model is the pinned build's, bit for bit, on whatever CPU built it here
     assert dinov2.weights_digest(model.state_dict()) == dinov2.PINNED_WEIGHTS[112]
-    assert cfg["build"]["head"]["pinned"]["agreement"] >= dinov2.PIN_MIN_AGREEMENT
+    if cfg["build"]["head"].get("recipe_run", True):  # built with the recipe re-run (--check-recipe)
+        assert cfg["build"]["head"]["pinned"]["agreement"] >= dinov2.PIN_MIN_AGREEMENT
     assert "Pinned head" in dinov2.cache_dir(112).joinpath("MODEL_CARD.md").read_text()
 
 
