@@ -318,6 +318,9 @@ RECIPES = {
     # ... reconstruction fitting each block to the float block on its quantized input (--recon-target local:
     # its own error only, not the earlier blocks' as the synthetic images show it), paired with +ctl
     "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4+lt": {**_W4A4_RECON, "lr": 1e-4, "recon_target": "local"},
+    # ... each block's output error weighted per element by the prediction's Fisher diagonal (--recon-tokens
+    # fisher, BRECQ's: the squared gradient of KL(float || quantized) there), paired with +ctl
+    "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4+fi": {**_W4A4_RECON, "lr": 1e-4, "recon_tokens": "fisher"},
     # ... and the reconstruction row's recipe again, its own key: the paired control when the sets
     # had to be synthesized again (a host without native bf16 makes fp32 sets, other images than the
     # bf16 ones the row's cells used; calib_sha says which set each cell ran on)

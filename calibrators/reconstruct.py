@@ -127,7 +127,9 @@ def _capture(model: nn.Module, names: list[str], x: torch.Tensor, what: str, sto
     return got
 
 
-RECON_TOKENS = ("uniform", "rollout")  # how each token's output error counts in a block's loss
+# how each output element's error counts in a block's loss: uniform (the paper's), by its token's rollout
+# reach, or by the squared gradient of the prediction's divergence (BRECQ's Fisher diagonal, per element)
+RECON_TOKENS = ("uniform", "rollout", "fisher")
 # what a block's output is fitted to: the float model's own output there (the paper's: the block also
 # learns to undo the earlier blocks' error) or the float block on the quantized input (its own error only)
 RECON_TARGETS = ("float", "local")
@@ -143,13 +145,50 @@ def _token_weights(fp_model: nn.Module, images: torch.Tensor, names: list[str], 
     uniform weights; rollout itself refuses models it cannot read (one line, what to use instead)."""
     if tokens not in RECON_TOKENS:
         raise UserInputError(f"unknown recon tokens {tokens!r}: use one of {', '.join(RECON_TOKENS)}")
-    if tokens == "uniform":
+    if tokens in ("uniform", "fisher"):  # fisher: per block, on the model as reconstructed so far
         return {}
     from sardfq_export.calibrators.rollout import rollout_token_weights
 
     reach = rollout_token_weights(fp_model, images, batch_size, option="--recon-tokens")
     device = images.device
     return {n: reach[f"{n}.mlp.fc2"].to(device) for n in names if f"{n}.mlp.fc2" in reach}
+
+
+def _fisher_weights(qmodel: nn.Module, name: str, images: torch.Tensor, fp_logits: torch.Tensor,
+                    batch_size: int) -> torch.Tensor:  # fmt: skip
+    """``(N, T, D)`` weights of each element of unit ``name``'s output in its loss: the diagonal Fisher
+    of the prediction there [BRECQ], g² with g the gradient of KL(float ‖ quantized) on the logits with
+    respect to that output, in ``qmodel`` as it stands (earlier units reconstructed, this one and later
+    ones calibrated), per image divided by its mean and averaged with uniform: mean 1 per image (the
+    uniform loss's scale), at least ½ everywhere, so no element's error goes unfitted on 32 images.
+
+    Why: a ViT's prediction reads a few directions of a few tokens (a linear head on the CLS token), so
+    plain MSE spends most of 4-bit reconstruction's capacity on error the prediction never sees."""
+    parts = []
+    unit = qmodel.get_submodule(name)
+    for chunk, ref in zip(images.split(batch_size), fp_logits.split(batch_size), strict=True):
+        held: list[torch.Tensor] = []
+
+        def hook(m, args, out, held=held):  # the unit's output as a leaf: only later units are differentiated
+            leaf = out.detach().requires_grad_(True)
+            held.append(leaf)
+            return leaf
+
+        h = unit.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                logits = qmodel(chunk).float()
+                # summed over images: each image's gradient is its own (no op mixes images)
+                kl = F.kl_div(
+                    F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="sum"
+                )
+                (g,) = torch.autograd.grad(kl, held)
+        finally:
+            h.remove()
+        parts.append(g.detach().pow(2))
+    f = torch.cat(parts).float()
+    scale = f.flatten(1).mean(1).clamp(min=1e-30).view(-1, *([1] * (f.dim() - 1)))
+    return 0.5 + 0.5 * f / scale
 
 
 def reconstruct_blocks(
@@ -178,6 +217,8 @@ def reconstruct_blocks(
     by the token's attention-rollout reach from the block's output to the prediction in ``fp_model``
     (:mod:`calibrators.rollout`, as GPTQ's ``tokens="rollout"``), so the steps fit the tokens the
     prediction reads rather than the patch tokens that outnumber them.
+    ``tokens="fisher"``: each output element by its diagonal Fisher (:func:`_fisher_weights`, recomputed
+    before each block on the model as reconstructed so far), so the steps fit what the prediction reads.
     ``target``: "float", the float model's output of the block (the paper's), or "local", the float
     block applied to the block's quantized input (its losses are then against that target).
     Returns per-block losses before/after (also kept in the saved model's calibration info).
@@ -202,6 +243,9 @@ def reconstruct_blocks(
     targets = {n: torch.cat(v) for n, v in fp_out.items()}
     xq = torch.cat(xq_parts)
     weights = _token_weights(fp_model, images, names, tokens, batch_size)
+    if tokens == "fisher":
+        with torch.no_grad():
+            fp_logits = _run_chunks(fp_model, images, batch_size).float()
     gen = torch.Generator().manual_seed(seed)
     report = []
     bar = progress_bar(
@@ -219,6 +263,8 @@ def reconstruct_blocks(
                 y = _run_chunks(fp_model.get_submodule(n), xq, batch_size)
         else:
             y = targets[n]
+        if tokens == "fisher":
+            weights[n] = _fisher_weights(qmodel, n, images, fp_logits, batch_size)
         with torch.no_grad():
             before = F.mse_loss(_run_chunks(unit, xq, batch_size), y).item()
         steps = _learnable_steps(unit) if act_lr > 0 and iters > 0 else []
@@ -242,8 +288,9 @@ def reconstruct_blocks(
                     idx, share = my_slice(_batch_indices(len(xq), batch_size, gen).to(device))
                     with autocast(device, precision):
                         pred = unit(xq[idx])
-                    if n in weights:  # (B, T) token weights of mean 1 per image: the same scale as uniform
-                        err = (pred.float() - y[idx]).pow(2) * weights[n][idx].unsqueeze(-1)
+                    if n in weights:  # (B, T) token or (B, T, D) element weights, mean 1 per image
+                        w = weights[n][idx]
+                        err = (pred.float() - y[idx]).pow(2) * (w.unsqueeze(-1) if w.dim() == 2 else w)
                         loss = err.mean() / norm * share
                     else:  # the paper's loss, bit for bit as before (the measured cells, the DDP test)
                         loss = F.mse_loss(pred.float(), y[idx]) / norm * share

@@ -296,10 +296,11 @@ recipe_options = _stack(
     ),
     click.option(
         "--recon-tokens",
-        type=click.Choice(["uniform", "rollout"]),
+        type=click.Choice(["uniform", "rollout", "fisher"]),
         default=None,
-        help="With --finetune recon: how each token's output error counts in a block's loss: uniform, or "
-        "rollout (by how much it reaches the prediction through the float model's attention; ViTs only). "
+        help="With --finetune recon: how each token's output error counts in a block's loss: uniform, "
+        "rollout (by how much it reaches the prediction through the float model's attention; ViTs only), or "
+        "fisher (each element by its squared gradient of the prediction's divergence, BRECQ's Fisher). "
         "[default: the model's own, else uniform]",
     ),
     click.option(
