@@ -306,6 +306,8 @@ def reconstruct_blocks(
             mark_modified(qmodel, {f"{n}.{pn}" for pn, _ in params})
         else:
             bar.update(iters)
+        if tokens == "fisher":  # (N, T, D) a block: not kept past it (224 px with views: hundreds of MB)
+            weights.pop(n, None)
         factors = {qn: float(g.detach().exp()) for (qn, _), g in zip(steps, gains, strict=True)}
         for _, q in steps:
             q.freeze_step()
