@@ -159,6 +159,21 @@ def test_recon_views_reach_reconstruction_only():
     assert plain.summary["recon"]["tokens"] == "uniform"
 
 
+def _recon_token_errors(model, images, tokens: str) -> dict[str, torch.Tensor]:
+    """Per-image, per-token squared feature error against ``model`` after w4a4 reconstruction (30 steps at
+    1e-3) with uniform block losses and with ``tokens``' weighting: ``{"uniform": (N, T), tokens: (N, T)}``."""
+    import sardfq_export as sx
+    from sardfq_export.models import LoadedModel
+
+    loaded = LoadedModel(model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
+    kw = dict(scheme="w4a4", finetune="recon", iters=30, recon_lr=1e-3, progress=False)
+    runs = {t: sx.quantize(loaded, images, recon_tokens=t, **kw) for t in ("uniform", tokens)}
+    assert runs[tokens].summary["recon"]["tokens"] == tokens
+    with torch.no_grad():
+        ref = model.forward_features(images)
+        return {t: (q.model.forward_features(images) - ref).pow(2).mean(-1) for t, q in runs.items()}
+
+
 def test_recon_rollout_tokens_weigh_the_block_loss_by_reach():
     """recon_tokens="rollout": each block's loss weighs its output tokens by their rollout reach (the
     weights GPTQ's rollout gives the block's fc2 input, mean 1 per image). The weighted loss is what the
@@ -167,7 +182,6 @@ def test_recon_rollout_tokens_weigh_the_block_loss_by_reach():
     from sardfq_export.calibrators.rollout import rollout_token_weights
 
     import sardfq_export as sx
-    from sardfq_export.models import LoadedModel
 
     torch.manual_seed(0)
     model = tiny_vit()
@@ -188,13 +202,7 @@ def test_recon_rollout_tokens_weigh_the_block_loss_by_reach():
     with pytest.raises(sx.UserInputError, match="--recon-tokens uniform"):
         _token_weights(pooled, images, names, "rollout", 4)
 
-    loaded = LoadedModel(model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
-    kw = dict(scheme="w4a4", finetune="recon", iters=30, recon_lr=1e-3, progress=False)
-    runs = {t: sx.quantize(loaded, images, recon_tokens=t, **kw) for t in ("uniform", "rollout")}
-    assert runs["rollout"].summary["recon"]["tokens"] == "rollout"
-    with torch.no_grad():
-        ref = model.forward_features(images)
-        err = {t: (q.model.forward_features(images) - ref).pow(2).mean(-1) for t, q in runs.items()}
+    err = _recon_token_errors(model, images, "rollout")
     # the fit moves to the CLS token: measured on init seeds 0-3, CLS 0.015 / 0.014 / 0.012 / 0.012 against
     # uniform's 0.017 / 0.025 / 0.024 / 0.020, the patch tokens 4e-4 against 7.5e-5 on each
     assert err["rollout"][:, 0].mean() < err["uniform"][:, 0].mean()
@@ -210,9 +218,6 @@ def test_recon_fisher_weighs_each_output_element_by_the_predictions_squared_grad
 
     import torch.nn.functional as F
     from sardfq_export.calibrators.reconstruct import _fisher_weights, _token_weights
-
-    import sardfq_export as sx
-    from sardfq_export.models import LoadedModel
 
     torch.manual_seed(0)
     model = tiny_vit()
@@ -246,13 +251,7 @@ def test_recon_fisher_weighs_each_output_element_by_the_predictions_squared_grad
         assert w.min() >= 0.5
     assert torch.equal(w[:, 1:], torch.full_like(w[:, 1:], 0.5)) and w[:, 0].max() > 1  # the last block
 
-    loaded = LoadedModel(model, "tiny", {"input_size": (3, 32, 32)}, "vit", "random-init")
-    kw = dict(scheme="w4a4", finetune="recon", iters=30, recon_lr=1e-3, progress=False)
-    runs = {t: sx.quantize(loaded, images, recon_tokens=t, **kw) for t in ("uniform", "fisher")}
-    assert runs["fisher"].summary["recon"]["tokens"] == "fisher"
-    with torch.no_grad():
-        feats = model.forward_features(images)
-        err = {t: (q.model.forward_features(images) - feats).pow(2).mean(-1) for t, q in runs.items()}
+    err = _recon_token_errors(model, images, "fisher")
     # the fit leaves the patch tokens, which the prediction reads little: measured on init seeds 0-3, their
     # error 1.4e-4 / 1.3e-4 / 1.2e-4 / 1.4e-4 against uniform's 6.5e-5 / 6.3e-5 / 6.8e-5 / 6.7e-5; the CLS
     # token's and the logits' errors move either way on this random-weight model (KL vs the float logits
