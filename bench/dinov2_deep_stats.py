@@ -5,8 +5,8 @@ docs/dinov2-accuracy.md)
 
 The float DINOv2 model's activations, per block, on the table's 32-image calibration sets (SARDFQ's
 and PSAQ-ViT's, grey eighth grid), on SARDFQ's framed in one flat grey (calibrators.frame, the
-``--calib-frame`` of the w4a4 rows ``…+fr.25``) and on the first ``--real`` real test images: each
-block's fc2 input 99.9th percentile of |x| and qkv input max |x| (what the 4-bit activation ranges and
+``--calib-frame`` of the w4a4 rows ``…+fr.25``), on the table's other sets named by ``--also`` and
+on the first ``--real`` real test images: each block's fc2 input 99.9th percentile of |x| and qkv input max |x| (what the 4-bit activation ranges and
 reconstruction fit to), and the mean top-1 probability of the prediction.
 """
 
@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--real", type=int, default=128, help="real test images")
     ap.add_argument("--frame", type=float, default=0.25)
     ap.add_argument("--blocks", type=int, nargs="+", default=[5, 6, 7, 8, 9, 10])
+    ap.add_argument("--also", nargs="*", default=[], metavar="CALIB",
+                    help="more of the table's synthetic sets, e.g. sardfq/8g-it400 (synthesized if missing)")  # fmt: skip
     a = ap.parse_args(argv)
     loaded = sx.load_model(MODEL)
     model, dc = loaded.model.eval(), loaded.data_config
@@ -42,6 +44,7 @@ def main(argv=None) -> int:
         "sardfq/8g": syn,
         f"sardfq/8g framed {a.frame:g}": calibrators.frame(syn, a.frame, dc["mean"], dc["std"], seed=a.seed),
         "psaq/8g": calibration(loaded, "psaq/8g", a.seed, 32, 100, calib_dir).images,
+        **{c: calibration(loaded, c, a.seed, 32, 100, calib_dir).images for c in a.also},
         f"real test ({a.real})": test_set(loaded, a.real)[0],
     }
     seen: dict[str, torch.Tensor] = {}
