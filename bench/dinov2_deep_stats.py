@@ -6,8 +6,9 @@ docs/dinov2-accuracy.md)
 The float DINOv2 model's activations, per block, on the table's 32-image calibration sets (SARDFQ's
 and PSAQ-ViT's, grey eighth grid), on SARDFQ's framed in one flat grey (calibrators.frame, the
 ``--calib-frame`` of the w4a4 rows ``…+fr.25``), on the table's other sets named by ``--also`` and
-on the first ``--real`` real test images: each block's fc2 input 99.9th percentile of |x| and qkv input max |x| (what the 4-bit activation ranges and
-reconstruction fit to), and the mean top-1 probability of the prediction.
+on the first ``--real`` real test images: each block's fc2 input 99.9th percentile of |x| and qkv
+input max |x| (what the 4-bit activation ranges and reconstruction fit to), and the mean top-1
+probability of the prediction.
 """
 
 from __future__ import annotations

@@ -66,10 +66,10 @@ GRIDS = {
     # block otherwise see 32 images 100 times each
     "sardfq/8g-n96": ("sardfq", {"image_scale": 0.125, "grey": True, "num_images": 96}),
     # the model's own grid with 400 synthesis iterations instead of its 100 (the paper runs 1000):
-    # 100 was chosen at w8a8 (docs/dinov2-iterations.md); at 100 the float model's mean top-1
-    # probability on these sets is 0.54 against real images' 0.87 (bench/dinov2_deep_stats.py), so
-    # whether a longer synthesis moves the deep blocks toward real images is measured at w4a4
-    # (its "-it400" counts synthesis iterations; rows' "+it200"/"+it400" count reconstruction steps)
+    # 100 was chosen at w8a8 (docs/dinov2-iterations.md), so whether a longer synthesis brings the
+    # deep blocks' activations nearer real images' is measured at w4a4 (it does not, and loses at
+    # w4a4 + reconstruction: docs/dinov2-accuracy.md). Its "-it400" counts synthesis iterations;
+    # the rows' "+it200"/"+it400" count reconstruction steps.
     "sardfq/8g-it400": ("sardfq", {"image_scale": 0.125, "grey": True, "iters": 400}),
     # PSAQ-ViT on the same grey eighth grid: what `--method psaq` synthesizes for this model by default
     # (ZOO_EXTRA's synthesis defaults hold for every method), so SARDFQ and PSAQ-ViT meet on equal terms
