@@ -685,10 +685,12 @@ def write_doc(
     rows = [r for r in cache.rows.values() if r["key"] in planned]
     superseded = [r for r in cache.rows.values() if r["key"] not in planned]
     fp = next((r for r in rows if r.get("kind") == "fp32"), None)
-    own = [f"{k}: {f['num_images']}" for k, (_, f) in GRIDS.items() if "num_images" in f]
-    own_sizes = f" ({'; '.join(own)})" if own else ""
-    own = [f"{k}: {f['iters']}" for k, (_, f) in GRIDS.items() if "iters" in f]
-    own_iters = f" ({'; '.join(own)})" if own else ""
+
+    def own(field: str) -> str:  # the columns whose sets set this SynthConfig field themselves
+        cols = [f"{k}: {f[field]}" for k, (_, f) in GRIDS.items() if field in f]
+        return f" ({'; '.join(cols)})" if cols else ""
+
+    own_sizes, own_iters = own("num_images"), own("iters")
     lines = [
         f"# DINOv2 ViT-S/14 ({meta.get('px', 112)} px): data-free quantization, side by side",
         "",
@@ -819,10 +821,10 @@ def plan(seeds: list[int], limit: int, iters: int, n: int, schedule: dict | None
         # the schedule as it runs (the model's own defaults filled in), so a new default is a new key
         adaptive = sx.AdaptiveConfig.from_dict(schedule or {}).resolve("vit", psaq2_defaults)
         extra = {"schedule": adaptive.to_dict()} if calib == PSAQ2 else {}
-        own_n = {
+        own = {
             k: v for k, v in GRIDS.get(calib, ("", {}))[1].items() if k in ("num_images", "iters")
         }  # a set size or synthesis length of its own
-        return [{"kind": "ours", "row": row, "recipe": recipe, "calib": calib, "seed": seed, **common, **extra, **own_n}
+        return [{"kind": "ours", "row": row, "recipe": recipe, "calib": calib, "seed": seed, **common, **extra, **own}
                 for row, recipe in RECIPES.items()]  # fmt: skip
 
     def peers(calibs, seed):
