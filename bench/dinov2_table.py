@@ -44,6 +44,8 @@ CALIBS = (
     "sardfq/16g-n96",
     "sardfq/8g-n96",
     "sardfq/8g-it400",
+    "sardfq/8g-sf.125",
+    "sardfq/8g-sf.25",
     "real",
     "psaq",
     "psaq/8g",
@@ -71,6 +73,13 @@ GRIDS = {
     # w4a4 + reconstruction: docs/dinov2-accuracy.md). Its "-it400" counts synthesis iterations;
     # the rows' "+it200"/"+it400" count reconstruction steps.
     "sardfq/8g-it400": ("sardfq", {"image_scale": 0.125, "grey": True, "iters": 400}),
+    # the model's own synthesis with its images framed *while they are synthesized* (SynthConfig.frame:
+    # a flat grey band of an eighth / a quarter of the side on each edge, one grey per image; only the
+    # inside is optimized), so the loss shapes an object on a plain surround. Framing finished sets
+    # (the rows' "+fr.25", --calib-frame) moved the deep blocks toward real images' but lost with
+    # reconstruction; "-sf" = synthesis frame.
+    "sardfq/8g-sf.125": ("sardfq", {"image_scale": 0.125, "grey": True, "frame": 0.125}),
+    "sardfq/8g-sf.25": ("sardfq", {"image_scale": 0.125, "grey": True, "frame": 0.25}),
     # PSAQ-ViT on the same grey eighth grid: what `--method psaq` synthesizes for this model by default
     # (ZOO_EXTRA's synthesis defaults hold for every method), so SARDFQ and PSAQ-ViT meet on equal terms
     "psaq/8g": ("psaq", {"image_scale": 0.125, "grey": True}),

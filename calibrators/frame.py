@@ -1,11 +1,9 @@
-"""Framed calibration images: each image's outer band replaced by one flat grey.
+"""Framed calibration images: a finished set's outer band replaced by one flat grey per image.
 
-Why: synthetic calibration images are texture from edge to edge, while the photos a classifier
-sees mostly hold an object on a plainer background. On DINOv2 ViT-S/14 at 112 px the deep blocks'
-activations differ most between the two (their fc2 inputs' 99.9th percentiles and qkv inputs'
-maxima in blocks 7-10 are smaller on SARDFQ's images than on real ones), and a flat grey frame of a
-quarter of the side moves them toward the real ones' (docs/dinov2-accuracy.md). The grey is drawn
-per image, uniform in pixel space, so no dataset's background is assumed.
+Why a frame, and the band itself: :mod:`sardfq_export.synthesis.frame` (synthesis can also frame the
+images while it optimizes them, ``SynthConfig.frame``). This frames a set after the fact
+(``--calib-frame``): a flat grey band of a quarter of the side moves DINOv2 ViT-S/14's deep-block
+activations toward real images' (docs/dinov2-accuracy.md).
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from sardfq_export.core.errors import UserInputError
+from sardfq_export.synthesis.frame import flat_band
 
 
 def frame(images: torch.Tensor, width: float, mean, std, seed: int = 0) -> torch.Tensor:
@@ -25,12 +24,5 @@ def frame(images: torch.Tensor, width: float, mean, std, seed: int = 0) -> torch
         )
     if width == 0.0:
         return images
-    n, c, h, w = images.shape
-    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
-    grey = torch.rand(n, generator=torch.Generator().manual_seed(seed)).to(images)
-    flat = (grey.reshape(n, 1, 1, 1) - mean) / std  # (N, C, 1, 1): the grey, normalized per channel
-    bh, bw = round(h * width), round(w * width)
-    inside = torch.zeros(1, 1, h, w, dtype=torch.bool, device=images.device)
-    inside[..., bh : h - bh, bw : w - bw] = True
-    return torch.where(inside, images, flat.expand(n, c, 1, 1))
+    grey = torch.rand(images.shape[0], generator=torch.Generator().manual_seed(seed))
+    return flat_band(images, width, grey, mean, std)

@@ -354,6 +354,40 @@ def test_grey_gives_every_channel_one_pixel_value_and_stays_in_range():
         PatchSimilarityTeacher(loaded, SynthConfig(grey=True))
 
 
+def test_frame_optimizes_only_the_inside_of_a_flat_grey_band_and_resumes_bit_exact(tmp_path):
+    from sardfq_export.synthesis.plan import frame_greys
+    from sardfq_export.synthesis.prior import PatchSimilarityTeacher
+
+    loaded = _loaded(tiny_vit())
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    cfg = SynthConfig(method="sardfq", num_images=4, batch_size=2, iters=6, frame=0.25)
+    full = synthesize(loaded, cfg, tmp_path / "a.safetensors", progress=False, checkpoint_every=2)
+    pixels = full.images * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    band = torch.ones(32, 32, dtype=torch.bool)
+    band[8:24, 8:24] = False  # a quarter of the 32-px side on each edge
+    greys = frame_greys(cfg, range(4))
+    for i in range(4):  # the band: the image's own grey in every channel; the inside: optimized
+        torch.testing.assert_close(pixels[i][:, band], greys[i].expand(3, int(band.sum())), rtol=0, atol=1e-6)
+        assert float(pixels[i][:, ~band].std()) > 0.05
+    assert len(set(greys.tolist())) == 4 and float(greys.min()) >= 0 and float(greys.max()) <= 1
+    # the loss sees the band, so the inside becomes other than the unframed run's (same start draws)
+    plain = synthesize(
+        loaded, SynthConfig(method="sardfq", num_images=4, batch_size=2, iters=6), progress=False
+    )
+    assert float((plain.images - full.images)[:, :, ~band].abs().max()) > 0
+    out = tmp_path / "b.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(loaded, cfg, out, progress=False, checkpoint_every=2, callback=_interrupt_at_batch1_iter3)
+    resumed = synthesize(loaded, cfg, out, progress=False, checkpoint_every=2, resume=True)
+    assert torch.equal(resumed.images, full.images)
+    assert full.meta["config"]["frame"] == 0.25
+    for bad in (-0.1, 0.5):
+        with pytest.raises(UserInputError, match="frame must be a fraction"):
+            synthesize(loaded, SynthConfig(num_images=2, iters=2, frame=bad), progress=False)
+    with pytest.raises(UserInputError, match="leave frame at 0"):
+        PatchSimilarityTeacher(loaded, SynthConfig(frame=0.25))
+
+
 def test_a_models_synthesis_defaults_fill_only_unset_fields():
     extra = {"synthesis_iters": 100, "synthesis_image_scale": 0.25, "synthesis_grey": True}
     cfg = SynthConfig().with_model_defaults(extra)
@@ -456,11 +490,17 @@ def test_cli_synthesize_deit_tiny_224_and_refuses_overwrite(tmp_path):
     assert main(args) == 2  # exists: refused
     assert main(args + ["--resume"]) == 0  # same settings: reused
     assert main(args + ["--overwrite", "--no-samples", "--method", "psaq"]) == 0
-    assert main(args + ["--overwrite", "--no-samples", "--image-scale", "0.25", "--grey"]) == 0
+    assert (
+        main(args + ["--overwrite", "--no-samples", "--image-scale", "0.25", "--grey", "--frame", "0.125"])
+        == 0
+    )
     grey = CalibSet.load(out)
     assert grey.meta["config"]["image_scale"] == 0.25 and grey.meta["config"]["grey"] is True
+    assert grey.meta["config"]["frame"] == 0.125
+    assert float(grey.images[:, :, :28].std((2, 3)).max()) < 1e-5  # the top band (28 px): one grey each
     assert calib.meta["config"]["grey"] is False
     assert main(args + ["--overwrite", "--image-scale", "0"]) == 2  # outside (0, 1]: one line, exit 2
+    assert main(args + ["--overwrite", "--frame", "0.5"]) == 2  # outside [0, 0.5)
 
 
 def test_cli_synthesize_swin_tiny(tmp_path):

@@ -76,6 +76,15 @@ METHOD_NAMES = ("sardfq", "psaq", "noise")  # mirrors synthesis.METHODS (kept im
     help="Optimize one grey channel shown to every input channel, for models of grey images "
     "replicated to 3 channels (default: the model's own, else colour).",
 )
+@click.option(
+    "--frame",
+    type=click.FloatRange(0.0, 0.5, max_open=True),
+    default=0.0,
+    show_default=True,
+    metavar="F",
+    help="Optimize only the inside of a flat grey band of F times the side on each edge (one grey per "
+    "image): an object on a plain surround instead of texture to the edges. 0: off.",
+)
 @precision_option
 @click.option("--bf16", is_flag=True, hidden=True, help="Same as --precision bf16 (kept for old scripts).")
 @device_options
@@ -111,6 +120,7 @@ def synthesize(
     soft_labels,
     image_scale,
     grey,
+    frame,
     precision,
     bf16,
     device,
@@ -161,6 +171,7 @@ def synthesize(
         bf16=bf16,
         image_scale=image_scale,
         grey=grey,
+        frame=frame,
     ).with_model_defaults(loaded.extra)  # a model may bring its own (the reference model: 200 iterations)
     resolved = cfg.resolve(loaded.family)
     out = Path(out)

@@ -54,6 +54,12 @@ class SynthConfig:
     # A fact about the model's input, like its size and mean/std, not data: the DINOv2 benchmark
     # model's head was trained on Fashion-MNIST replicated to 3 channels (its model card).
     grey: bool | None = None
+    # Optimize only the inside of a band of this fraction of the side on each edge; the band is one
+    # flat grey per image, drawn uniformly in pixel space (0: off, the paper's edge-to-edge images
+    # [default]). Why: the model's loss then shapes an object on a plain surround, the layout of
+    # photos, which moves a real ViT's deep-block activations toward real images' where texture to
+    # the edges does not (synthesis.frame; docs/dinov2-accuracy.md).
+    frame: float = 0.0
 
     # Loss weights and terms.
     ce_weight: float = 1.0  # (soft) cross-entropy weight [paper]
@@ -104,6 +110,10 @@ class SynthConfig:
             raise UserInputError(f"iters ({cfg.iters}) must be 0 or at least rounds ({cfg.rounds})")
         if not 0.0 < cfg.image_scale <= 1.0:
             raise UserInputError(f"image_scale must be in (0, 1], got {cfg.image_scale}")
+        if not 0.0 <= cfg.frame < 0.5:
+            raise UserInputError(
+                f"frame must be a fraction of the side in [0, 0.5) (0: off), got {cfg.frame}"
+            )
         if len(cfg.roll_px) < cfg.rounds:
             raise UserInputError(f"roll_px needs one value per round ({cfg.rounds})")
         return cfg

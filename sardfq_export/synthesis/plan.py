@@ -16,6 +16,7 @@ import torch
 from sardfq_export.synthesis.config import SynthConfig
 from sardfq_export.synthesis.priors import (
     STREAM_AUG,
+    STREAM_FRAME,
     STREAM_INIT,
     STREAM_LABELS,
     STREAM_PRIORS,
@@ -82,6 +83,11 @@ def draw_labels(cfg: SynthConfig, classes: int, hw: tuple[int, int], msr: bool, 
 def initial_images(cfg: SynthConfig, indices: range, shape: tuple[int, int, int]) -> torch.Tensor:
     """N(0, 1) start images in normalized space, one generator per image [paper]."""
     return torch.stack([torch.randn(shape, generator=generator(cfg.seed, i, STREAM_INIT)) for i in indices])
+
+
+def frame_greys(cfg: SynthConfig, indices: range) -> torch.Tensor:
+    """(B,) the flat band's grey of each image, uniform in [0, 1] pixel space [default]."""
+    return torch.stack([torch.rand((), generator=generator(cfg.seed, i, STREAM_FRAME)) for i in indices])
 
 
 def round_bounds(iters: int, rounds: int) -> list[int]:

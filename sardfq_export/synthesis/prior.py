@@ -47,6 +47,8 @@ class PatchSimilarityTeacher:
             raise UserInputError("PSAQ-ViT V2 optimizes full-resolution pixels: leave image_scale at 1.0")
         if self.cfg.grey:
             raise UserInputError("PSAQ-ViT V2 optimizes one value per channel: leave grey off")
+        if self.cfg.frame:
+            raise UserInputError("PSAQ-ViT V2 optimizes every pixel of its images: leave frame at 0")
         self.loaded, self.family = loaded, loaded.family
         self.device = device or next(loaded.model.parameters()).device
         self.model = loaded.model.to(self.device).eval()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 # Random streams, so each kind of draw has its own generator per image.
-STREAM_INIT, STREAM_LABELS, STREAM_PRIORS, STREAM_AUG, STREAM_TAU = 1, 2, 3, 4, 5
+STREAM_INIT, STREAM_LABELS, STREAM_PRIORS, STREAM_AUG, STREAM_TAU, STREAM_FRAME = 1, 2, 3, 4, 5, 6
 
 
 def generator(seed: int, index: int, stream: int) -> torch.Generator:

@@ -29,12 +29,14 @@ from sardfq_export.core.errors import SardfqError, UserInputError
 from sardfq_export.core.interrupt import Interrupt as _Interrupt
 from sardfq_export.synthesis.attention import block_infos, recording, token_grids
 from sardfq_export.synthesis.config import SynthConfig
+from sardfq_export.synthesis.frame import band_inside, flat_band
 from sardfq_export.synthesis.methods import METHODS, TERM_NAMES, Objective, apa_blocks, augment
 from sardfq_export.synthesis.patch_matmul import patch_matmul
 from sardfq_export.synthesis.plan import (
     augmentation_table,
     draw_labels,
     draw_priors,
+    frame_greys,
     initial_images,
     learning_rate,
     tv_target,
@@ -161,7 +163,8 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
     batches = [range(s, min(s + cfg.batch_size, n)) for s in range(0, n, cfg.batch_size)]
     order = list(range(rank, len(batches), world))  # this process's batches; checkpoints count in it
     grids = token_grids(model, family, (c, h, w), dev) if apa_idx else []
-    param_shape, full_size, (lo, hi) = image_parametrization(cfg.image_scale, (c, h, w), lo, hi, cfg.grey)
+    param_shape, pixels, (lo, hi) = image_parametrization(cfg.image_scale, (c, h, w), lo, hi, cfg.grey)
+    mean, std = loaded.data_config["mean"], loaded.data_config["std"]
     check_every = 1 if dev.type == "cpu" else 10
 
     from sardfq_export.core.progress import progress_bar
@@ -188,6 +191,11 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
                 bi = order[pos]
                 idx = batches[bi]
                 x = initial_images(cfg, idx, param_shape).to(dev)
+                greys = frame_greys(cfg, idx).to(dev) if cfg.frame else None
+
+                def full_size(x: torch.Tensor, greys=greys) -> torch.Tensor:  # the model's input
+                    return flat_band(pixels(x), cfg.frame, greys, mean, std) if cfg.frame else pixels(x)
+
                 if cfg.clip:
                     x = torch.maximum(torch.minimum(x, hi), lo) if method.optimizes else x
                 if iters == 0:
@@ -197,7 +205,9 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
                     continue
                 offsets, flips = augmentation_table(cfg, idx, (h, w))
                 priors = draw_priors(cfg, idx, {i: (infos[i].heads, grids[i]) for i in apa_idx})
-                tau = tv_target(cfg, idx.start, len(idx) * c * h * w)
+                # tau scales with the elements that can vary: a frame's flat band has no variation.
+                varying = int(band_inside(h, w, cfg.frame).sum()) if cfg.frame else h * w
+                tau = tv_target(cfg, idx.start, len(idx) * c * varying)
                 objective = Objective(model, family, rec, cfg, comps, labels, idx, priors, tau, dev)
                 x = x.detach().clone().requires_grad_(True)
                 opt = torch.optim.Adam([x], lr=cfg.lr, betas=cfg.betas)

@@ -1,0 +1,34 @@
+"""A flat grey band around an image: the layout of an object photographed on a plain background.
+
+Used twice: synthesis can optimize only the inside of the band (``SynthConfig.frame``), so the
+model's loss shapes an object that sits on a flat surround, and ``calibrators.frame`` frames a
+finished set after the fact. Why: synthetic images are texture from edge to edge, photos mostly an
+object on a plainer background, and on DINOv2 ViT-S/14 the deep blocks' activations differ most
+between the two (docs/dinov2-accuracy.md). The grey is one pixel value per image, drawn uniformly
+in [0, 1] by the caller, so no dataset's background is assumed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def band_inside(h: int, w: int, width: float, device=None) -> torch.Tensor:
+    """(1, 1, h, w) bool: True inside a band of ``width`` times the side on each edge."""
+    bh, bw = round(h * width), round(w * width)
+    inside = torch.zeros(1, 1, h, w, dtype=torch.bool, device=device)
+    inside[..., bh : h - bh, bw : w - bw] = True
+    return inside
+
+
+def flat_band(images: torch.Tensor, width: float, greys: torch.Tensor, mean, std) -> torch.Tensor:
+    """``images`` (N, C, H, W), normalized by ``mean``/``std`` (per channel), with the band of
+    ``width`` times the side on each edge set to ``greys`` (N,) pixel values in [0, 1], each through
+    every channel's mean/std. Differentiable in the inside pixels; ``width`` 0 returns ``images``."""
+    if width == 0.0:
+        return images
+    n, c, h, w = images.shape
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
+    flat = (greys.to(images).reshape(n, 1, 1, 1) - mean) / std  # (N, C, 1, 1)
+    return torch.where(band_inside(h, w, width, images.device), images, flat.expand(n, c, 1, 1))
