@@ -6,7 +6,7 @@ docs/dinov2-accuracy.md)
 The float DINOv2 model's activations, per block, on the table's 32-image calibration sets (SARDFQ's
 and PSAQ-ViT's, grey eighth grid), on SARDFQ's framed in one flat grey (calibrators.frame, the
 ``--calib-frame`` of the w4a4 rows ``…+fr.25``), on the table's other sets named by ``--also`` and
-on the first ``--real`` real test images: each block's fc2 input 99.9th percentile of |x| and qkv
+on the first ``--real`` real test images (``--samples DIR`` draws the sets): each block's fc2 input 99.9th percentile of |x| and qkv
 input max |x| (what the 4-bit activation ranges and reconstruction fit to), and the mean top-1
 probability of the prediction.
 """
@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, nargs="+", default=[5, 6, 7, 8, 9, 10])
     ap.add_argument("--also", nargs="*", default=[], metavar="CALIB",
                     help="more of the table's synthetic sets, e.g. sardfq/8g-it400 (synthesized if missing)")  # fmt: skip
+    ap.add_argument("--samples", type=Path, default=None, metavar="DIR",
+                    help="also draw each set named by --also (its first 16 images) to DIR/dinov2-samples-<set>.png")  # fmt: skip
     a = ap.parse_args(argv)
     loaded = sx.load_model(MODEL)
     model, dc = loaded.model.eval(), loaded.data_config
@@ -48,6 +50,15 @@ def main(argv=None) -> int:
         **{c: calibration(loaded, c, a.seed, 32, 100, calib_dir).images for c in a.also},
         f"real test ({a.real})": test_set(loaded, a.real)[0],
     }
+    if a.samples is not None:  # what the sets look like, beside their numbers
+        from sardfq_export.synthesis.samples import save_samples
+
+        for c in ["sardfq/8g", *a.also]:
+            cal = calibration(loaded, c, a.seed, 32, 100, calib_dir)
+            name = c.replace("/", "-")
+            print(
+                save_samples(a.samples / f"dinov2-samples-{name}-s{a.seed}.png", cal, loaded, max_images=16)
+            )
     seen: dict[str, torch.Tensor] = {}
     for i, blk in enumerate(model.blocks):
         blk.mlp.fc2.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(f"fc2 {i}", args[0]))

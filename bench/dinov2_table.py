@@ -49,6 +49,7 @@ CALIBS = (
     "real",
     "psaq",
     "psaq/8g",
+    "psaq/8g-sf.125",
     "psaq2",
     "noise",
 )
@@ -83,6 +84,9 @@ GRIDS = {
     # PSAQ-ViT on the same grey eighth grid: what `--method psaq` synthesizes for this model by default
     # (ZOO_EXTRA's synthesis defaults hold for every method), so SARDFQ and PSAQ-ViT meet on equal terms
     "psaq/8g": ("psaq", {"image_scale": 0.125, "grey": True}),
+    # ... and framed while synthesized, as sardfq/8g-sf.125: whether the frame's gain is SARDFQ's or any
+    # synthesis's
+    "psaq/8g-sf.125": ("psaq", {"image_scale": 0.125, "grey": True, "frame": 0.125}),
 }
 # Sets the probes name beside the table's (not columns): kind → (method, SynthConfig fields).
 PROBE_SETS = {
