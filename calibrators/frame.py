@@ -1,6 +1,6 @@
 """Framed calibration images: a finished set's outer band replaced by one flat grey per image.
 
-Why a frame, and the band itself: :mod:`sardfq_export.synthesis.frame` (synthesis can also frame the
+Why a frame, and the band itself: :mod:`sardfq_export.core.frame` (synthesis can also frame the
 images while it optimizes them, ``SynthConfig.frame``). This frames a set after the fact
 (``--calib-frame``): a flat grey band of a quarter of the side moves DINOv2 ViT-S/14's deep-block
 activations toward real images' (docs/dinov2-accuracy.md).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sardfq_export.core.errors import UserInputError
-from sardfq_export.synthesis.frame import flat_band
+from sardfq_export.core.frame import flat_band
 
 
 def frame(images: torch.Tensor, width: float, mean, std, seed: int = 0) -> torch.Tensor:

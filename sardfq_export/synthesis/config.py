@@ -58,7 +58,7 @@ class SynthConfig:
     # flat grey per image, drawn uniformly in pixel space (0: off, the paper's edge-to-edge images
     # [default]). Why: the model's loss then shapes an object on a plain surround, the layout of
     # photos, which moves a real ViT's deep-block activations toward real images' where texture to
-    # the edges does not (synthesis.frame; docs/dinov2-accuracy.md).
+    # the edges does not (core.frame; docs/dinov2-accuracy.md).
     frame: float = 0.0
 
     # Loss weights and terms.

@@ -26,10 +26,10 @@ from sardfq_export.core.checkpoint import curve_rows, load_checkpoint, save_chec
 from sardfq_export.core.device import on_device, resolve_device
 from sardfq_export.core.distributed import all_gather_object, barrier, rank_world
 from sardfq_export.core.errors import SardfqError, UserInputError
+from sardfq_export.core.frame import band_inside, flat_band
 from sardfq_export.core.interrupt import Interrupt as _Interrupt
 from sardfq_export.synthesis.attention import block_infos, recording, token_grids
 from sardfq_export.synthesis.config import SynthConfig
-from sardfq_export.synthesis.frame import band_inside, flat_band
 from sardfq_export.synthesis.methods import METHODS, TERM_NAMES, Objective, apa_blocks, augment
 from sardfq_export.synthesis.patch_matmul import patch_matmul
 from sardfq_export.synthesis.plan import (

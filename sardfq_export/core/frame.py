@@ -5,7 +5,8 @@ model's loss shapes an object that sits on a flat surround, and ``calibrators.fr
 finished set after the fact. Why: synthetic images are texture from edge to edge, photos mostly an
 object on a plainer background, and on DINOv2 ViT-S/14 the deep blocks' activations differ most
 between the two (docs/dinov2-accuracy.md). The grey is one pixel value per image, drawn uniformly
-in [0, 1] by the caller, so no dataset's background is assumed.
+in [0, 1] by the caller, so no dataset's background is assumed. In core because both the synthesis
+and the calibrators stage use it, and stages never import each other backwards.
 """
 
 from __future__ import annotations
