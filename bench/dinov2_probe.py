@@ -55,7 +55,9 @@ def calib_set(model, kind: str, n: int, seed: int, cache: Path, iters: int | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     # saved there by the runner; a stopped run (Ctrl-C, SIGTERM) leaves its checkpoint beside it and
     # the next probe resumes it (a slow host synthesizes for an hour)
-    extra = {} if pse_weight is None else {"pse_weight": pse_weight}
+    # Unframed (frame 0), as when the probes' results in docs/ were measured, before the model's
+    # synthesis default became framed: the file name above does not carry the frame.
+    extra = {"frame": 0.0} if pse_weight is None else {"frame": 0.0, "pse_weight": pse_weight}
     return sx.synthesize(model, method=kind, num_images=n, seed=seed, iters=iters, bf16=bf16, out=path,
                          resume=True, progress=True, **extra)  # fmt: skip
 

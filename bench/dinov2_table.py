@@ -46,6 +46,7 @@ CALIBS = (
     "sardfq/8g-it400",
     "sardfq/8g-sf.125",
     "sardfq/8g-sf.25",
+    "sardfq/8g-sf.0625",
     "real",
     "psaq",
     "psaq/8g",
@@ -54,9 +55,9 @@ CALIBS = (
     "noise",
 )
 # SARDFQ columns synthesized on a coarser pixel grid (SynthConfig.image_scale), "g": of one grey
-# channel (SynthConfig.grey): kind → (method, SynthConfig fields). Every other synthetic kind is
-# synthesized at scale 1.0 in colour, stated, so a model's own defaults never change what a column
-# (or its cached set) means.
+# channel (SynthConfig.grey), "-sf": framed while synthesized (SynthConfig.frame): kind → (method,
+# SynthConfig fields). Every other synthetic kind is synthesized at scale 1.0 in colour, unframed,
+# stated, so a model's own defaults never change what a column (or its cached set) means.
 GRIDS = {
     "sardfq/4": ("sardfq", {"image_scale": 0.25}),
     "sardfq/8": ("sardfq", {"image_scale": 0.125}),
@@ -81,6 +82,8 @@ GRIDS = {
     # reconstruction; "-sf" = synthesis frame.
     "sardfq/8g-sf.125": ("sardfq", {"image_scale": 0.125, "grey": True, "frame": 0.125}),
     "sardfq/8g-sf.25": ("sardfq", {"image_scale": 0.125, "grey": True, "frame": 0.25}),
+    # ... and a band half as wide (0.25 lost 1.35 points to 0.125 on seed 0)
+    "sardfq/8g-sf.0625": ("sardfq", {"image_scale": 0.125, "grey": True, "frame": 0.0625}),
     # PSAQ-ViT on the same grey eighth grid: what `--method psaq` synthesizes for this model by default
     # (ZOO_EXTRA's synthesis defaults hold for every method), so SARDFQ and PSAQ-ViT meet on equal terms
     "psaq/8g": ("psaq", {"image_scale": 0.125, "grey": True}),
@@ -422,7 +425,7 @@ def calibration(loaded, kind: str, seed: int, n: int, iters: int, cache: Path, s
         seed=seed,
         iters=iters,
         progress=True,
-        **{"image_scale": 1.0, "grey": False, **synth},
+        **{"image_scale": 1.0, "grey": False, "frame": 0.0, **synth},
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     cal.save(path)

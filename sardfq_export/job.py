@@ -233,10 +233,12 @@ def _run_locked(
         "psaq2": [list(kv) for kv in cfg.adaptive],
     }
     student = student if adaptive else {}
-    # the model's own synthesis grid and colour (SynthConfig.image_scale / grey), in the key only
-    # where a model sets them (so no other model's cached sets change key)
+    # the model's own synthesis grid, colour and frame (SynthConfig.image_scale / grey / frame), in
+    # the key only where a model sets them (so no other model's cached sets change key)
     image_scale = {
-        k: loaded.extra[k] for k in ("synthesis_image_scale", "synthesis_grey") if k in loaded.extra
+        k: loaded.extra[k]
+        for k in ("synthesis_image_scale", "synthesis_grey", "synthesis_frame")
+        if k in loaded.extra
     }
     synth_key = content_key({"model": model_key, "calib": calib_src, "n": n, "holdout": holdout,
                              "iters": iters, "seed": cfg.seed, "precision": cfg.precision,

@@ -389,13 +389,14 @@ def test_frame_optimizes_only_the_inside_of_a_flat_grey_band_and_resumes_bit_exa
 
 
 def test_a_models_synthesis_defaults_fill_only_unset_fields():
-    extra = {"synthesis_iters": 100, "synthesis_image_scale": 0.25, "synthesis_grey": True}
+    extra = {"synthesis_iters": 100, "synthesis_image_scale": 0.25, "synthesis_grey": True,
+             "synthesis_frame": 0.125}  # fmt: skip
     cfg = SynthConfig().with_model_defaults(extra)
-    assert (cfg.iters, cfg.image_scale, cfg.grey) == (100, 0.25, True)
-    mine = SynthConfig(iters=7, image_scale=1.0, grey=False).with_model_defaults(extra)
-    assert (mine.iters, mine.image_scale, mine.grey) == (7, 1.0, False)
+    assert (cfg.iters, cfg.image_scale, cfg.grey, cfg.frame) == (100, 0.25, True, 0.125)
+    mine = SynthConfig(iters=7, image_scale=1.0, grey=False, frame=0.0).with_model_defaults(extra)
+    assert (mine.iters, mine.image_scale, mine.grey, mine.frame) == (7, 1.0, False, 0.0)
     plain = SynthConfig().with_model_defaults({}).resolve("vit")
-    assert (plain.iters, plain.image_scale, plain.grey) == (1000, 1.0, False)
+    assert (plain.iters, plain.image_scale, plain.grey, plain.frame) == (1000, 1.0, False, 0.0)
 
 
 def test_nan_loss_is_caught_and_last_good_checkpoint_kept(tmp_path):

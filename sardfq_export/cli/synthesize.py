@@ -79,11 +79,11 @@ METHOD_NAMES = ("sardfq", "psaq", "noise")  # mirrors synthesis.METHODS (kept im
 @click.option(
     "--frame",
     type=click.FloatRange(0.0, 0.5, max_open=True),
-    default=0.0,
-    show_default=True,
+    default=None,
     metavar="F",
     help="Optimize only the inside of a flat grey band of F times the side on each edge (one grey per "
-    "image): an object on a plain surround instead of texture to the edges. 0: off.",
+    "image): an object on a plain surround instead of texture to the edges. 0: off "
+    "(default: the model's own, else 0).",
 )
 @precision_option
 @click.option("--bf16", is_flag=True, hidden=True, help="Same as --precision bf16 (kept for old scripts).")

@@ -55,11 +55,12 @@ class SynthConfig:
     # model's head was trained on Fashion-MNIST replicated to 3 channels (its model card).
     grey: bool | None = None
     # Optimize only the inside of a band of this fraction of the side on each edge; the band is one
-    # flat grey per image, drawn uniformly in pixel space (0: off, the paper's edge-to-edge images
-    # [default]). Why: the model's loss then shapes an object on a plain surround, the layout of
-    # photos, which moves a real ViT's deep-block activations toward real images' where texture to
-    # the edges does not (core.frame; docs/dinov2-accuracy.md).
-    frame: float = 0.0
+    # flat grey per image, drawn uniformly in pixel space (None: the model's own default,
+    # ``extra["synthesis_frame"]``, else 0: off, the paper's edge-to-edge images [default]). Why: the
+    # model's loss then shapes an object on a plain surround, the layout of photos, which moves a real
+    # ViT's deep-block activations toward real images' where texture to the edges does not
+    # (core.frame; docs/dinov2-accuracy.md).
+    frame: float | None = None
 
     # Loss weights and terms.
     ce_weight: float = 1.0  # (soft) cross-entropy weight [paper]
@@ -103,6 +104,7 @@ class SynthConfig:
             apa_weight=FAMILY_APA_WEIGHT[family] if self.apa_weight is None else self.apa_weight,
             image_scale=1.0 if self.image_scale is None else self.image_scale,
             grey=bool(self.grey),
+            frame=0.0 if self.frame is None else self.frame,
         )
         if cfg.num_images < 1 or cfg.batch_size < 1:
             raise UserInputError("num_images and batch_size must be at least 1")
@@ -119,14 +121,15 @@ class SynthConfig:
         return cfg
 
     def with_model_defaults(self, extra: dict) -> SynthConfig:
-        """A copy whose unset ``iters`` / ``image_scale`` / ``grey`` take a model's own defaults (its
-        ``LoadedModel.extra``: ``synthesis_iters``, ``synthesis_image_scale``, ``synthesis_grey``)
-        where it has them."""
+        """A copy whose unset ``iters`` / ``image_scale`` / ``grey`` / ``frame`` take a model's own
+        defaults (its ``LoadedModel.extra``: ``synthesis_iters``, ``synthesis_image_scale``,
+        ``synthesis_grey``, ``synthesis_frame``) where it has them."""
         return dataclasses.replace(
             self,
             iters=extra.get("synthesis_iters") if self.iters is None else self.iters,
             image_scale=extra.get("synthesis_image_scale") if self.image_scale is None else self.image_scale,
             grey=extra.get("synthesis_grey") if self.grey is None else self.grey,
+            frame=extra.get("synthesis_frame") if self.frame is None else self.frame,
         )
 
     def to_dict(self) -> dict:
