@@ -369,8 +369,10 @@ DEFAULT_ROWS = {
 # of an older version are then measured again.
 RECIPE_VERSION = 1
 # The headline: each scheme's row as the product runs it on this model, from each calibration source
-# as the product synthesizes it for this model (grey, eighth grid) or 32 real train images, or noise.
-HEADLINE_COLUMNS = ("sardfq/8g", "psaq/8g", "real", "noise")
+# as the product synthesizes it for this model (grey, eighth grid, framed by an eighth of the side:
+# its default since 2026-12-07; tests/test_dinov2.py ties the first column to the model's defaults),
+# the same unframed (the default before), or 32 real train images, or noise.
+HEADLINE_COLUMNS = ("sardfq/8g-sf.125", "psaq/8g-sf.125", "sardfq/8g", "psaq/8g", "real", "noise")
 HEADLINE_ROWS = {**DEFAULT_ROWS, "w4a4 + reconstruction": "w4a4+v4+r+fp10-11+b64+ft.25+c+recon+lr1e-4"}
 # SARDFQ without one of its parts, on the model's own sets (grey, eighth grid), at the w4a8 default row
 # and at w4a4 + reconstruction (where the issue asks SARDFQ >= PSAQ-ViT and, if not, why) at the
@@ -679,7 +681,9 @@ def headline_lines(rows: list[dict], fp: dict | None) -> list[str]:
     out = ["## Headline: the product's recipe for this model per scheme, by calibration source", "",
            "Deployed (ONNX Runtime) top-1, mean ± sd over seeds; in brackets the drop from FP32 (points) and "
            "the seeds' largest drop. Synthetic sets as the product makes them for this model (grey, eighth "
-           "grid, 100 iterations); `real`: 32 Fashion-MNIST train images; `noise`: N(0, 1) images in the "
+           "grid, 100 iterations, framed while synthesized by a flat grey band of an eighth of the side: "
+           "`-sf.125`, its default since 2026-12-07), and the same unframed (`sardfq/8g`, `psaq/8g`: the "
+           "default before); `real`: 32 Fashion-MNIST train images; `noise`: N(0, 1) images in the "
            "model's normalized input space, not optimized.", "",
            "| scheme | row | " + " | ".join(HEADLINE_COLUMNS) + " |", "|---|---|" + "---|" * len(HEADLINE_COLUMNS)]  # fmt: skip
     for scheme, row in HEADLINE_ROWS.items():

@@ -470,6 +470,19 @@ def test_the_table_flags_cells_calibrated_on_a_resynthesized_set(tmp_path):
     assert "seed 1:" not in text
 
 
+def test_the_headlines_first_columns_are_the_models_own_synthesis():
+    """The headline's SARDFQ and PSAQ-ViT columns are synthesized as the product does for this model
+    (its ZOO_EXTRA synthesis defaults: grid, grey, frame), so a default that moves moves them too."""
+    from sardfq_export.models.loading import ZOO_EXTRA
+
+    table = _table_module()
+    extra = ZOO_EXTRA[table.MODEL]
+    own = {f: extra[f"synthesis_{f}"] for f in ("image_scale", "grey", "frame")}
+    assert table.GRIDS[table.HEADLINE_COLUMNS[0]] == ("sardfq", own)
+    assert table.GRIDS[table.HEADLINE_COLUMNS[1]] == ("psaq", own)
+    assert extra["synthesis_iters"] == 100  # the table's --iters default: the model's own
+
+
 def test_the_headline_runs_every_schemes_row_from_every_source_seed_by_seed_reconstruction_last():
     """``--headline`` runs exactly the headline's cells (each scheme's row × each calibration source,
     then SARDFQ's ablation on the model's own sets at the w4a8 default and at w4a4 + reconstruction),
@@ -538,7 +551,7 @@ def test_the_tables_default_rows_are_the_models_own_recipe(size):
 def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
     """The ZOO entry's per-model defaults reach synthesis: 100 iterations (the 1000 of an ImageNet
     ViT would take the default main job past its 20-minute budget), grey images on an eighth-side
-    grid; explicit settings still win. A tiny stand-in model keeps this independent of the build."""
+    grid, framed by an eighth of the side; explicit settings still win. A tiny stand-in model keeps this independent of the build."""
     from conftest import tiny_vit
 
     import sardfq_export as sx
@@ -552,6 +565,7 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
         "synthesis_iters": 100,
         "synthesis_image_scale": 0.125,
         "synthesis_grey": True,
+        "synthesis_frame": 0.125,
         "quantize": {
             "centre_fc2": True,
             "bias_correct": True,
@@ -588,11 +602,14 @@ def test_dinov2_synthesizes_with_its_own_defaults(monkeypatch):
     from sardfq_export.synthesis import runner
 
     monkeypatch.setattr(
-        runner, "synthesize", lambda _l, cfg, *a, **k: seen.append((cfg.iters, cfg.image_scale, cfg.grey))
+        runner,
+        "synthesize",
+        lambda _l, cfg, *a, **k: seen.append((cfg.iters, cfg.image_scale, cfg.grey, cfg.frame)),
     )
     sx.synthesize(loaded, method="sardfq", num_images=1, progress=False)
-    sx.synthesize(loaded, method="sardfq", num_images=1, iters=3, image_scale=1.0, grey=False, progress=False)
-    assert seen == [(100, 0.125, True), (3, 1.0, False)]
+    sx.synthesize(loaded, method="sardfq", num_images=1, iters=3, image_scale=1.0, grey=False, frame=0.0,
+                  progress=False)  # fmt: skip
+    assert seen == [(100, 0.125, True, 0.125), (3, 1.0, False, 0.0)]
     # its quantization recipe: fc2 centred and biases corrected unless the caller says otherwise
     from sardfq_export.api import model_recipe
 
