@@ -46,7 +46,7 @@ CALIBS = (
     "sardfq/8g-it400",
     "sardfq/8g-sf.125",
     "sardfq/8g-sf.25",
-    "sardfq/8g-sf.0625",
+    "sardfq/8g-sf.125-nosl",
     "real",
     "psaq",
     "psaq/8g",
@@ -82,8 +82,12 @@ GRIDS = {
     # reconstruction; "-sf" = synthesis frame.
     "sardfq/8g-sf.125": ("sardfq", {"image_scale": 0.125, "grey": True, "frame": 0.125}),
     "sardfq/8g-sf.25": ("sardfq", {"image_scale": 0.125, "grey": True, "frame": 0.25}),
-    # ... and a band half as wide (0.25 lost 1.35 points to 0.125 on seed 0)
-    "sardfq/8g-sf.0625": ("sardfq", {"image_scale": 0.125, "grey": True, "frame": 0.0625}),
+    # ... without its soft labels (one-hot cross-entropy, as PSAQ-ViT's): framed, PSAQ-ViT's sets led
+    # SARDFQ's at w4a4 + reconstruction, and PSAQ-ViT's images are the more confident ones
+    "sardfq/8g-sf.125-nosl": (
+        "sardfq",
+        {"image_scale": 0.125, "grey": True, "frame": 0.125, "soft_labels": False},
+    ),
     # PSAQ-ViT on the same grey eighth grid: what `--method psaq` synthesizes for this model by default
     # (ZOO_EXTRA's synthesis defaults hold for every method), so SARDFQ and PSAQ-ViT meet on equal terms
     "psaq/8g": ("psaq", {"image_scale": 0.125, "grey": True}),
