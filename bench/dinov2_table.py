@@ -47,6 +47,8 @@ CALIBS = (
     "sardfq/8g-sf.125",
     "sardfq/8g-sf.25",
     "sardfq/8g-sf.125-nosl",
+    "sardfq/8g-sf.0625",
+    "sardfq/8g-sfj.125",
     "real",
     "psaq",
     "psaq/8g",
@@ -87,6 +89,15 @@ GRIDS = {
     "sardfq/8g-sf.125-nosl": (
         "sardfq",
         {"image_scale": 0.125, "grey": True, "frame": 0.125, "soft_labels": False},
+    ),
+    # the band's width below the default's: an eighth lost less than a quarter (78.20 / 76.85, seed 0)
+    "sardfq/8g-sf.0625": ("sardfq", {"image_scale": 0.125, "grey": True, "frame": 0.0625}),
+    # the default's frame with a window of its own per image (SynthConfig.frame_jitter 1: each edge's
+    # band drawn in frame·[0, 2], 0 to a quarter of the side), so objects vary in size, aspect and
+    # place as photos' do; greys, start images, labels and priors are sardfq/8g-sf.125's
+    "sardfq/8g-sfj.125": (
+        "sardfq",
+        {"image_scale": 0.125, "grey": True, "frame": 0.125, "frame_jitter": 1.0},
     ),
     # PSAQ-ViT on the same grey eighth grid: what `--method psaq` synthesizes for this model by default
     # (ZOO_EXTRA's synthesis defaults hold for every method), so SARDFQ and PSAQ-ViT meet on equal terms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -386,6 +387,37 @@ def test_frame_optimizes_only_the_inside_of_a_flat_grey_band_and_resumes_bit_exa
             synthesize(loaded, SynthConfig(num_images=2, iters=2, frame=bad), progress=False)
     with pytest.raises(UserInputError, match="leave frame at 0"):
         PatchSimilarityTeacher(loaded, SynthConfig(frame=0.25))
+
+
+def test_frame_jitter_gives_each_image_a_window_of_its_own_with_the_unjittered_greys():
+    from sardfq_export.synthesis.plan import frame_bands, frame_greys
+
+    loaded = _loaded(tiny_vit())
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    cfg = SynthConfig(method="sardfq", num_images=4, batch_size=2, iters=4, frame=0.2, frame_jitter=1.0)
+    bands = frame_bands(cfg, range(4), (32, 32))
+    # each edge's width drawn in 0.2 · 32 · [0, 2] = [0, 12.8] px, rounded; the windows differ
+    assert bands.shape == (4, 4) and int(bands.min()) >= 0 and int(bands.max()) <= 13
+    assert len({tuple(b) for b in bands.tolist()}) == 4
+    torch.testing.assert_close(
+        frame_bands(SynthConfig(frame=0.25), range(3), (32, 32)), torch.full((3, 4), 8)
+    )  # no jitter: the centred band of a quarter of the side, as band_inside draws it
+    x = synthesize(loaded, cfg, progress=False).images
+    pixels = x * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    greys = frame_greys(cfg, range(4))
+    torch.testing.assert_close(greys, frame_greys(SynthConfig(frame=0.2), range(4)), rtol=0, atol=0)
+    for i, (top, bottom, left, right) in enumerate(bands.tolist()):
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[top : 32 - bottom, left : 32 - right] = True
+        flat = pixels[i][:, ~inside]
+        torch.testing.assert_close(flat, greys[i].expand_as(flat), rtol=0, atol=1e-6)
+        assert float(pixels[i][:, inside].std()) > 0.05  # optimized inside its own window
+    assert synthesize(loaded, cfg, progress=False).meta["config"]["frame_jitter"] == 1.0
+    for bad, match in ((SynthConfig(frame=0.2, frame_jitter=1.5), "frame_jitter must be"),
+                       (SynthConfig(frame=0.3, frame_jitter=1.0), "widest band"),
+                       (SynthConfig(frame=0.0, frame_jitter=0.5), "widest band")):  # fmt: skip
+        with pytest.raises(UserInputError, match=match):
+            synthesize(loaded, dataclasses.replace(bad, num_images=2, iters=2), progress=False)
 
 
 def test_a_models_synthesis_defaults_fill_only_unset_fields():

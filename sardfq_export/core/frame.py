@@ -22,14 +22,31 @@ def band_inside(h: int, w: int, width: float, device=None) -> torch.Tensor:
     return inside
 
 
-def flat_band(images: torch.Tensor, width: float, greys: torch.Tensor, mean, std) -> torch.Tensor:
-    """``images`` (N, C, H, W), normalized by ``mean``/``std`` (per channel), with the band of
-    ``width`` times the side on each edge set to ``greys`` (N,) pixel values in [0, 1], each through
-    every channel's mean/std. Differentiable in the inside pixels; ``width`` 0 returns ``images``."""
-    if width == 0.0:
-        return images
-    n, c, h, w = images.shape
+def windows_inside(h: int, w: int, bands: torch.Tensor) -> torch.Tensor:
+    """(N, 1, h, w) bool: True inside each image's window, ``bands`` (N, 4) its band widths in
+    pixels on the top, bottom, left and right edges."""
+    rows = torch.arange(h, device=bands.device).reshape(1, h, 1)
+    cols = torch.arange(w, device=bands.device).reshape(1, 1, w)
+    top, bottom, left, right = (bands[:, k].reshape(-1, 1, 1) for k in range(4))
+    inside = (rows >= top) & (rows < h - bottom) & (cols >= left) & (cols < w - right)
+    return inside.unsqueeze(1)
+
+
+def flat_outside(images: torch.Tensor, inside: torch.Tensor, greys: torch.Tensor, mean, std) -> torch.Tensor:
+    """``images`` (N, C, H, W), normalized by ``mean``/``std`` (per channel), with every pixel
+    outside ``inside`` ((1 or N, 1, H, W) bool) set to ``greys`` (N,) pixel values in [0, 1], each
+    through every channel's mean/std. Differentiable in the inside pixels."""
+    n, c = images.shape[:2]
     mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
     flat = (greys.to(images).reshape(n, 1, 1, 1) - mean) / std  # (N, C, 1, 1)
-    return torch.where(band_inside(h, w, width, images.device), images, flat.expand(n, c, 1, 1))
+    return torch.where(inside.to(images.device), images, flat.expand(n, c, 1, 1))
+
+
+def flat_band(images: torch.Tensor, width: float, greys: torch.Tensor, mean, std) -> torch.Tensor:
+    """``images`` with the band of ``width`` times the side on each edge set to ``greys``
+    (:func:`flat_outside`); ``width`` 0 returns ``images``."""
+    if width == 0.0:
+        return images
+    h, w = images.shape[-2:]
+    return flat_outside(images, band_inside(h, w, width, images.device), greys, mean, std)

@@ -61,6 +61,10 @@ class SynthConfig:
     # ViT's deep-block activations toward real images' where texture to the edges does not
     # (core.frame; docs/dinov2-accuracy.md).
     frame: float | None = None
+    # Draw each image's four band widths (top, bottom, left, right) uniformly in frame·[1 − j, 1 + j]
+    # from its seed, so the object's window varies in size, aspect and place from image to image
+    # (0: every image has the same centred window [default]). Photos frame their objects that way.
+    frame_jitter: float = 0.0
 
     # Loss weights and terms.
     ce_weight: float = 1.0  # (soft) cross-entropy weight [paper]
@@ -115,6 +119,13 @@ class SynthConfig:
         if not 0.0 <= cfg.frame < 0.5:
             raise UserInputError(
                 f"frame must be a fraction of the side in [0, 0.5) (0: off), got {cfg.frame}"
+            )
+        if not 0.0 <= cfg.frame_jitter <= 1.0:
+            raise UserInputError(f"frame_jitter must be in [0, 1] (0: off), got {cfg.frame_jitter}")
+        if cfg.frame_jitter and not 0.0 < cfg.frame * (1 + cfg.frame_jitter) < 0.5:
+            raise UserInputError(
+                f"frame_jitter needs a frame whose widest band, frame·(1 + jitter) = "
+                f"{cfg.frame * (1 + cfg.frame_jitter):g}, is in (0, 0.5) of the side"
             )
         if len(cfg.roll_px) < cfg.rounds:
             raise UserInputError(f"roll_px needs one value per round ({cfg.rounds})")

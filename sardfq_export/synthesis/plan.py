@@ -21,6 +21,7 @@ from sardfq_export.synthesis.priors import (
     STREAM_LABELS,
     STREAM_PRIORS,
     STREAM_TAU,
+    STREAM_WINDOW,
     generator,
     gmm_prior,
 )
@@ -88,6 +89,19 @@ def initial_images(cfg: SynthConfig, indices: range, shape: tuple[int, int, int]
 def frame_greys(cfg: SynthConfig, indices: range) -> torch.Tensor:
     """(B,) the flat band's grey of each image, uniform in [0, 1] pixel space [default]."""
     return torch.stack([torch.rand((), generator=generator(cfg.seed, i, STREAM_FRAME)) for i in indices])
+
+
+def frame_bands(cfg: SynthConfig, indices: range, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, 4) each image's band widths in pixels (top, bottom, left, right): ``cfg.frame`` of the
+    side, each drawn in frame·[1 − j, 1 + j] with ``cfg.frame_jitter`` j, from a stream of its own
+    so the greys and every other draw stay those of the unjittered set [default]."""
+    h, w = hw
+    sides = torch.tensor([h, h, w, w], dtype=torch.float64)
+    out = []
+    for i in indices:
+        u = torch.rand(4, generator=generator(cfg.seed, i, STREAM_WINDOW), dtype=torch.float64)
+        out.append(torch.round(sides * cfg.frame * (1 + cfg.frame_jitter * (2 * u - 1))))
+    return torch.stack(out).long()
 
 
 def round_bounds(iters: int, rounds: int) -> list[int]:

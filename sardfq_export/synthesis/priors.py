@@ -15,6 +15,7 @@ import torch
 
 # Random streams, so each kind of draw has its own generator per image.
 STREAM_INIT, STREAM_LABELS, STREAM_PRIORS, STREAM_AUG, STREAM_TAU, STREAM_FRAME = 1, 2, 3, 4, 5, 6
+STREAM_WINDOW = 7  # frame_jitter's band widths
 
 
 def generator(seed: int, index: int, stream: int) -> torch.Generator:

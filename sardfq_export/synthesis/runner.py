@@ -26,7 +26,7 @@ from sardfq_export.core.checkpoint import curve_rows, load_checkpoint, save_chec
 from sardfq_export.core.device import on_device, resolve_device
 from sardfq_export.core.distributed import all_gather_object, barrier, rank_world
 from sardfq_export.core.errors import SardfqError, UserInputError
-from sardfq_export.core.frame import band_inside, flat_band
+from sardfq_export.core.frame import band_inside, flat_outside, windows_inside
 from sardfq_export.core.interrupt import Interrupt as _Interrupt
 from sardfq_export.synthesis.attention import block_infos, recording, token_grids
 from sardfq_export.synthesis.config import SynthConfig
@@ -36,6 +36,7 @@ from sardfq_export.synthesis.plan import (
     augmentation_table,
     draw_labels,
     draw_priors,
+    frame_bands,
     frame_greys,
     initial_images,
     learning_rate,
@@ -192,9 +193,16 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
                 idx = batches[bi]
                 x = initial_images(cfg, idx, param_shape).to(dev)
                 greys = frame_greys(cfg, idx).to(dev) if cfg.frame else None
+                # where the frame leaves pixels to optimize: one centred window, or one per image
+                if not cfg.frame:
+                    inside = None
+                elif cfg.frame_jitter:
+                    inside = windows_inside(h, w, frame_bands(cfg, idx, (h, w)).to(dev))
+                else:
+                    inside = band_inside(h, w, cfg.frame, dev)
 
-                def full_size(x: torch.Tensor, greys=greys) -> torch.Tensor:  # the model's input
-                    return flat_band(pixels(x), cfg.frame, greys, mean, std) if cfg.frame else pixels(x)
+                def full_size(x: torch.Tensor, greys=greys, inside=inside) -> torch.Tensor:  # model's input
+                    return pixels(x) if inside is None else flat_outside(pixels(x), inside, greys, mean, std)
 
                 if cfg.clip:
                     x = torch.maximum(torch.minimum(x, hi), lo) if method.optimizes else x
@@ -205,8 +213,9 @@ def _synthesize(loaded, config: SynthConfig, out, resume: bool, checkpoint_every
                     continue
                 offsets, flips = augmentation_table(cfg, idx, (h, w))
                 priors = draw_priors(cfg, idx, {i: (infos[i].heads, grids[i]) for i in apa_idx})
-                # tau scales with the elements that can vary: a frame's flat band has no variation.
-                varying = int(band_inside(h, w, cfg.frame).sum()) if cfg.frame else h * w
+                # tau scales with the elements that can vary: a frame's flat band has no variation
+                # (per image on the mean, where each image has a window of its own).
+                varying = h * w if inside is None else round(int(inside.sum()) / inside.shape[0])
                 tau = tv_target(cfg, idx.start, len(idx) * c * varying)
                 objective = Objective(model, family, rec, cfg, comps, labels, idx, priors, tau, dev)
                 x = x.detach().clone().requires_grad_(True)
