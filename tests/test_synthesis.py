@@ -534,6 +534,9 @@ def test_cli_synthesize_deit_tiny_224_and_refuses_overwrite(tmp_path):
     assert calib.meta["config"]["grey"] is False
     assert main(args + ["--overwrite", "--image-scale", "0"]) == 2  # outside (0, 1]: one line, exit 2
     assert main(args + ["--overwrite", "--frame", "0.5"]) == 2  # outside [0, 0.5)
+    assert main(args + ["--overwrite", "--no-samples", "--frame", "0.125", "--frame-jitter", "1"]) == 0
+    assert CalibSet.load(out).meta["config"]["frame_jitter"] == 1.0
+    assert main(args + ["--overwrite", "--frame", "0.3", "--frame-jitter", "1"]) == 2  # band past half
 
 
 def test_cli_synthesize_swin_tiny(tmp_path):

@@ -85,6 +85,15 @@ METHOD_NAMES = ("sardfq", "psaq", "noise")  # mirrors synthesis.METHODS (kept im
     "image): an object on a plain surround instead of texture to the edges. 0: off "
     "(default: the model's own, else 0).",
 )
+@click.option(
+    "--frame-jitter",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.0,
+    show_default=True,
+    metavar="J",
+    help="Draw each image's four band widths in F·[1-J, 1+J], so every image has a window of its own "
+    "(size, aspect and place). 0: one centred window.",
+)
 @precision_option
 @click.option("--bf16", is_flag=True, hidden=True, help="Same as --precision bf16 (kept for old scripts).")
 @device_options
@@ -121,6 +130,7 @@ def synthesize(
     image_scale,
     grey,
     frame,
+    frame_jitter,
     precision,
     bf16,
     device,
@@ -172,6 +182,7 @@ def synthesize(
         image_scale=image_scale,
         grey=grey,
         frame=frame,
+        frame_jitter=frame_jitter,
     ).with_model_defaults(loaded.extra)  # a model may bring its own (the reference model: 200 iterations)
     resolved = cfg.resolve(loaded.family)
     out = Path(out)
