@@ -38,22 +38,31 @@ def main(argv=None) -> int:
                     help="more of the table's synthetic sets, e.g. sardfq/8g-it400 (synthesized if missing)")  # fmt: skip
     ap.add_argument("--samples", type=Path, default=None, metavar="DIR",
                     help="also draw each set named by --also (its first 16 images) to DIR/dinov2-samples-<set>.png")  # fmt: skip
+    ap.add_argument("--no-base", action="store_true",
+                    help="only the sets named by --also and the real images (not sardfq/8g, framed afterwards, psaq/8g)")  # fmt: skip
     a = ap.parse_args(argv)
     loaded = sx.load_model(MODEL)
     model, dc = loaded.model.eval(), loaded.data_config
     calib_dir = model_cache(CALIB_CACHE, loaded)
-    syn = calibration(loaded, "sardfq/8g", a.seed, 32, 100, calib_dir).images
+    base = {}
+    if not a.no_base:
+        syn = calibration(loaded, "sardfq/8g", a.seed, 32, 100, calib_dir).images
+        base = {
+            "sardfq/8g": syn,
+            f"sardfq/8g framed {a.frame:g}": calibrators.frame(
+                syn, a.frame, dc["mean"], dc["std"], seed=a.seed
+            ),
+            "psaq/8g": calibration(loaded, "psaq/8g", a.seed, 32, 100, calib_dir).images,
+        }
     sets = {
-        "sardfq/8g": syn,
-        f"sardfq/8g framed {a.frame:g}": calibrators.frame(syn, a.frame, dc["mean"], dc["std"], seed=a.seed),
-        "psaq/8g": calibration(loaded, "psaq/8g", a.seed, 32, 100, calib_dir).images,
+        **base,
         **{c: calibration(loaded, c, a.seed, 32, 100, calib_dir).images for c in a.also},
         f"real test ({a.real})": test_set(loaded, a.real)[0],
     }
     if a.samples is not None:  # what the sets look like, beside their numbers
         from sardfq_export.synthesis.samples import save_samples
 
-        for c in ["sardfq/8g", *a.also]:
+        for c in [*(() if a.no_base else ("sardfq/8g",)), *a.also]:
             cal = calibration(loaded, c, a.seed, 32, 100, calib_dir)
             name = c.replace("/", "-")
             print(
