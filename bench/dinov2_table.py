@@ -50,6 +50,7 @@ CALIBS = (
     "sardfq/8g-sf.0625",
     "sardfq/8g-sfj.125",
     "sardfq/8g-sf.125-nomsr",
+    "sardfq/8g-sf.125-noapa",
     "real",
     "psaq",
     "psaq/8g",
@@ -97,6 +98,11 @@ GRIDS = {
     "sardfq/8g-sf.125-nomsr": (
         "sardfq",
         {"image_scale": 0.125, "grey": True, "frame": 0.125, "msr": False},
+    ),
+    # ... and without APA (the ablation's −APA on the framed set)
+    "sardfq/8g-sf.125-noapa": (
+        "sardfq",
+        {"image_scale": 0.125, "grey": True, "frame": 0.125, "apa": False},
     ),
     # the band's width below the default's: an eighth lost less than a quarter (78.20 / 76.85, seed 0)
     "sardfq/8g-sf.0625": ("sardfq", {"image_scale": 0.125, "grey": True, "frame": 0.0625}),
