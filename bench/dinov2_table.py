@@ -47,7 +47,6 @@ CALIBS = (
     "sardfq/8g-sf.125",
     "sardfq/8g-sf.25",
     "sardfq/8g-sf.125-nosl",
-    "sardfq/8g-sf.0625",
     "sardfq/8g-sfj.125",
     "sardfq/8g-sf.125-nomsr",
     "sardfq/8g-sf.125-noapa",
@@ -104,8 +103,6 @@ GRIDS = {
         "sardfq",
         {"image_scale": 0.125, "grey": True, "frame": 0.125, "apa": False},
     ),
-    # the band's width below the default's: an eighth lost less than a quarter (78.20 / 76.85, seed 0)
-    "sardfq/8g-sf.0625": ("sardfq", {"image_scale": 0.125, "grey": True, "frame": 0.0625}),
     # the default's frame with a window of its own per image (SynthConfig.frame_jitter 1: each edge's
     # band drawn in frame·[0, 2], 0 to a quarter of the side), so objects vary in size, aspect and
     # place as photos' do; greys, start images, labels and priors are sardfq/8g-sf.125's
