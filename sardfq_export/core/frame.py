@@ -17,9 +17,7 @@ import torch
 def band_inside(h: int, w: int, width: float, device=None) -> torch.Tensor:
     """(1, 1, h, w) bool: True inside a band of ``width`` times the side on each edge."""
     bh, bw = round(h * width), round(w * width)
-    inside = torch.zeros(1, 1, h, w, dtype=torch.bool, device=device)
-    inside[..., bh : h - bh, bw : w - bw] = True
-    return inside
+    return windows_inside(h, w, torch.tensor([[bh, bh, bw, bw]], device=device))
 
 
 def windows_inside(h: int, w: int, bands: torch.Tensor) -> torch.Tensor:
